@@ -1,0 +1,647 @@
+"""
+MeanFlow in one readable file: the network, the loss, the improved training, iMF, and the samplers.
+
+Papers implemented here
+- MeanFlow:          Geng et al., "Mean Flows for One-step Generative Modeling", arXiv 2505.13447.
+- Improved training: Kim et al., "Understanding, Accelerating, and Improving MeanFlow Training",
+                     CVPR 2026, arXiv 2511.19065 (DTD or MinSNR for v, progressive weight beta for u).
+- iMF:               Geng et al., "Improved Mean Flows: On the Challenges of Fastforward Generative
+                     Models", arXiv 2512.02012 (guidance as a network condition, v-loss reformulation).
+- DTD:               Kim et al., "Denoising Task Difficulty-based Curriculum", ICLR 2025, arXiv 2403.10348.
+- MinSNR:            Hang et al., "Efficient Diffusion Training via Min-SNR Weighting", ICCV 2023.
+
+Conventions (fixed once; every function below uses them)
+- data x, noise e ~ N(0, I), time t in [0, 1]: t = 1 is noise, t = 0 is data.
+- path z_t = (1 - t) x + t e, conditional velocity v = e - x (constant along the path).
+- average velocity u(z_t, r, t) = 1/(t - r) * integral_r^t v(z_s, s) ds, so z_r = z_t - (t - r) u,
+  and u(z, t, t) = v(z, t).
+- MeanFlow identity: u = v - (t - r) du/dt, with du/dt = v . d_z u + d_t u (r held fixed), i.e. the
+  JVP of u along the tangent (dz, dt, dr) = (v, 1, 0).
+- every network is called as net(z, t, r, y=None) -> u, with t, r of shape (B,) and t >= r. Inside it
+  embeds (t, t - r) (MeanFlow Table 1c), t raw in [0, 1]. y = num_classes means "no label".
+
+How to run it
+    python train.py                                          # 2-D toy on CPU, about a minute
+    jupyter notebook notebooks/01_mean_velocity.ipynb        # what an average velocity is
+    torchrun --nproc_per_node=8 train.py --model XL/2 --data imagenet-latents --recipe improved-dtd
+
+Map: attention with a JVP rule -> DiT (+ in-context variant) -> toy MLP -> size table -> recipes ->
+MeanFlow: (t, r) sampling -> guidance -> improved-training weights (beta, MinSNR, DTD) -> loss -> iMF
+loss -> samplers.
+"""
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def bcast(a, x):
+    """(B,) -> (B, 1, ..., 1) so that a per-sample scalar broadcasts against x."""
+    return a.view(-1, *([1] * (x.dim() - 1)))
+
+
+def _at_least_fp32(x):
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def sq_err(a, b):
+    """Per-sample squared error summed (not averaged) over all data dimensions: (B, ...) -> (B,)."""
+    return ((a.to(_at_least_fp32(a)) - b.to(_at_least_fp32(a))) ** 2).flatten(1).sum(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention that works under torch.func.jvp
+# F.scaled_dot_product_attention has no forward-mode derivative (NotImplementedError), yet it is
+# the fast kernel. SDPAWithJVP keeps SDPA for the primal and supplies the derivatives by hand:
+#   S = q k^T / sqrt(d),  P = softmax(S),  o = P v
+#   tangent:   do = (P * dS) v - rowsum(P * dS) * o + P dv,   dS = (dq k^T + q dk^T) / sqrt(d)
+#   backward:  dv = P^T g,  dS = P * (g v^T - rowsum(g * o)),  dq = dS k / sqrt(d),  dk = dS^T q / sqrt(d)
+# ----------------------------------------------------------------------------------------------
+def _softmax_scores(q, k):
+    scale = q.shape[-1] ** -0.5
+    # softmax in fp32 even under bf16 autocast: the tangent subtracts two nearly equal terms
+    S = q @ k.transpose(-2, -1)
+    return torch.softmax(S.to(_at_least_fp32(S)) * scale, dim=-1), scale
+
+
+def math_attention(q, k, v):
+    """Plain-ops attention: differentiable by every mode of autograd, but slow and memory-hungry."""
+    P, _ = _softmax_scores(q, k)
+    return P.to(v.dtype) @ v
+
+
+class SDPAWithJVP(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d)) v: SDPA kernel for the value, explicit rules for the JVP and backward."""
+
+    @staticmethod
+    def forward(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v = inputs
+        ctx.save_for_backward(q, k, v, output)
+        ctx.save_for_forward(q, k, v, output)
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv):
+        q, k, v, o = ctx.saved_tensors
+        P, scale = _softmax_scores(q, k)  # (B, H, N, N)
+        dS = torch.zeros_like(P)
+        if dq is not None:
+            dS = dS + (dq @ k.transpose(-2, -1)).to(P.dtype)
+        if dk is not None:
+            dS = dS + (q @ dk.transpose(-2, -1)).to(P.dtype)
+        PdS = P * (dS * scale)
+        do = (PdS.to(v.dtype) @ v) - PdS.sum(-1, keepdim=True).to(o.dtype) * o
+        if dv is not None:
+            do = do + P.to(dv.dtype) @ dv
+        return do
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, o = ctx.saved_tensors
+        P, scale = _softmax_scores(q, k)
+        dv = P.to(g.dtype).transpose(-2, -1) @ g
+        dS = P * ((g @ v.transpose(-2, -1)).to(P.dtype) - (g * o).sum(-1, keepdim=True).to(P.dtype))
+        dS = (dS * scale).to(q.dtype)
+        return dS @ k, dS.transpose(-2, -1) @ q, dv
+
+
+ATTENTION_BACKENDS = {
+    "sdpa-jvp": SDPAWithJVP.apply,  # default: fast kernel, works under torch.func.jvp
+    "math": math_attention,  # reference: plain ops
+    "sdpa": F.scaled_dot_product_attention,  # fast, but raises under torch.func.jvp
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, backend="sdpa-jvp"):
+        super().__init__()
+        self.num_heads, self.backend = num_heads, backend
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # x: (B, N, D)
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        o = ATTENTION_BACKENDS[self.backend](q, k, v)  # (B, H, N, D/H)
+        return self.proj(o.transpose(1, 2).reshape(B, N, D))
+
+
+# ----------------------------------------------------------------------------------------------
+# DiT (Peebles & Xie) with two time embedders, as MeanFlow uses it.
+# adaLN-Zero blocks; 2-D sin-cos positions; label embedding with a null class; zero-initialised
+# output, so a fresh network predicts u = 0. The in-context variant (iMF) prepends condition tokens
+# instead of modulating with adaLN.
+# ----------------------------------------------------------------------------------------------
+def timestep_embedding(t, dim=256, max_period=10000.0):
+    """Sinusoidal features of t (B,) -> (B, dim). MeanFlow feeds t raw in [0, 1] (official code)."""
+    half = dim // 2
+    dtype = _at_least_fp32(t)  # fp64 stays fp64 (finite-difference tests), bf16 goes up to fp32
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = t.to(dtype)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """A scalar condition (t, t - r, 1 - 1/omega, t_min, t_max) -> a hidden-size vector."""
+
+    def __init__(self, hidden_size, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+def sincos_pos_embed_2d(dim, grid):
+    """Fixed 2-D sin-cos positions, (grid*grid, dim): half the channels encode rows, half columns."""
+    pos = torch.arange(grid, dtype=torch.float64)
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+
+    def emb_1d(p):  # (M,) -> (M, dim/2)
+        out = p[:, None] * omega[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    gy, gx = torch.meshgrid(pos, pos, indexing="ij")
+    return torch.cat([emb_1d(gx.reshape(-1)), emb_1d(gy.reshape(-1))], dim=1).float()
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block. adaLN-Zero: the condition c sets shift/scale/gate (gates start at 0).
+    In-context (c is None): plain LayerNorms and learned residual gates, also starting at 0 (iMF)."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, adaln=True, attention="sdpa-jvp"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=not adaln, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, attention)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=not adaln, eps=1e-6)
+        hidden = int(hidden_size * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, hidden_size))
+        if adaln:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        else:
+            self.gate_attn = nn.Parameter(torch.zeros(hidden_size))
+            self.gate_mlp = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, x, c):  # x: (B, N, D), c: (B, D) or None
+        if c is None:
+            x = x + self.gate_attn * self.attn(self.norm1(x))
+            return x + self.gate_mlp * self.mlp(self.norm2(x))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size, out_dim, adaln=True):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=not adaln, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size)) if adaln else None
+
+    def forward(self, x, c):
+        x = self.norm(x)
+        if c is not None:
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+            x = modulate(x, shift, scale)
+        return self.linear(x)
+
+
+class DiT(nn.Module):
+    """net(z, t, r, y=None, omega=None, t_min=None, t_max=None, return_v=False) -> u (B, C, H, W).
+
+    in_context:    condition tokens prepended to the patch tokens (iMF) instead of adaLN-Zero.
+    guidance_cond: also condition on the guidance scale (as 1 - 1/omega) and interval [t_min, t_max] (iMF).
+    v_head:        a second output layer predicting the instantaneous velocity v (iMF's auxiliary head;
+                   the official iMF branches its last 8 blocks, ours branches at the output layer [ours]).
+    """
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, num_classes=1000, in_context=False, guidance_cond=False, v_head=False,
+                 attention="sdpa-jvp", cond_tokens=4):
+        super().__init__()
+        self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
+        self.in_context, self.guidance_cond = in_context, guidance_cond
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        grid = input_size // patch_size
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, grid)[None], persistent=False)
+        # Separate embedders for t and for the interval length t - r (MeanFlow Table 1c).
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.h_embedder = TimestepEmbedder(hidden_size)
+        # num_classes + 1 rows: the last one is the null label used by classifier-free guidance.
+        self.y_embedder = nn.Embedding(num_classes + 1, hidden_size) if num_classes > 0 else None
+        if guidance_cond:
+            self.omega_embedder, self.tmin_embedder, self.tmax_embedder = (TimestepEmbedder(hidden_size) for _ in range(3))
+        n_conds = 2 + (num_classes > 0) + 3 * guidance_cond
+        # In-context: each condition becomes `cond_tokens` tokens = learned tokens + its embedding [ours:
+        # official iMF uses 8 class, 4 time, 4 guidance-scale and 2+2 interval tokens].
+        self.cond_tokens = nn.Parameter(torch.randn(n_conds, cond_tokens, hidden_size) / hidden_size**0.5) if in_context else None
+        adaln = not in_context
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, adaln, attention) for _ in range(depth))
+        out_dim = patch_size * patch_size * in_channels
+        self.final_layer = FinalLayer(hidden_size, out_dim, adaln)
+        self.v_final_layer = FinalLayer(hidden_size, out_dim, adaln) if v_head else None
+        self.initialize_weights()
+
+    def initialize_weights(self):  # as DiT: xavier everywhere, N(0, 0.02) embeddings, zeros for adaLN and output
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.weight, std=0.02)
+        for m in self.modules():
+            if isinstance(m, TimestepEmbedder):
+                nn.init.normal_(m.mlp[0].weight, std=0.02)
+                nn.init.normal_(m.mlp[2].weight, std=0.02)
+            if getattr(m, "adaLN_modulation", None) is not None:
+                nn.init.zeros_(m.adaLN_modulation[-1].weight)
+                nn.init.zeros_(m.adaLN_modulation[-1].bias)
+            if isinstance(m, FinalLayer):
+                nn.init.zeros_(m.linear.weight)
+                nn.init.zeros_(m.linear.bias)
+
+    def set_attention(self, backend):
+        assert backend in ATTENTION_BACKENDS, f"unknown attention backend {backend!r}"
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.backend = backend
+        return self
+
+    def unpatchify(self, x):  # (B, N, p*p*C) -> (B, C, H, W)
+        B, N, _ = x.shape
+        p, c, g = self.patch_size, self.in_channels, int(N**0.5)
+        x = x.view(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(B, c, g * p, g * p)
+
+    def conditions(self, t, r, y, omega, t_min, t_max):
+        """The list of (B, D) condition embeddings, in a fixed order."""
+        conds = [self.t_embedder(t), self.h_embedder(t - r)]
+        if self.y_embedder is not None:
+            y = torch.full_like(t, self.num_classes, dtype=torch.long) if y is None else y
+            conds.append(self.y_embedder(y))
+        if self.guidance_cond:
+            ones, zeros = torch.ones_like(t), torch.zeros_like(t)
+            omega = ones if omega is None else omega
+            conds += [self.omega_embedder(1 - 1 / omega),  # omega in [1, inf) -> [0, 1)
+                      self.tmin_embedder(zeros if t_min is None else t_min),
+                      self.tmax_embedder(ones if t_max is None else t_max)]
+        return conds
+
+    def forward(self, z, t, r, y=None, omega=None, t_min=None, t_max=None, return_v=False):
+        x = self.x_embedder(z).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D), N = (H/p)*(W/p)
+        conds = self.conditions(t, r, y, omega, t_min, t_max)
+        if self.in_context:
+            tokens = self.cond_tokens[None] + torch.stack(conds, 1)[:, :, None]  # (B, n_conds, k, D)
+            prefix = tokens.shape[1] * tokens.shape[2]
+            x = torch.cat([tokens.flatten(1, 2).to(x.dtype), x], dim=1)  # (B, prefix + N, D)
+            c = None
+        else:
+            prefix, c = 0, sum(conds)  # (B, D)
+        for block in self.blocks:
+            x = block(x, c)
+        x = x[:, prefix:]  # drop the condition tokens: (B, N, D)
+        u = self.unpatchify(self.final_layer(x, c))
+        return (u, self.unpatchify(self.v_final_layer(x, c))) if return_v else u
+
+
+# ----------------------------------------------------------------------------------------------
+# The toy network for 2-D data (same signature as the DiT)
+# ----------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """net(z, t, r, y=None, ...) -> u for vector data z: (B, dim). The output layer starts at zero.
+    Time features use DiT's sinusoids of 1000 t [ours: raw t in [0, 1] is too smooth for a small MLP]."""
+
+    def __init__(self, dim=2, hidden=256, depth=4, num_classes=0, guidance_cond=False, v_head=False,
+                 in_context=False, freq_dim=32):
+        super().__init__()  # in_context: accepted so that the recipes' net_kwargs fit; an MLP has no tokens
+        self.num_classes, self.guidance_cond, self.freq_dim = num_classes, guidance_cond, freq_dim
+        n_scalars = 2 + 3 * guidance_cond  # t, t - r (+ 1 - 1/omega, t_min, t_max)
+        self.y_embedder = nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None
+        layers, width = [], dim + n_scalars * freq_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Linear(hidden, dim)
+        self.v_out = nn.Linear(hidden, dim) if v_head else None
+        for m in (self.out, self.v_out):
+            if m is not None:
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, z, t, r, y=None, omega=None, t_min=None, t_max=None, return_v=False):
+        scalars = [t, t - r]
+        if self.guidance_cond:
+            ones = torch.ones_like(t)
+            scalars += [1 - 1 / (ones if omega is None else omega), 0 * t if t_min is None else t_min,
+                        ones if t_max is None else t_max]
+        h = torch.cat([z] + [timestep_embedding(1000 * s, self.freq_dim).to(z.dtype) for s in scalars], dim=1)
+        first, h = self.body[0], self.body[0](h)
+        if self.y_embedder is not None:  # the label shifts the first hidden layer
+            y = torch.full_like(t, self.num_classes, dtype=torch.long) if y is None else y
+            h = h + self.y_embedder(y)
+        h = self.body[1:](h)
+        u = self.out(h)
+        return (u, self.v_out(h)) if return_v else u
+
+
+# ----------------------------------------------------------------------------------------------
+# Size table, keyed as in the papers. Parameter counts for ImageNet latents (32x32x4, 1000 classes),
+# MeanFlow paper: B 131M, M 308M, L 459M, XL 676M. "Ti" is our own tiny size for tests and CPU notebooks.
+# ----------------------------------------------------------------------------------------------
+DiT_sizes = {"Ti": (6, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "M": (16, 1024, 16),
+             "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, hidden size, heads
+DiT_models = {f"{name}/{p}": partial(DiT, depth=d, hidden_size=h, num_heads=n, patch_size=p)
+              for name, (d, h, n) in DiT_sizes.items() for p in (2, 4)}
+
+# Classifier-free guidance inside the target, per model size (MeanFlow paper, ImageNet 256).
+paper_guidance = {
+    "B/4": dict(omega=3.0, kappa=0.0, t_lo=0.0, t_hi=1.0),  # 1-NFE FID 15.53 (80 ep)
+    "B/2": dict(omega=1.0, kappa=0.5, t_lo=0.0, t_hi=1.0),  # 6.17
+    "M/2": dict(omega=1.0, kappa=0.5, t_lo=0.0, t_hi=1.0),  # 5.01
+    "L/2": dict(omega=0.2, kappa=0.92, t_lo=0.0, t_hi=0.8),  # 3.84
+    "XL/2": dict(omega=0.2, kappa=0.92, t_lo=0.0, t_hi=0.75),  # 3.43 (2-NFE 2.93)
+}
+
+# ----------------------------------------------------------------------------------------------
+# Recipes: every knob at its paper's value. MeanFlow(recipe=..., **overrides).
+# ----------------------------------------------------------------------------------------------
+_meanflow = dict(
+    time_sampler="logit_normal",  # or "uniform"
+    P_mean=-0.4, P_std=1.0,  # logit-normal for t and r (ImageNet; the CIFAR code uses -2.0, 2.0)
+    ratio_r_neq_t=0.25,  # share of the batch with r != t (MeanFlow Table 1a: 25% best). The JAX code's
+    #                      data_proportion=0.75 is the r = t share; py-meanflow's ratio=0.75 is r != t.
+    p=1.0, c=0.01,  # adaptive weight l / sg((l + c)^p)  (ImageNet; CIFAR code: p=0.75, c=1e-3)
+    omega=1.0, kappa=0.0, t_lo=0.0, t_hi=1.0,  # guidance in the target; per size see paper_guidance
+    class_dropout=0.1,  # labels replaced by the null class, target v instead of v_g
+    beta_k=None,  # improved training: progressive u-weight beta(dt, s), s = 1 - progress^k (None: off)
+    minsnr_gamma=None,  # improved training: MinSNR-gamma weight alpha(t) on the r = t rows (None: off)
+    dtd_stages=0, dtd_patience=200,  # improved training: DTD curriculum on the r = t rows (0: off)
+    imf=False, omega_max=8.0, omega_beta=1.0,  # iMF: omega ~ p(omega) ~ omega^-beta on [1, omega_max]
+)
+RECIPES = {
+    "meanflow": _meanflow,
+    "improved-dtd": {**_meanflow, "beta_k": 1.0, "dtd_stages": 20},  # Kim et al.: best on L/2, XL/2
+    "improved-minsnr": {**_meanflow, "beta_k": 1.0, "minsnr_gamma": 5.0},  # Kim et al.: best on B/4
+    "imf": {**_meanflow, "ratio_r_neq_t": 0.5, "imf": True},  # Geng et al. (iMF)
+}
+
+
+class MeanFlow:
+    """The method: (t, r) sampling, the MeanFlow loss with its weights, and the samplers.
+
+        method = MeanFlow(recipe="improved-dtd", P_mean=-0.4)     # any knob of RECIPES by keyword
+        loss, logs = method.loss(net, x, y, progress=step / total_steps)
+        method.dtd_update(logs["v_loss"])                         # under DDP: the all-reduced value
+        x0 = method.sample(net, e, y, steps=1)
+    """
+
+    def __init__(self, recipe="meanflow", **overrides):
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+        unknown = set(overrides) - set(RECIPES[recipe])
+        if unknown:
+            raise ValueError(f"unknown MeanFlow option(s) {sorted(unknown)}; the knobs are {sorted(RECIPES[recipe])}")
+        self.recipe = recipe
+        self.__dict__.update({**RECIPES[recipe], **overrides})
+        if self.imf and (self.beta_k or self.minsnr_gamma or self.dtd_stages):
+            raise ValueError("iMF has its own loss; beta, MinSNR and DTD weight the MeanFlow loss only")
+        # lambda normalises beta to mean 1 at the start: lambda = 1 / E[1 - dt] over the r != t rows.
+        self.lam = 1.0 / (1.0 - self._expect(lambda t: t, lambda u: 4 * u - 2))  # E[max - min]
+        # MinSNR alpha(t) is normalised to mean 1 under the t of the r = t rows (the max of two draws).
+        self.alpha_mean = self._expect(self._alpha_raw, lambda u: 2 * u) if self.minsnr_gamma else 1.0
+        self.dtd_stage, self._dtd_best, self._dtd_wait, self._dtd_ema = 0, math.inf, 0, None
+
+    @property
+    def net_kwargs(self):
+        """Network options this recipe needs: iMF conditions on omega and its interval, in context."""
+        return dict(in_context=True, guidance_cond=True, v_head=True) if self.imf else {}
+
+    # ---- (t, r) sampling --------------------------------------------------------------------
+    def quantile(self, u):
+        """Inverse CDF of one time draw: logit-normal sigmoid(P_mean + P_std * N(0,1)), or uniform."""
+        if self.time_sampler == "uniform":
+            return u
+        return torch.sigmoid(self.P_mean + self.P_std * torch.special.ndtri(u))
+
+    def _expect(self, g, density, n=200_000):
+        """E[g(quantile(u))] for u with the given density on (0, 1): midpoint rule, deterministic."""
+        u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        return (g(self.quantile(u)) * density(u)).mean().item()
+
+    def sample_t_r(self, B, device=None):
+        """t, r: (B,). Two draws sorted (t = max, r = min); the first round(ratio_r_neq_t * B) rows keep
+        r != t, the rest get r = t. Which rows is immaterial: nothing else depends on the row index
+        (class dropout below is an independent coin per row, so r = t and r != t rows are both dropped;
+        the official JAX code drops only r = t rows)."""
+        u = torch.rand(2, B, device=device, dtype=torch.float64)
+        u_hi, u_lo = u.max(0).values, u.min(0).values  # quantile is monotone: same as sorting t, r
+        fm = torch.arange(B, device=device) >= round(self.ratio_r_neq_t * B)  # r = t rows
+        if self.dtd_stages:
+            # DTD: the r = t rows draw t only from the unlocked, highest-noise clusters. Clusters have
+            # equal mass under the max-of-two law (CDF u^2 in u-space), so stage s keeps the top
+            # (s + 1)/N of that mass: q ~ U[1 - (s + 1)/N, 1], u = sqrt(q) [ours].
+            q = 1 - torch.rand(B, device=device, dtype=torch.float64) * (self.dtd_stage + 1) / self.dtd_stages
+            u_hi = torch.where(fm, q.sqrt(), u_hi)
+        t, r = self.quantile(u_hi).float(), self.quantile(u_lo).float()
+        return t, torch.where(fm, t, r)
+
+    # ---- classifier-free guidance inside the target (MeanFlow Sec. 4) -------------------------
+    def guided_velocity(self, net, z_t, t, v, y):
+        """v_g = omega v + (1 - omega - kappa) u(z,t,t|null) + kappa u(z,t,t|y) inside [t_lo, t_hi], else v.
+        Also drops labels (null class, target v) with prob class_dropout. Returns v_g, the labels to use."""
+        if y is None:
+            return v, None
+        drop = torch.rand(y.shape[0], device=y.device) < self.class_dropout
+        y_in = torch.where(drop, torch.full_like(y, net.num_classes), y)
+        if self.omega == 1.0 and self.kappa == 0.0:
+            return v, y_in
+        null = torch.full_like(y, net.num_classes)
+        with torch.no_grad():  # both guidance terms in one batched forward, at r = t, no gradient
+            if self.kappa:
+                u_null, u_cond = net(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([null, y])).chunk(2)
+            else:
+                u_null, u_cond = net(z_t, t, t, null), 0.0
+        inside = bcast((t >= self.t_lo) & (t <= self.t_hi), v)
+        omega = torch.where(inside, self.omega, 1.0)
+        kappa = torch.where(inside, self.kappa, 0.0)
+        v_g = omega * v + (1 - omega - kappa) * u_null + kappa * u_cond
+        return torch.where(bcast(drop, v), v, v_g.to(v.dtype)), y_in
+
+    # ---- improved training (Kim et al.): weights applied after the adaptive normalisation ---------
+    def beta(self, dt, progress):
+        """beta(dt, s) = (1 - s) + s * lam * (1 - dt), s = 1 - progress^k: favours small intervals early
+        (they build v, observation O2), mean 1 at progress 0 and exactly 1 at progress 1."""
+        s = 1 - progress**self.beta_k
+        return (1 - s) + s * self.lam * (1 - dt)
+
+    def _alpha_raw(self, t):
+        # MinSNR-gamma moved to the velocity loss [ours]: SNR = ((1 - t)/t)^2 and |x_hat - x|^2 =
+        # t^2 |v_hat - v|^2, so alpha(t) = t^2 min(SNR, gamma) = min((1 - t)^2, gamma t^2).
+        return torch.minimum((1 - t) ** 2, self.minsnr_gamma * t**2)
+
+    def weights(self, t, r, progress):
+        """w_i: beta(t - r, s) on r != t rows, alpha(t) on r = t rows (1 where a component is off)."""
+        fm, w = t == r, torch.ones_like(t)
+        if self.beta_k is not None:
+            w = torch.where(fm, w, self.beta(t - r, progress))
+        if self.minsnr_gamma:
+            w = torch.where(fm, self._alpha_raw(t) / self.alpha_mean, w)
+        return w
+
+    def dtd_update(self, v_loss):
+        """Advance the DTD curriculum: unlock the next lower-noise cluster once the (smoothed) v-loss has
+        not improved for dtd_patience calls. Call once per step with the v-loss (all-reduced under DDP)."""
+        if not self.dtd_stages or self.dtd_stage >= self.dtd_stages - 1 or not math.isfinite(v_loss):
+            return
+        # EMA smoothing of the per-step loss so that noise alone does not count as progress [ours]
+        self._dtd_ema = v_loss if self._dtd_ema is None else 0.9 * self._dtd_ema + 0.1 * v_loss
+        if self._dtd_ema < self._dtd_best:
+            self._dtd_best, self._dtd_wait = self._dtd_ema, 0
+        else:
+            self._dtd_wait += 1
+        if self._dtd_wait >= self.dtd_patience:
+            self.dtd_stage, self._dtd_best, self._dtd_wait, self._dtd_ema = self.dtd_stage + 1, math.inf, 0, None
+
+    def state_dict(self):
+        return dict(dtd_stage=self.dtd_stage, dtd_best=self._dtd_best, dtd_wait=self._dtd_wait,
+                    dtd_ema=-1.0 if self._dtd_ema is None else self._dtd_ema)
+
+    def load_state_dict(self, d):
+        self.dtd_stage, self._dtd_best, self._dtd_wait = int(d["dtd_stage"]), float(d["dtd_best"]), int(d["dtd_wait"])
+        self._dtd_ema = None if d["dtd_ema"] < 0 else float(d["dtd_ema"])
+
+    # ---- the MeanFlow loss ------------------------------------------------------------------
+    def adaptive(self, l):
+        """l / sg((l + c)^p) per sample: p = 1 makes every sample's gradient about unit size."""
+        return l / (l.detach() + self.c) ** self.p
+
+    def loss(self, net, x, y=None, progress=0.0, t=None, r=None, e=None):
+        """Scalar loss to backpropagate and a dict of detached diagnostics.
+
+        x: (B, ...) data; y: (B,) labels or None; progress = step / total steps in [0, 1] (for beta).
+        t, r, e may be given (e.g. to restrict the interval); otherwise they are sampled.
+        logs: v_loss / u_loss = mean squared error per element on the r = t / r != t rows, beta = mean
+        beta on r != t rows, dtd_stage. Pass logs["v_loss"] to dtd_update."""
+        if t is None:
+            t, r = self.sample_t_r(x.shape[0], x.device)
+        e = torch.randn_like(x) if e is None else e
+        t_, r_ = bcast(t, x), bcast(r, x)
+        z_t = (1 - t_) * x + t_ * e
+        v = e - x
+        if self.imf:
+            return self.imf_loss(net, x, y, z_t, v, t, r)
+        v_g, y_in = self.guided_velocity(net, z_t, t, v, y)
+        # One forward-mode pass gives u and du/dt = v_g . d_z u + d_t u. The tangent is (v_g, 1, 0) in
+        # (z, t, r) order: dz/dt = v, dt/dt = 1, dr/dt = 0. Wrong tangents cost 2-5x in FID (Table 1b).
+        # jvp goes through the bare network, never a DDP wrapper (train.py syncs gradients itself).
+        u, dudt = torch.func.jvp(lambda z, t, r: net(z, t, r, y_in), (z_t, t, r),
+                                 (v_g, torch.ones_like(t), torch.zeros_like(r)))
+        # Stop-gradient on the target: it depends on the network itself; differentiating through it
+        # would chase a moving target (and costs a second-order pass).
+        u_tgt = (v_g - (t_ - r_).clamp(0, 1) * dudt).detach()
+        # Sum (not mean) over data dimensions, so that c and p mean the same at any resolution.
+        l = sq_err(u, u_tgt)  # (B,)
+        w = self.weights(t, r, progress)
+        loss = (w * self.adaptive(l)).mean()
+        return loss, self._logs(loss, l, t, r, progress, x)
+
+    def _logs(self, loss, l, t, r, progress, x):
+        fm, per_elem = t == r, l.detach() / x[0].numel()
+        nan = torch.tensor(float("nan"))
+        logs = dict(loss=loss.detach(), v_loss=per_elem[fm].mean() if fm.any() else nan,
+                    u_loss=per_elem[~fm].mean() if (~fm).any() else nan, dtd_stage=self.dtd_stage)
+        if self.beta_k is not None and (~fm).any():
+            logs["beta"] = self.beta(t - r, progress)[~fm].mean().detach()
+        return logs
+
+    # ---- iMF (Geng et al.): guidance as a condition, a plain regression on v -------------------
+    def sample_imf_conditions(self, t, r):
+        """omega ~ p(omega) ~ omega^-beta on [1, omega_max] (inverse CDF); interval t_min ~ U[0, 0.5],
+        t_max ~ U[0.5, 1], except [0, 1] on the r = t rows (as the official code)."""
+        B, dev, fm = t.shape[0], t.device, t == r
+        U = torch.rand(B, device=dev)
+        if self.omega_beta == 1.0:
+            omega = self.omega_max**U
+        else:
+            a = 1 - self.omega_beta
+            omega = (1 + U * (self.omega_max**a - 1)) ** (1 / a)
+        t_min = torch.where(fm, 0.0, 0.5 * torch.rand(B, device=dev))
+        t_max = torch.where(fm, 1.0, 0.5 + 0.5 * torch.rand(B, device=dev))
+        return omega, t_min, t_max
+
+    def imf_loss(self, net, x, y, z_t, v, t, r):
+        B = x.shape[0]
+        omega, t_min, t_max = self.sample_imf_conditions(t, r)
+        ones, zeros = torch.ones_like(t), torch.zeros_like(t)
+        inside = (t >= t_min) & (t <= t_max)
+        with torch.no_grad():  # the network's own v at r = t: conditional at omega, at 1, unconditional
+            if y is None:
+                v_c = net(z_t, t, t, None, ones, zeros, ones, return_v=True)[1]
+                v_g = v
+            else:
+                null = torch.full_like(y, net.num_classes)
+                z3, t3 = torch.cat([z_t] * 3), torch.cat([t] * 3)
+                v3 = net(z3, t3, t3, torch.cat([y, y, null]), torch.cat([omega, ones, ones]),
+                         torch.cat([zeros] * 3), torch.cat([ones] * 3), return_v=True)[1]
+                v_c_omega, v_c_one, v_u = v3.chunk(3)
+                # outside [t_min, t_max] guidance is off: omega_m = 1
+                v_c = torch.where(bcast(inside, v), v_c_omega, v_c_one)
+                omega_m = bcast(torch.where(inside, omega, 1.0), v)
+                v_g = v + (1 - 1 / omega_m) * (v_c - v_u)  # guided target, a plain function of (z_t, t)
+        if y is not None:
+            drop = torch.rand(B, device=y.device) < self.class_dropout
+            y = torch.where(drop, torch.full_like(y, net.num_classes), y)
+            v_g = torch.where(bcast(drop, v), v, v_g)
+        # The tangent is the network's own (guided-condition) velocity v_c, not e - x: then
+        # V = u + (t - r) sg(du/dt) depends on z_t alone and the loss is a regression on v.
+        (u, v_head), (dudt, _) = torch.func.jvp(
+            lambda z, t, r: net(z, t, r, y, omega, t_min, t_max, return_v=True), (z_t, t, r),
+            (v_c.to(z_t.dtype), ones, zeros))
+        V = u + bcast(t - r, u) * dudt.detach()  # compound prediction of v
+        l_u, l_v = sq_err(V, v_g), sq_err(v_head, v_g)  # compound u-prediction and the auxiliary v-head
+        loss = (self.adaptive(l_u) + self.adaptive(l_v)).mean()
+        return loss, self._logs(loss, l_u, t, r, 0.0, x)
+
+    # ---- samplers -----------------------------------------------------------------------------
+    def _conditions(self, e, omega, t_min, t_max):
+        if not self.imf:
+            return {}
+        full = lambda a: torch.full((e.shape[0],), float(a), device=e.device)
+        return dict(omega=full(omega), t_min=full(t_min), t_max=full(t_max))
+
+    @torch.no_grad()
+    def sample(self, net, e, y=None, steps=1, omega=1.0, t_min=0.0, t_max=1.0):
+        """k-NFE MeanFlow sampling on a uniform grid 1 -> 0: z_r = z_t - (t - r) u(z_t, r, t).
+        Guidance needs no extra pass: MeanFlow bakes it into u, iMF takes omega as a condition."""
+        z, cond = e, self._conditions(e, omega, t_min, t_max)
+        grid = torch.linspace(1.0, 0.0, steps + 1, device=e.device)
+        for t, r in zip(grid[:-1], grid[1:]):
+            tt, rr = t.expand(e.shape[0]), r.expand(e.shape[0])
+            z = z - (t - r) * net(z, tt, rr, y, **cond).to(z.dtype)
+        return z
+
+    @torch.no_grad()
+    def sample_euler(self, net, e, y=None, steps=32, omega=1.0, t_min=0.0, t_max=1.0):
+        """Many-step Euler with the instantaneous velocity read out of the network: u(z, t, t)
+        (iMF: its v-head). The improved-training paper's probe of how well v is learned."""
+        z, cond = e, self._conditions(e, omega, t_min, t_max)
+        grid = torch.linspace(1.0, 0.0, steps + 1, device=e.device)
+        for t, r in zip(grid[:-1], grid[1:]):
+            tt = t.expand(e.shape[0])
+            out = net(z, tt, tt, y, **cond, return_v=True)[1] if self.imf else net(z, tt, tt, y, **cond)
+            z = z - (t - r) * out.to(z.dtype)
+        return z
