@@ -1,0 +1,272 @@
+"""2-D toy data with exact velocity fields, for testing and teaching MeanFlow.
+
+What this file holds, top to bottom:
+  1. Toy distributions: `checkerboard`, `moons`, `spirals`, `eight_gaussians`, `rings`,
+     `gaussian_mixture`, each `(n, generator=None) -> (n, 2) float32`, standardised so that every
+     coordinate has mean 0 and variance 1 (the noise e ~ N(0, I) has the same scale). `DATASETS`, `sample`.
+  2. `GaussianMixture`: data whose marginal velocity v(z, t) is known in closed form, and whose average
+     velocity u(z, r, t) we get by accurate ODE integration. These are the exact fields that a MeanFlow
+     network should learn; tests check the MeanFlow identity on them, notebooks draw their trajectories.
+  3. Distances between two sample sets, to score 1-NFE samples: `energy_distance`, `sliced_wasserstein`.
+
+Conventions (as in meanflow.py): data x, noise e ~ N(0, I), t = 1 is noise, t = 0 is data.
+  z_t = (1 - t) x + t e,   conditional velocity e - x,   v(z, t) = E[e - x | z_t = z].
+  u(z, r, t) = 1/(t - r) ∫_r^t v(z_τ, τ) dτ along dz/dτ = v(z, τ) from z_t = z, so z_r = z_t - (t - r) u,
+  and u(z, t, t) = v(z, t). MeanFlow identity: u = v - (t - r) du/dt, du/dt = v · ∂_z u + ∂_t u.
+The papers write u(z, r, t); here, as for the networks, the call is u(z, t, r): the later time first.
+"""
+
+import math
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Toy distributions
+# Each starts from the construction common in the flow-matching literature (FFJORD, torchcfm) and is
+# divided by its exact per-coordinate std, so that all sets sit at the scale of the noise. Every point
+# picks its component at random, so any slice of a sample is itself a fair sample.
+
+
+def _rand(n, generator, *shape):
+    return torch.rand(n, *shape, generator=generator, dtype=torch.float64)
+
+
+def _randn(n, generator, *shape):
+    return torch.randn(n, *shape, generator=generator, dtype=torch.float64)
+
+
+def checkerboard(n, generator=None):
+    # 4 x 4 board on [-2, 2]^2, points uniform on the 8 "black" squares. Each coordinate is marginally
+    # uniform on [-2, 2] (variance 4/3), so multiplying by sqrt(3)/2 gives unit variance.
+    x1 = 4 * _rand(n, generator) - 2
+    x2 = _rand(n, generator) - 2 * (_rand(n, generator) < 0.5) + torch.floor(x1) % 2
+    return (torch.stack([x1, x2], 1) * (math.sqrt(3) / 2)).float()
+
+
+def moons(n, generator=None, noise=0.05):
+    # Two interleaving half circles (as sklearn.datasets.make_moons), theta ~ U[0, pi].
+    theta = math.pi * _rand(n, generator)
+    upper = torch.stack([torch.cos(theta), torch.sin(theta)], 1)
+    lower = torch.stack([1 - torch.cos(theta), 0.5 - torch.sin(theta)], 1)
+    p = torch.where(_rand(n, generator, 1) < 0.5, upper, lower) + noise * _randn(n, generator, 2)
+    # Exact moments: mean (1/2, 1/4); var_x = 1/2 + 1/4, var_y = 1/2 - 4/pi^2 + (2/pi - 1/4)^2.
+    # One isotropic factor (the mean of the two variances) keeps the moons round.
+    var = (0.75 + 0.5 - 4 / math.pi**2 + (2 / math.pi - 0.25) ** 2) / 2 + noise**2
+    return ((p - torch.tensor([0.5, 0.25], dtype=torch.float64)) / math.sqrt(var)).float()
+
+
+def spirals(n, generator=None, noise=0.08):
+    # Two arms of an Archimedean spiral, 540 degrees each (FFJORD's "2spirals"). With the angle
+    # a = sqrt(U) * 3 pi the points are uniform along the arc; E|p|^2 = E[a^2] = (3 pi)^2 / 2, so each
+    # coordinate has std 3 pi / 2 (the arms are point-symmetric, the mean is 0).
+    a = torch.sqrt(_rand(n, generator)) * 3 * math.pi
+    p = torch.stack([-a * torch.cos(a), a * torch.sin(a)], 1) / (3 * math.pi / 2)
+    p = torch.where(_rand(n, generator, 1) < 0.5, p, -p) + noise * _randn(n, generator, 2)
+    return (p / math.sqrt(1 + noise**2)).float()
+
+
+def rings(n, generator=None, noise=0.2):
+    # 4 concentric circles of radius 1, 2, 3, 4, each picked with probability proportional to its
+    # length (uniform density along the circles). Per-coordinate variance E[R^2]/2 + noise^2 = 5 + noise^2.
+    R = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    R = R[torch.multinomial(R / R.sum(), n, replacement=True, generator=generator)]
+    angle = 2 * math.pi * _rand(n, generator)
+    p = R[:, None] * torch.stack([torch.cos(angle), torch.sin(angle)], 1) + noise * _randn(n, generator, 2)
+    return (p / math.sqrt(5 + noise**2)).float()
+
+
+def eight_gaussians(n, generator=None):
+    # The classic set: 8 equal components on a circle, std 1/10 of the radius.
+    return GaussianMixture.ring(weights=[1.0] * 8, stds=[0.14] * 8).sample(n, generator)
+
+
+def gaussian_mixture(n, generator=None):
+    return GaussianMixture.default().sample(n, generator)
+
+
+DATASETS = {
+    "checkerboard": checkerboard,
+    "moons": moons,
+    "spirals": spirals,
+    "eight_gaussians": eight_gaussians,
+    "rings": rings,
+    "gaussian_mixture": gaussian_mixture,
+}
+
+
+def sample(name, n, generator=None):
+    if name not in DATASETS:
+        raise ValueError(f"unknown toy dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return DATASETS[name](n, generator)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. A Gaussian mixture with its exact marginal velocity
+# x ~ sum_k pi_k N(mu_k, sigma_k^2 I). Given component k, z_t = (1 - t) x + t e is Gaussian,
+#   z_t | k ~ N((1 - t) mu_k, s_k^2 I),   s_k^2 = (1 - t)^2 sigma_k^2 + t^2,
+# and the posterior means of x and e given (z, k) are linear in z (Gaussian conditioning):
+#   E[x | z, k] = mu_k + (1 - t) sigma_k^2 / s_k^2 (z - (1 - t) mu_k),   E[e | z, k] = t / s_k^2 (z - (1 - t) mu_k).
+# v(z, t) mixes E[e - x | z, k] with the responsibilities p(k | z_t = z). Everything is float64 inside:
+# u = (z - z_r) / (t - r) loses digits for small t - r, and the tests take central differences of u.
+
+# RK4 steps for u. On the default mixture the error against a 512-step solve falls 4th-order:
+# max |u_S - u_512| over 20k noise points at t = 1, r = 0 (the hardest case, the full 1-NFE jump)
+# is 1.5e-5 at S = 96, 4.7e-6 at S = 128, 9.1e-7 at S = 192, so 128 keeps it under 1e-5.
+# Cost: 4 v-evaluations a step; 2000 points take about 0.7 s on one CPU core.
+DEFAULT_ODE_STEPS = 128
+
+
+class GaussianMixture:
+    """x ~ sum_k pi_k N(mu_k, sigma_k^2 I) with means (K, D), stds shared (scalar) or (K,), weights (K,)."""
+
+    def __init__(self, means, stds, weights=None):
+        self.mu = torch.as_tensor(means, dtype=torch.float64)  # (K, D)
+        K = self.mu.shape[0]
+        self.sigma = torch.as_tensor(stds, dtype=torch.float64).expand(K).clone()  # (K,) shared or per-component
+        if (self.sigma <= 0).any():
+            raise ValueError("component stds must be positive (v is singular at t = 0 otherwise)")
+        pi = torch.ones(K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        self.pi = pi / pi.sum()  # (K,)
+
+    @classmethod
+    def ring(cls, weights, stds):
+        # K components on a circle whose radius makes every coordinate of x have variance 1:
+        # for a symmetric ring Cov[x] = (R^2 / 2 + sum_k pi_k sigma_k^2) I.
+        pi = torch.as_tensor(weights, dtype=torch.float64)
+        pi = pi / pi.sum()
+        sigma = torch.as_tensor(stds, dtype=torch.float64)
+        R = math.sqrt(2 * (1 - (pi * sigma**2).sum().item()))
+        angle = 2 * math.pi * torch.arange(len(pi), dtype=torch.float64) / len(pi)
+        return cls(R * torch.stack([torch.cos(angle), torch.sin(angle)], 1), sigma, pi)
+
+    @classmethod
+    def default(cls):
+        # 8 components on a circle of radius 1.40, neighbours 1.07 apart, alternating narrow (std 0.1,
+        # weight 0.15) and wide (std 0.2, weight 0.10). Mean 0, covariance I (the alternation keeps the
+        # covariance isotropic). Unequal weights and widths make a test fail that mixes up pi_k or sigma_k;
+        # narrow, well-separated modes make the trajectories visibly curved near t = 0.
+        return cls.ring(weights=[0.15, 0.10] * 4, stds=[0.1, 0.2] * 4)
+
+    def sample(self, n, generator=None):
+        k = torch.multinomial(self.pi, n, replacement=True, generator=generator)
+        x = self.mu[k] + self.sigma[k, None] * _randn(n, generator, self.mu.shape[1])
+        return x.float()  # (n, D)
+
+    def _time(self, t, z):
+        # t: python float, 0-d or (B,) tensor -> (B, 1) float64 on z's device.
+        t = torch.as_tensor(t, dtype=torch.float64, device=z.device)
+        return t.expand(z.shape[0]).reshape(-1, 1)
+
+    def _components(self, z, t):
+        # z (B, D) float64, t (B, 1) -> the per-component pieces at time t.
+        mu, sigma, pi = (a.to(z.device) for a in (self.mu, self.sigma, self.pi))
+        m = (1 - t)[:, :, None] * mu  # (B, K, D) mean of z_t given k
+        s2 = (1 - t) ** 2 * sigma**2 + t**2  # (B, K) variance of z_t given k, >= min(sigma^2, 1) / 2 > 0
+        d = z[:, None, :] - m  # (B, K, D)
+        D = z.shape[1]
+        log_pz_k = -0.5 * (d**2).sum(-1) / s2 - 0.5 * D * torch.log(2 * math.pi * s2)  # (B, K)
+        return mu, sigma, s2, d, torch.log(pi) + log_pz_k  # last: log pi_k + log N(z; m_k, s_k^2 I)
+
+    def v(self, z, t):
+        """Exact marginal velocity E[e - x | z_t = z]; z (B, D), t scalar or (B,). Finite on [0, 1]."""
+        z64 = z.to(torch.float64)
+        t = self._time(t, z64)
+        mu, sigma, s2, d, logits = self._components(z64, t)
+        w = torch.softmax(logits, dim=-1)  # (B, K) responsibilities p(k | z), stable (logsumexp inside)
+        # E[e - x | z, k] = (t - (1 - t) sigma_k^2) / s_k^2 (z - (1 - t) mu_k) - mu_k
+        v_k = ((t - (1 - t) * sigma**2) / s2)[:, :, None] * d - mu  # (B, K, D)
+        return (w[:, :, None] * v_k).sum(1).to(z.dtype)
+
+    def log_prob(self, z, t=0.0):
+        """log p_t(z) of the marginal at time t (t = 0: the data density). Returns (B,)."""
+        z64 = z.to(torch.float64)
+        logits = self._components(z64, self._time(t, z64))[-1]
+        return torch.logsumexp(logits, dim=-1).to(z.dtype)
+
+    def ode_solve(self, z, t, r, steps=DEFAULT_ODE_STEPS, trajectory=False):
+        """Integrate dz/dtau = v(z, tau) from tau = t to tau = r with classic RK4.
+
+        Each sample has its own grid tau_j = t + (r - t) j / steps, j = 0..steps, so a whole batch of
+        different (t, r) is solved in one vectorised loop; rows with r = t do not move. Returns z_r in
+        z's dtype, or with `trajectory=True` the whole path, shape (steps + 1, B, D).
+        """
+        z_j = z.to(torch.float64)
+        t, r = self._time(t, z_j), self._time(r, z_j)  # (B, 1)
+        h = (r - t) / steps  # (B, 1), negative when going towards the data
+        path = [z_j]
+        for j in range(steps):
+            tau = t + (r - t) * (j / steps)  # not tau += h: no drift from accumulated rounding
+            k1 = self.v(z_j, tau[:, 0])
+            k2 = self.v(z_j + 0.5 * h * k1, (tau + 0.5 * h)[:, 0])
+            k3 = self.v(z_j + 0.5 * h * k2, (tau + 0.5 * h)[:, 0])
+            k4 = self.v(z_j + h * k3, (tau + h)[:, 0])
+            z_j = z_j + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+            path.append(z_j)
+        return (torch.stack(path) if trajectory else z_j).to(z.dtype)
+
+    def u(self, z, t, r, steps=DEFAULT_ODE_STEPS):
+        """Average velocity over [r, t] = (z - z_r) / (t - r); exactly v(z, t) where r == t.
+        Same argument order as the networks, net(z, t, r)."""
+        z64 = z.to(torch.float64)
+        t, r = self._time(t, z64), self._time(r, z64)  # (B, 1)
+        z_r = self.ode_solve(z64, t[:, 0], r[:, 0], steps)
+        dt = t - r
+        u = (z64 - z_r) / torch.where(dt == 0, 1.0, dt)  # in float64: (z - z_r) cancels badly in float32
+        return torch.where(dt == 0, self.v(z64, t[:, 0]), u).to(z.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Distances between two sample sets a (n, D) and b (m, D)
+# Both are cheap, work in any dimension, and need no density: they score samples from a 1-NFE sampler
+# against data. Neither touches the global RNG, so calling them inside a training loop does not change
+# the training run's random stream.
+
+
+def _mean_dist(a, b, chunk_elems=2**22):
+    # Mean of ||a_i - b_j|| over all pairs, in row chunks so that at most ~4M distances (32 MB) are
+    # alive at a time: 10k x 10k points need 100M distances, 800 MB at once in float64.
+    rows = max(1, chunk_elems // max(1, b.shape[0]))
+    total = sum(torch.cdist(a[i : i + rows], b).sum() for i in range(0, a.shape[0], rows))
+    return total.item() / (a.shape[0] * b.shape[0])
+
+
+def energy_distance(a, b):
+    """Energy distance 2 E||a - b|| - E||a - a'|| - E||b - b'|| (Szekely & Rizzo), plug-in estimate.
+
+    The plug-in (V-statistic) form keeps the zero-distance pairs i = j in the within-set means: it is
+    never negative, exactly 0 for identical inputs, and biased upwards by O(1/n) for two independent
+    samples of one distribution (about 0.002 at n = 2000 on these unit-scale sets). It is zero only if
+    the two distributions are equal, and grows like |shift|^2 for a small shift, |shift| for a large one.
+    """
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    return 2 * _mean_dist(a, b) - _mean_dist(a, a) - _mean_dist(b, b)
+
+
+def _quantiles(s, n_q):
+    # s (P, n) sorted along dim 1 -> (P, n_q) linear-interpolated quantiles at levels (i + 0.5) / n_q.
+    pos = ((torch.arange(n_q, dtype=s.dtype, device=s.device) + 0.5) / n_q * s.shape[1] - 0.5).clamp(0, s.shape[1] - 1)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=s.shape[1] - 1)
+    frac = pos - lo
+    return s[:, lo] * (1 - frac) + s[:, hi] * frac
+
+
+def sliced_wasserstein(a, b, n_proj=256, generator=None):
+    """Sliced 2-Wasserstein distance: sqrt of the mean over random directions w of W_2^2(w.a, w.b).
+
+    In 1-D, W_2 compares sorted samples (quantile functions). Equal sizes compare the sorted values
+    directly (exactly 0 for identical inputs); unequal sizes compare interpolated quantiles. The
+    directions are drawn from `generator`, or from a fixed seed (0) when it is None, so that the same
+    two sets always get the same score. Same units as the data: a shift by delta gives about
+    |delta| / sqrt(D).
+    """
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    w = torch.randn(n_proj, a.shape[1], generator=g, dtype=torch.float64)
+    w = (w / w.norm(dim=1, keepdim=True)).to(a.device)  # (P, D) unit directions
+    pa = torch.sort(w @ a.T, dim=1).values  # (P, n)
+    pb = torch.sort(w @ b.T, dim=1).values  # (P, m)
+    if pa.shape[1] != pb.shape[1]:
+        n_q = max(pa.shape[1], pb.shape[1])
+        pa, pb = _quantiles(pa, n_q), _quantiles(pb, n_q)
+    return ((pa - pb) ** 2).mean().sqrt().item()
