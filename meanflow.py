@@ -492,7 +492,9 @@ class DiT(nn.Module):
 # ----------------------------------------------------------------------------------------------
 class MLP(nn.Module):
     """net(z, t, r, y=None, ...) -> u for vector data z: (B, dim). The output layer starts at zero.
-    Time features use DiT's sinusoids of 1000 t [ours: raw t in [0, 1] is too smooth for a small MLP]."""
+    Time features are the DiT's sinusoids of raw t in [0, 1]. Do not scale t up (1000 t, as diffusion
+    code does): d_t u is part of the target u_tgt = v - (t - r) du/dt, and features of frequency w make
+    it ~w times larger; with 1000 t our toy runs diverged, with raw t they train."""
 
     def __init__(self, dim=2, hidden=256, depth=4, num_classes=0, guidance_cond=False, v_head=False,
                  in_context=False, freq_dim=32):
@@ -518,7 +520,7 @@ class MLP(nn.Module):
             ones = torch.ones_like(t)
             scalars += [1 - 1 / (ones if omega is None else omega), 0 * t if t_min is None else t_min,
                         ones if t_max is None else t_max]
-        h = torch.cat([z] + [timestep_embedding(1000 * s, self.freq_dim).to(z.dtype) for s in scalars], dim=1)
+        h = torch.cat([z] + [timestep_embedding(s, self.freq_dim).to(z.dtype) for s in scalars], dim=1)
         first, h = self.body[0], self.body[0](h)
         if self.y_embedder is not None:  # the label shifts the first hidden layer
             y = torch.full_like(t, self.num_classes, dtype=torch.long) if y is None else y
