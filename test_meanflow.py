@@ -1,0 +1,593 @@
+"""Tests: the math of meanflow.py against ground truth, toy_data's exact fields, and train.py end to end.
+
+Run: python -m pytest -q test_meanflow.py      (CPU; a few minutes on 2 cores)
+"""
+import copy
+import math
+
+import pytest
+import torch
+
+import meanflow as mf
+import toy_data as td
+from toy_data import DATASETS, GaussianMixture, energy_distance, sample, sliced_wasserstein
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_dit(num_classes=0, **kw):
+    return mf.DiT_models["Ti/2"](input_size=8, in_channels=2, num_classes=num_classes, depth=2, hidden_size=32,
+                                 num_heads=2, **kw)
+
+
+def randomize(net, std=0.1, seed=0):
+    """Zero-initialised layers make every derivative trivially zero; give all parameters random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return net
+
+
+def jvp_and_fd(net, z, t, r, y=None, h=1e-6, **cond):
+    """du/dt along (dz, dt, dr) = (v, 1, 0) by torch.func.jvp, and by central finite differences."""
+    v = torch.randn_like(z)
+    f = lambda z, t, r: net(z, t, r, y, **cond)
+    _, dudt = torch.func.jvp(f, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+    fd = (f(z + h * v, t + h, r) - f(z - h * v, t - h, r)) / (2 * h)
+    return dudt, fd
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# The JVP: every network, every attention path, against finite differences
+# ---------------------------------------------------------------------------------------------
+NETS = {
+    "mlp": lambda: mf.MLP(dim=2, hidden=32, depth=3, num_classes=3),
+    "dit-math": lambda: tiny_dit(num_classes=3, attention="math"),
+    "dit-sdpa-jvp": lambda: tiny_dit(num_classes=3, attention="sdpa-jvp"),
+    "dit-in-context": lambda: tiny_dit(num_classes=3, in_context=True, guidance_cond=True, v_head=True),
+    "mlp-guidance-cond": lambda: mf.MLP(dim=2, hidden=32, depth=3, num_classes=3, guidance_cond=True),
+}
+
+
+def inputs_for(net, B=3, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shape = (B, 2) if isinstance(net, mf.MLP) else (B, 2, 8, 8)
+    z = torch.randn(shape, generator=g, dtype=dtype)
+    t = torch.rand(B, generator=g, dtype=dtype) * 0.8 + 0.1
+    r = t * torch.rand(B, generator=g, dtype=dtype)
+    y = torch.tensor([0, 2, 3])[:B]  # 3 = the null label
+    return z, t, r, y
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_jvp_matches_finite_differences_fp64(name):
+    net = randomize(NETS[name]()).double()
+    z, t, r, y = inputs_for(net)
+    cond = {}
+    if getattr(net, "guidance_cond", False):
+        cond = dict(omega=torch.tensor([1.0, 2.5, 7.0], dtype=torch.float64),
+                    t_min=torch.zeros(3, dtype=torch.float64), t_max=torch.ones(3, dtype=torch.float64))
+    dudt, fd = jvp_and_fd(net, z, t, r, y, **cond)
+    assert rel(dudt, fd) < 1e-7
+    # the tangent order matters: (v, 0, 1), a classic bug, is far from the truth
+    v = torch.randn_like(z)
+    _, wrong = torch.func.jvp(lambda z, t, r: net(z, t, r, y, **cond), (z, t, r), (v, torch.zeros_like(t), torch.ones_like(r)))
+    assert rel(wrong, fd) > 0.05
+
+
+def test_jvp_fp32_and_bf16_autocast_close_to_fp64():
+    net64 = randomize(tiny_dit(num_classes=3)).double()
+    net32 = copy.deepcopy(net64).float()
+    z, t, r, y = inputs_for(net64)
+    v = torch.randn(z.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def dudt(net, dtype):
+        z_, t_, r_, v_ = (a.to(dtype) for a in (z, t, r, v))
+        return torch.func.jvp(lambda z, t, r: net(z, t, r, y), (z_, t_, r_), (v_, torch.ones_like(t_), torch.zeros_like(r_)))[1]
+
+    d64 = dudt(net64, torch.float64)
+    assert rel(dudt(net32, torch.float32).double(), d64) < 1e-4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dbf = dudt(net32, torch.float32)
+    assert dbf.dtype == torch.bfloat16
+    assert rel(dbf.double(), d64) < 0.05  # bf16 keeps 8 bits of mantissa
+
+
+def test_sdpa_has_no_forward_mode_rule_and_sdpa_jvp_matches_math():
+    net = randomize(tiny_dit(num_classes=3, attention="sdpa"))
+    z, t, r, y = inputs_for(net, dtype=torch.float32)
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        torch.func.jvp(lambda z: net(z, t, r, y), (z,), (torch.ones_like(z),))
+    outs = [net.set_attention(b)(z, t, r, y) for b in ("sdpa", "math", "sdpa-jvp")]
+    assert torch.allclose(outs[0], outs[1], atol=1e-5) and torch.allclose(outs[0], outs[2], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Each layer with an explicit derivative: backward and JVP against numerical differentiation
+# ---------------------------------------------------------------------------------------------
+def _layer_cases():
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+    return {
+        "linear": (mf.LinearFn.apply, (rnd(2, 3, 5), rnd(4, 5), rnd(4))),
+        "gelu": (lambda x: mf.PointwiseFn.apply(x, "gelu"), (rnd(2, 3, 5),)),
+        "silu": (lambda x: mf.PointwiseFn.apply(x, "silu"), (rnd(2, 3, 5),)),
+        "layer_norm": (lambda x: mf.LayerNormFn.apply(x, 1e-6), (rnd(2, 3, 5),)),
+        "modulate": (mf.ModulateFn.apply, (rnd(2, 3, 5), rnd(2, 5), rnd(2, 5))),
+        "gated_residual_adaln": (mf.GatedResidualFn.apply, (rnd(2, 3, 5), rnd(2, 5), rnd(2, 3, 5))),
+        "gated_residual_vector": (mf.GatedResidualFn.apply, (rnd(2, 3, 5), rnd(5), rnd(2, 3, 5))),
+        "attention": (mf.SDPAWithJVP.apply, (rnd(2, 2, 4, 3), rnd(2, 2, 4, 3), rnd(2, 2, 4, 3))),
+    }
+
+
+@pytest.mark.parametrize("name", list(_layer_cases()))
+def test_explicit_layer_derivatives(name):
+    fn, args = _layer_cases()[name]
+    assert torch.autograd.gradcheck(fn, args, check_forward_ad=True, check_backward_ad=True)
+
+
+def test_tangent_pass_records_nothing_for_backward():
+    """The tangent is stop-gradiented: our layers must not keep it in the autograd graph (memory)."""
+    for net in (randomize(tiny_dit(num_classes=3)), randomize(mf.MLP(dim=2))):
+        z, t, r, y = inputs_for(net, dtype=torch.float32)
+        u, dudt = torch.func.jvp(lambda z, t, r: net(z, t, r, y), (z, t, r), (z, torch.ones_like(t), torch.zeros_like(r)))
+        assert u.requires_grad and not dudt.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss
+# ---------------------------------------------------------------------------------------------
+def test_r_equals_t_reduces_to_adaptively_weighted_flow_matching():
+    net = randomize(mf.MLP(dim=2, hidden=32))
+    method = mf.MeanFlow("meanflow", p=0.75, c=1e-3)
+    g = torch.Generator().manual_seed(0)
+    x, e, t = torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g), torch.rand(64, generator=g)
+    loss, logs = method.loss(net, x, t=t, r=t, e=e)
+    z = (1 - t[:, None]) * x + t[:, None] * e
+    l = ((net(z, t, t) - (e - x)) ** 2).sum(1)  # summed over dims
+    ref = (l / (l.detach() + 1e-3) ** 0.75).mean()
+    assert torch.allclose(loss, ref, rtol=1e-6)
+    assert math.isnan(float(logs["u_loss"])) and abs(float(logs["v_loss"]) - l.mean().item() / 2) < 1e-5
+    g1 = torch.autograd.grad(loss, list(net.parameters()))
+    g2 = torch.autograd.grad(ref, list(net.parameters()))
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g1, g2))
+
+
+class PlainMLP(torch.nn.Module):
+    """Built from stock PyTorch layers, whose JVP stays in the autograd graph: here a missing
+    stop-gradient on the target would change the gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
+        self.num_classes = 0
+
+    def forward(self, z, t, r, y=None):
+        return self.f(torch.cat([z, t[:, None], (t - r)[:, None]], 1))
+
+
+def test_loss_matches_reference_with_stop_gradient():
+    torch.manual_seed(0)
+    net, method = PlainMLP(), mf.MeanFlow("meanflow", p=1.0, c=0.01)
+    x, e = torch.randn(32, 2), torch.randn(32, 2)
+    t, r = method.sample_t_r(32)
+    loss, _ = method.loss(net, x, t=t, r=r, e=e)
+    z, v = (1 - t[:, None]) * x + t[:, None] * e, e - x
+    u, dudt = torch.func.jvp(lambda z, t, r: net(z, t, r), (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+    assert dudt.requires_grad  # stock layers: the tangent is differentiable, so stop-gradient matters
+
+    def ref_loss(stop_gradient):
+        u_tgt = v - (t - r)[:, None] * dudt
+        u_tgt = u_tgt.detach() if stop_gradient else u_tgt
+        l = ((u - u_tgt) ** 2).sum(1)
+        return (l / (l.detach() + 0.01)).mean()
+
+    grad = lambda L: torch.cat([g.flatten() for g in torch.autograd.grad(L, list(net.parameters()), retain_graph=True)])
+    g_loss, g_sg, g_no_sg = grad(loss), grad(ref_loss(True)), grad(ref_loss(False))
+    assert torch.allclose(g_loss, g_sg, rtol=1e-5, atol=1e-7)
+    assert (g_loss - g_no_sg).norm() > 1e-3 * g_loss.norm()
+
+
+def test_guidance_target_is_v_without_guidance_and_cfg_formula_otherwise():
+    net = randomize(mf.MLP(dim=2, hidden=32, num_classes=3))
+    g = torch.Generator().manual_seed(0)
+    z, v, t = torch.randn(200, 2, generator=g), torch.randn(200, 2, generator=g), torch.rand(200, generator=g)
+    y = torch.randint(0, 3, (200,), generator=g)
+    v_g, y_in = mf.MeanFlow("meanflow", omega=1.0, kappa=0.0).guided_velocity(net, z, t, v, y)
+    assert torch.equal(v_g, v)
+    method = mf.MeanFlow("meanflow", omega=0.2, kappa=0.92, t_lo=0.0, t_hi=0.75, class_dropout=0.1)
+    torch.manual_seed(3)
+    v_g, y_in = method.guided_velocity(net, z, t, v, y)
+    dropped, inside = y_in == 3, t <= 0.75
+    assert 0 < dropped.sum() < 60 and torch.equal(y_in[~dropped], y[~dropped])
+    u_null, u_cond = net(z, t, t, torch.full_like(y, 3)), net(z, t, t, y)
+    expect = 0.2 * v + (1 - 0.2 - 0.92) * u_null + 0.92 * u_cond
+    keep = inside & ~dropped
+    assert torch.allclose(v_g[keep], expect[keep], atol=1e-6)
+    assert torch.equal(v_g[~inside | dropped], v[~inside | dropped])  # outside the interval or dropped: v
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers of (t, r), the weights beta and alpha, the DTD curriculum
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 1.0])
+def test_time_sampler_invariants(ratio):
+    method = mf.MeanFlow("meanflow", ratio_r_neq_t=ratio)
+    torch.manual_seed(0)
+    t, r = method.sample_t_r(4000)
+    assert (t >= r).all() and (t >= 0).all() and (t <= 1).all()
+    assert ((t != r).float().mean() - ratio).abs() < 1e-3  # exactly round(ratio * B) rows
+    if ratio > 0:
+        # logit-normal(-0.4, 1): median of one draw is sigmoid(-0.4) = 0.401; of the max of two, higher
+        draws = torch.cat([t[t != r], r[t != r]])
+        assert abs(draws.median().item() - 1 / (1 + math.exp(0.4))) < 0.02
+    t_u, r_u = mf.MeanFlow("meanflow", time_sampler="uniform", ratio_r_neq_t=1.0).sample_t_r(4000)
+    assert abs((t_u - r_u).mean().item() - 1 / 3) < 0.02  # E|U1 - U2| = 1/3
+
+
+def test_lambda_and_beta():
+    method = mf.MeanFlow("improved-dtd")
+    assert abs(method.lam - 1.3045) < 5e-4  # method.md: Monte Carlo for logit-normal(-0.4, 1)
+    assert abs(mf.MeanFlow("meanflow", time_sampler="uniform").lam - 1.5) < 1e-6
+    torch.manual_seed(0)
+    t, r = mf.MeanFlow("meanflow", ratio_r_neq_t=1.0).sample_t_r(200_000)
+    assert abs(method.beta(t - r, 0.0).mean().item() - 1.0) < 5e-3  # E[beta] = 1 at the start
+    assert torch.allclose(method.beta(t - r, 1.0), torch.ones_like(t))  # and beta = 1 at the end
+    b = method.beta(torch.tensor([0.0, 0.5, 1.0]), 0.0)
+    assert b[0] > b[1] > b[2]  # small intervals first
+    assert abs(method.lam - 1 / (1 - (t - r).mean().item())) < 5e-3  # lambda for whatever sampler
+
+
+def test_minsnr_weight_normalised_and_only_on_r_equals_t_rows():
+    method = mf.MeanFlow("improved-minsnr")
+    torch.manual_seed(0)
+    t, r = method.sample_t_r(100_000)
+    w = method.weights(t, r, progress=1.0)  # beta = 1 at progress 1
+    fm = t == r
+    assert abs(w[fm].mean().item() - 1.0) < 0.01
+    assert torch.allclose(w[~fm], torch.ones_like(w[~fm]))
+    tt = torch.tensor([0.05, 0.3, 0.9])
+    expect = torch.minimum((1 - tt) ** 2, 5 * tt**2) / method.alpha_mean
+    assert torch.allclose(method.weights(tt, tt, 1.0), expect)
+
+
+def test_dtd_starts_at_high_noise_and_reaches_the_full_range():
+    method = mf.MeanFlow("improved-dtd", dtd_patience=3)
+    torch.manual_seed(0)
+    t, r = method.sample_t_r(20_000)
+    t_fm = t[t == r]
+    # stage 0: only the highest-noise 1/20 of the mass of the max-of-two law, whose CDF is u^2 in u-space
+    edge = method.quantile(torch.tensor(0.95, dtype=torch.float64).sqrt()).item()  # = 0.826
+    assert edge - 1e-6 <= t_fm.min() < edge + 0.01
+    stages = [method.dtd_stage]
+    loss = 1.0
+    for step in range(400):  # a v-loss that stops improving: every few steps a new stage unlocks
+        method.dtd_update(loss)
+        stages.append(method.dtd_stage)
+    assert stages[0] == 0 and stages[-1] == method.dtd_stages - 1
+    assert all(b - a in (0, 1) for a, b in zip(stages, stages[1:]))  # one cluster at a time
+    t, r = method.sample_t_r(20_000)
+    t_all = mf.MeanFlow("meanflow").sample_t_r(20_000)[0][:15_000]
+    assert abs(t[t == r].median() - t_all.median()) < 0.02  # last stage: the full base law
+    state = method.state_dict()
+    other = mf.MeanFlow("improved-dtd")
+    other.load_state_dict(state)
+    assert other.dtd_stage == method.dtd_stage
+    fresh = mf.MeanFlow("improved-dtd", dtd_patience=3)
+    for step in range(400):  # an improving loss keeps the curriculum where it is
+        fresh.dtd_update(1.0 / (step + 1))
+    assert fresh.dtd_stage == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks: zero init, the paper's parameter counts, recipes end to end
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw", [{}, dict(in_context=True, guidance_cond=True, v_head=True)])
+def test_zero_initialised_dit_outputs_zero(kw):
+    net = tiny_dit(num_classes=3, **kw)
+    z, t, r, y = inputs_for(net, dtype=torch.float32)
+    out = net(z, t, r, y, return_v=True) if kw else (net(z, t, r, y),)
+    assert all(o.abs().max() == 0 for o in out) and out[0].shape == z.shape
+
+
+@pytest.mark.parametrize("name,paper", [("B/2", 131e6), ("B/4", 131e6), ("M/2", 308e6), ("L/2", 459e6), ("XL/2", 676e6)])
+def test_parameter_counts_match_the_meanflow_paper(name, paper):
+    with torch.device("meta"):
+        net = mf.DiT_models[name](input_size=32, in_channels=4, num_classes=1000)
+    n = sum(p.numel() for p in net.parameters())
+    assert abs(n - paper) / paper < 0.015, n
+
+
+@pytest.mark.parametrize("recipe", list(mf.RECIPES))
+@pytest.mark.parametrize("net_kind", ["mlp", "dit"])
+@pytest.mark.parametrize("labels", [False, True])
+def test_every_recipe_runs_loss_backward_sample(recipe, net_kind, labels):
+    torch.manual_seed(0)
+    guidance = dict(omega=1.0, kappa=0.5) if labels and recipe != "imf" else {}
+    method = mf.MeanFlow(recipe, **guidance)
+    nc = 3 if labels else 0
+    if net_kind == "mlp":
+        net, x = mf.MLP(dim=2, hidden=32, num_classes=nc, **method.net_kwargs), torch.randn(16, 2)
+    else:
+        net, x = tiny_dit(num_classes=nc, **method.net_kwargs), torch.randn(8, 2, 8, 8)
+    y = torch.randint(0, 3, (x.shape[0],)) if labels else None
+    loss, logs = method.loss(net, x, y, progress=0.5)
+    loss.backward()
+    assert torch.isfinite(loss) and set(logs) >= {"loss", "v_loss", "u_loss", "dtd_stage"}
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    method.dtd_update(float(logs["v_loss"]))
+    e = torch.randn_like(x)
+    for x0 in (method.sample(net, e, y, steps=1), method.sample(net, e, y, steps=2), method.sample_euler(net, e, y, steps=4)):
+        assert x0.shape == x.shape and torch.isfinite(x0).all()
+
+
+def test_unknown_recipe_or_knob_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown recipe"):
+        mf.MeanFlow("meanflw")
+    with pytest.raises(ValueError, match="data_proportion"):
+        mf.MeanFlow("meanflow", data_proportion=0.75)
+
+
+def test_samplers_one_step_is_one_u_step_and_euler_uses_u_at_r_equals_t():
+    net = randomize(mf.MLP(dim=2, hidden=32))
+    method, e = mf.MeanFlow("meanflow"), torch.randn(10, 2)
+    ones = torch.ones(10)
+    assert torch.allclose(method.sample(net, e, steps=1), e - net(e, ones, 0 * ones), atol=1e-6)
+    half = 0.5 * ones
+    z_half = e - 0.5 * net(e, ones, half)
+    assert torch.allclose(method.sample(net, e, steps=2), z_half - 0.5 * net(z_half, half, 0 * ones), atol=1e-6)
+    z_half = e - 0.5 * net(e, ones, ones)
+    assert torch.allclose(method.sample_euler(net, e, steps=2), z_half - 0.5 * net(z_half, half, half), atol=1e-6)
+
+
+def test_imf_guidance_conditions_and_sampling_at_any_omega():
+    method = mf.MeanFlow("imf")
+    torch.manual_seed(0)
+    t, r = method.sample_t_r(10_000)
+    omega, t_min, t_max = method.sample_imf_conditions(t, r)
+    assert omega.min() >= 1 and omega.max() <= 8 and abs(omega.log().mean() - math.log(8) / 2) < 0.02  # 8^U
+    fm = t == r
+    assert (t_min[fm] == 0).all() and (t_max[fm] == 1).all()
+    assert t_min[~fm].max() <= 0.5 and t_max[~fm].min() >= 0.5
+    assert abs(fm.float().mean() - 0.5) < 1e-3
+    net = randomize(tiny_dit(num_classes=3, **method.net_kwargs))
+    e, y = torch.randn(4, 2, 8, 8), torch.tensor([0, 1, 2, 0])
+    a, b = method.sample(net, e, y, omega=1.0), method.sample(net, e, y, omega=4.0)
+    assert not torch.allclose(a, b)  # omega is a network condition: no extra pass, different output
+
+
+# ---------------------------------------------------------------------------------------------
+# A toy MeanFlow learns the exact field; a wrong tangent does not
+# ---------------------------------------------------------------------------------------------
+def train_toy(method, steps=1000, seed=0):
+    torch.manual_seed(seed)
+    gm = td.GaussianMixture.default()
+    net = mf.MLP(dim=2, hidden=128, depth=3, **method.net_kwargs)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for i in range(steps):
+        loss, logs = method.loss(net, gm.sample(256), progress=i / steps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.dtd_update(float(logs["v_loss"]))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(p, 0.01 if i > steps // 4 else 1.0)
+    return ema, gm
+
+
+def one_step_distance(method, net, gm):
+    g = torch.Generator().manual_seed(5)
+    e, ref = torch.randn(3000, 2, generator=g), gm.sample(3000, g)
+    return td.energy_distance(method.sample(net, e, steps=1), ref)
+
+
+def test_toy_meanflow_learns_one_step_map_and_wrong_tangent_does_not(monkeypatch):
+    method = mf.MeanFlow("meanflow", **mf.TOY_OVERRIDES)
+    net, gm = train_toy(method)
+    good = one_step_distance(method, net, gm)
+    # the exact average velocity: the learned u over the full jump [0, 1] is close to it
+    g = torch.Generator().manual_seed(6)
+    e, ones = torch.randn(2000, 2, generator=g), torch.ones(2000)
+    with torch.no_grad():
+        u_err = ((net(e, ones, 0 * ones) - gm.u(e, ones, 0 * ones)) ** 2).sum(1).mean().item()
+    noise = td.energy_distance(torch.randn(3000, 2), gm.sample(3000))
+
+    real_jvp = torch.func.jvp
+
+    def swapped_tangent(f, primals, tangents, **kw):  # (v, 0, 1) in (z, t, r) order
+        return real_jvp(f, primals, (tangents[0], tangents[2], tangents[1]), **kw)
+
+    monkeypatch.setattr(torch.func, "jvp", swapped_tangent)
+    bad_net, _ = train_toy(mf.MeanFlow("meanflow", **mf.TOY_OVERRIDES))
+    bad = one_step_distance(method, bad_net, gm)
+    assert good < 0.05 and good < noise / 3, (good, noise)
+    assert u_err < 0.3, u_err
+    assert bad > 0.1 and bad > 3 * good, (bad, good)
+
+
+# =============================================================================================
+# toy_data: the datasets, the exact fields of GaussianMixture, and the sample distances
+# =============================================================================================
+def _z_t(gm, B, t, seed):
+    # z_t = (1 - t) x + t e for x from the mixture: points where p_t has mass, float64.
+    g = torch.Generator().manual_seed(seed)
+    x = gm.sample(B, g).double()
+    e = torch.randn(B, 2, generator=g, dtype=torch.float64)
+    t = torch.as_tensor(t, dtype=torch.float64).expand(B)
+    return (1 - t[:, None]) * x + t[:, None] * e, t
+
+
+# ---------------------------------------------------------------------------------------------------- datasets
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_dataset_shape_dtype_scale_and_seed(name):
+    p = sample(name, 20000, torch.Generator().manual_seed(0))
+    assert p.shape == (20000, 2) and p.dtype == torch.float32 and torch.isfinite(p).all()
+    # Unit scale: mean 0, per-coordinate variance 1 on average (moons is wider than tall on purpose).
+    assert p.mean(0).abs().max() < 0.05
+    assert abs(p.var(0).mean().item() - 1) < 0.05
+    # The generator alone fixes the sample.
+    assert torch.equal(p, sample(name, 20000, torch.Generator().manual_seed(0)))
+    assert not torch.equal(p, sample(name, 20000, torch.Generator().manual_seed(1)))
+
+
+def test_unknown_dataset_raises():
+    with pytest.raises(ValueError, match="unknown toy dataset 'swissroll'; choose one of: checkerboard"):
+        sample("swissroll", 10)
+
+
+# ---------------------------------------------------------------------------------------------------- v
+
+
+@pytest.mark.parametrize("t", [0.3, 0.6, 0.9])
+def test_v_matches_monte_carlo(t):
+    # E[e - x | z_t = z] by self-normalised importance sampling over data x_j: given x, e = (z - (1-t) x) / t,
+    # with weight p(z | x) = N(z; (1 - t) x, t^2 I). Independent of the closed form's algebra.
+    gm = GaussianMixture.default()
+    z, _ = _z_t(gm, 16, t, seed=1)
+    x = gm.sample(400_000, torch.Generator().manual_seed(2)).double()  # (N, 2)
+    logw = -((z[:, None] - (1 - t) * x) ** 2).sum(-1) / (2 * t**2)  # (16, N)
+    w = torch.softmax(logw, dim=1)
+    assert (1 / (w**2).sum(1)).min() > 2000  # effective sample size per point
+    v_mc = torch.einsum("bn,bnd->bd", w, (z[:, None] - (1 - t) * x) / t - x)
+    assert (gm.v(z, t) - v_mc).norm(dim=1).max() < 0.03
+
+
+def test_v_matches_score_of_log_prob():
+    # z_t = (1 - t) x + t e gives E[e | z] = -t grad log p_t(z), hence v = -(z + t grad log p_t(z)) / (1 - t).
+    # The score comes from autograd through log_prob, v from the posterior means: two separate routes.
+    gm = GaussianMixture.default()
+    t = torch.rand(256, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 0.98 + 0.01
+    z, _ = _z_t(gm, 256, t, seed=3)
+    z = z.requires_grad_(True)
+    score = torch.autograd.grad(gm.log_prob(z, t).sum(), z)[0]
+    v_score = -(z + t[:, None] * score) / (1 - t[:, None])
+    torch.testing.assert_close(gm.v(z.detach(), t), v_score.detach(), rtol=1e-9, atol=1e-9)
+
+
+def test_v_at_the_ends():
+    # t = 0: z = x says nothing about e, v = -z.  t = 1: z = e says nothing about x, v = z - E[x].
+    gm = GaussianMixture([[3.0, 1.0], [-1.0, 2.0]], [0.05, 0.3], [0.2, 0.8])
+    z = torch.randn(100, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 3
+    torch.testing.assert_close(gm.v(z, 0.0), -z)
+    torch.testing.assert_close(gm.v(z, 1.0), z - gm.pi @ gm.mu)
+    far = torch.full((4, 2), 1e3, dtype=torch.float32)  # far from every mode: logsumexp must not overflow
+    assert torch.isfinite(gm.v(far, torch.tensor([0.0, 1e-3, 0.5, 1.0]))).all()
+    assert gm.v(far, 0.5).dtype == torch.float32
+
+
+def test_log_prob_is_a_density():
+    gm = GaussianMixture.default()
+    grid = torch.linspace(-4, 4, 401, dtype=torch.float64)
+    zz = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
+    cell = (grid[1] - grid[0]) ** 2
+    assert abs((gm.log_prob(zz).exp().sum() * cell).item() - 1) < 1e-4  # data density, t = 0
+    # t = 1 is pure noise: p_1 = N(0, I).
+    torch.testing.assert_close(gm.log_prob(zz, 1.0), -0.5 * (zz**2).sum(1) - math.log(2 * math.pi))
+
+
+# ---------------------------------------------------------------------------------------------------- u
+
+
+def test_u_at_r_equals_t_is_exactly_v():
+    gm = GaussianMixture.default()
+    t = torch.rand(64, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    z, _ = _z_t(gm, 64, t, seed=6)
+    r = torch.where(torch.arange(64) % 2 == 0, t, 0.5 * t)  # half the rows have r = t
+    for dtype in (torch.float64, torch.float32):
+        u, v = gm.u(z.to(dtype), t, r, steps=16), gm.v(z.to(dtype), t)
+        assert torch.equal(u[::2], v[::2])
+        assert (u[1::2] - v[1::2]).norm(dim=1).mean() > 0.05  # r < t: u is a different field
+
+
+def test_u_converges_with_steps():
+    # RK4 is 4th order: doubling the steps shrinks the change ~16x; the default is within 1e-5.
+    gm = GaussianMixture.default()
+    e = torch.randn(256, 2, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    S = td.DEFAULT_ODE_STEPS
+    u_S, u_2S, u_4S = (gm.u(e, 1.0, 0.0, steps=s) for s in (S, 2 * S, 4 * S))  # the full 1-NFE jump
+    assert (u_S - u_4S).norm(dim=1).max() < 1e-5
+    assert (u_2S - u_4S).norm(dim=1).max() < (u_S - u_4S).norm(dim=1).max() / 8
+    assert (gm.u(e, 1.0, 0.0, steps=16) - u_4S).norm(dim=1).max() > 1e-4  # coarse grids are visibly off
+
+
+def test_meanflow_identity_on_exact_fields():
+    # u = v - (t - r) du/dt, du/dt = v . d_z u + d_t u: the derivative of u along (dz, dt) = (v, 1) with
+    # r fixed, here by central differences. Dropping d_t u (the tangent (v, 0)) must break it.
+    gm = GaussianMixture.default()
+    B = 64
+    g = torch.Generator().manual_seed(10)
+    t = 0.2 + 0.7 * torch.rand(B, generator=g, dtype=torch.float64)
+    r = t * torch.rand(B, generator=g, dtype=torch.float64)
+    z, _ = _z_t(gm, B, t, seed=9)
+    v, u = gm.v(z, t), gm.u(z, t, r)
+    h = 1e-4
+    dudt = (gm.u(z + h * v, t + h, r) - gm.u(z - h * v, t - h, r)) / (2 * h)
+    rel = (u - (v - (t - r)[:, None] * dudt)).norm(dim=1) / u.norm(dim=1)
+    assert rel.max() < 1e-3
+    dudt_no_t = (gm.u(z + h * v, t, r) - gm.u(z - h * v, t, r)) / (2 * h)
+    rel_wrong = (u - (v - (t - r)[:, None] * dudt_no_t)).norm(dim=1) / u.norm(dim=1)
+    assert rel_wrong.max() > 0.1
+
+
+def test_z_r_is_the_ode_endpoint_and_flows_back():
+    gm = GaussianMixture.default()
+    g = torch.Generator().manual_seed(11)
+    t = torch.rand(128, generator=g, dtype=torch.float64)
+    r = t * torch.rand(128, generator=g, dtype=torch.float64)
+    z, _ = _z_t(gm, 128, t, seed=12)
+    z_r = z - (t - r)[:, None] * gm.u(z, t, r)
+    path = gm.ode_solve(z, t, r, steps=512, trajectory=True)  # finer, independent solve
+    assert path.shape == (513, 128, 2) and torch.equal(path[0], z)
+    assert (z_r - path[-1]).norm(dim=1).max() < 1e-5
+    assert (gm.ode_solve(z_r, r, t) - z).norm(dim=1).max() < 1e-5  # the flow is invertible
+
+
+def test_one_step_with_exact_u_samples_the_data():
+    # x = e - u(e, 0, 1) is an exact 1-NFE sampler; one Euler step with v instead lands every e on E[x] = 0.
+    gm = GaussianMixture.default()
+    e = torch.randn(2000, 2, generator=torch.Generator().manual_seed(13))
+    data = gm.sample(2000, torch.Generator().manual_seed(14))
+    x_u = e - gm.u(e, 1.0, 0.0, steps=64)
+    x_v = e - gm.v(e, 1.0)
+    baseline = energy_distance(gm.sample(2000, torch.Generator().manual_seed(15)), data)
+    assert energy_distance(x_u, data) < 2 * baseline + 1e-3
+    assert energy_distance(x_v, data) > 50 * baseline
+
+
+# ---------------------------------------------------------------------------------------------------- distances
+
+
+def test_distances_zero_for_same_distribution_and_grow_with_shift():
+    a = sample("moons", 2000, torch.Generator().manual_seed(16))
+    b = sample("moons", 2000, torch.Generator().manual_seed(17))
+    c = sample("moons", 1500, torch.Generator().manual_seed(18))  # unequal sizes: the quantile route
+    shift = torch.tensor([0.5, 0.0])
+    assert energy_distance(a, a) == 0.0 and sliced_wasserstein(a, a) == 0.0
+    ed_same, ed_shift = energy_distance(a, b), energy_distance(a, b + shift)
+    assert 0 < ed_same < 0.01 and ed_shift > 10 * ed_same
+    for other in (b, c):
+        sw_same, sw_shift = sliced_wasserstein(a, other), sliced_wasserstein(a, other + shift)
+        assert sw_same < 0.08 and sw_shift > 5 * sw_same
+    assert sliced_wasserstein(a, b) == sliced_wasserstein(a, b)  # fixed directions when generator is None
+
+
+def test_distances_known_values():
+    # N(0, I) vs N(delta, I) in 2-D: SW_2^2 = E_w (w . delta)^2 = |delta|^2 / 2.
+    g = torch.Generator().manual_seed(19)
+    a, b = torch.randn(10000, 2, generator=g), torch.randn(10000, 2, generator=g)
+    delta = torch.tensor([1.0, 1.0])
+    assert abs(sliced_wasserstein(a, b + delta, n_proj=512) - 1.0) < 0.05
+    # The chunked mean distance equals the one-shot one, and energy_distance is the plug-in formula.
+    a, b = a[:300].double(), b[:200].double()
+    assert abs(td._mean_dist(a, b, chunk_elems=1000) - torch.cdist(a, b).mean().item()) < 1e-12
+    plug_in = 2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean()
+    assert abs(energy_distance(a, b) - plug_in.item()) < 1e-12
