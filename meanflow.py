@@ -738,12 +738,13 @@ class MeanFlow:
         return loss, self._logs(loss, l, t, r, progress, x)
 
     def _logs(self, loss, l, t, r, progress, x):
-        fm, per_elem = t == r, l.detach() / x[0].numel()
-        nan = torch.tensor(float("nan"))
-        logs = dict(loss=loss.detach(), v_loss=per_elem[fm].mean() if fm.any() else nan,
-                    u_loss=per_elem[~fm].mean() if (~fm).any() else nan, dtd_stage=self.dtd_stage)
-        if self.beta_k is not None and (~fm).any():
-            logs["beta"] = self.beta(t - r, progress)[~fm].mean().detach()
+        # masked means without boolean indexing: no host-device sync in the training loop (0/0 = nan)
+        fm = (t == r).float()
+        per_elem = l.detach() / x[0].numel()
+        logs = dict(loss=loss.detach(), v_loss=(per_elem * fm).sum() / fm.sum(),
+                    u_loss=(per_elem * (1 - fm)).sum() / (1 - fm).sum(), dtd_stage=self.dtd_stage)
+        if self.beta_k is not None:
+            logs["beta"] = (self.beta(t - r, progress) * (1 - fm)).sum() / (1 - fm).sum()
         return logs
 
     # ---- iMF (Geng et al.): guidance as a condition, a plain regression on v -------------------
