@@ -521,7 +521,7 @@ class MLP(nn.Module):
             scalars += [1 - 1 / (ones if omega is None else omega), 0 * t if t_min is None else t_min,
                         ones if t_max is None else t_max]
         h = torch.cat([z] + [timestep_embedding(s, self.freq_dim).to(z.dtype) for s in scalars], dim=1)
-        first, h = self.body[0], self.body[0](h)
+        h = self.body[0](h)
         if self.y_embedder is not None:  # the label shifts the first hidden layer
             y = torch.full_like(t, self.num_classes, dtype=torch.long) if y is None else y
             h = h + self.y_embedder(y)

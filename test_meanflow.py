@@ -3,16 +3,30 @@
 Run: python -m pytest -q test_meanflow.py      (CPU; a few minutes on 2 cores)
 """
 import copy
+import gzip
+import importlib.util
+import io
+import json
 import math
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import tarfile
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import meanflow as mf
 import toy_data as td
+import train
 from toy_data import DATASETS, GaussianMixture, energy_distance, sample, sliced_wasserstein
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # small nets: threads cost more than they give, and CI has 2 cores
 
 
 def tiny_dit(num_classes=0, **kw):
@@ -591,3 +605,495 @@ def test_distances_known_values():
     assert abs(td._mean_dist(a, b, chunk_elems=1000) - torch.cdist(a, b).mean().item()) < 1e-12
     plug_in = 2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean()
     assert abs(energy_distance(a, b) - plug_in.item()) < 1e-12
+
+
+# =============================================================================================
+# train.py: data formats, distributed training, checkpoints and resume, sampling, bad input
+# =============================================================================================
+HERE = os.path.dirname(os.path.abspath(__file__))
+# The tensors here are tiny: intra-op threads buy nothing and, on a busy 2-core machine, cost up to 10x.
+HAVE_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
+
+
+def run_main(argv, capsys):
+    """train.main in this process (fast: no second torch import); returns (exit code, stdout, stderr)."""
+    code = train.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *words):
+    """Exit code 2, exactly one error line (the last on stderr), no traceback, naming the problem."""
+    lines = [s for s in err.replace("\r", "\n").splitlines() if s.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert sum("error" in s for s in lines) == 1 and lines[-1].startswith("train.py: error: "), err
+    for w in words:
+        assert w in lines[-1], (w, lines[-1])
+
+
+def leftovers(folder):
+    """Temporary files that an interrupted write would leave behind."""
+    return [f for f in os.listdir(folder) if ".tmp" in f or ".part" in f] if os.path.isdir(folder) else []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small data in the real formats
+
+
+def write_idx(path, arr):
+    """IDX as (Fashion-)MNIST ships it: 0x00 0x00 0x08 ndim, big-endian int32 dims, uint8 data."""
+    arr = np.asarray(arr, np.uint8)
+    raw = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape) + arr.tobytes()
+    with (gzip.open if path.endswith(".gz") else open)(path, "wb") as f:
+        f.write(raw)
+
+
+def make_fashion(folder, n=40, gz=True):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 10
+    ext = ".gz" if gz else ""
+    write_idx(os.path.join(folder, "train-images-idx3-ubyte" + ext), x)
+    write_idx(os.path.join(folder, "train-labels-idx1-ubyte" + ext), y)
+    return x, y
+
+
+def make_cifar_tarball(folder, per_batch=6, batches=2):
+    """cifar-10-python.tar.gz as the official one: Python pickles {b'data': uint8 (N, 3072), b'labels': [..]}."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(1)
+    xs, ys = [], []
+    with tarfile.open(os.path.join(folder, "cifar-10-python.tar.gz"), "w:gz") as tar:
+        for name in [f"data_batch_{i + 1}" for i in range(batches)] + ["test_batch", "batches.meta"]:
+            d = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, per_batch)], b"batch_label": name.encode()}
+            if name.startswith("data_batch"):
+                xs.append(d[b"data"])
+                ys.append(d[b"labels"])
+            raw = pickle.dumps(d, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return np.concatenate(xs).reshape(-1, 3, 32, 32), np.concatenate(ys)
+
+
+def test_fashion_mnist_loader_reads_idx(tmp_path):
+    for gz in (True, False):
+        folder = str(tmp_path / f"fm{gz}")
+        x, y = make_fashion(folder, gz=gz)
+        data = train.load_data(train.get_args(["--data", "fashion-mnist", "--data-path", folder, "--model", "Ti/4"]), 0)
+        assert data.x.shape == (40, 1, 32, 32) and data.x.dtype == torch.uint8
+        assert torch.equal(data.x[:, 0, 2:30, 2:30], torch.from_numpy(x)) and data.x[:, :, :2].eq(0).all()
+        assert torch.equal(data.labels, torch.from_numpy(y))
+        xb, yb = data.get(torch.arange(5), torch.Generator().manual_seed(0))
+        assert xb.min() >= -1 and xb.max() <= 1 and torch.equal(xb[:, :, 0], -torch.ones(5, 1, 32))
+
+
+def test_real_fashion_mnist_header():
+    path = "/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz"
+    if not os.path.exists(path):
+        pytest.skip("the Debian package dataset-fashion-mnist is not installed")
+    assert train.read_idx(path).shape == (60000,)
+
+
+def test_cifar10_loader_reads_the_python_tarball(tmp_path):
+    x, y = make_cifar_tarball(str(tmp_path))
+    data = train.load_data(train.get_args(["--data", "cifar10", "--data-path", str(tmp_path), "--model", "Ti/4"]), 0)
+    assert torch.equal(data.x, torch.from_numpy(x)) and torch.equal(data.labels, torch.from_numpy(y))
+    xb, _ = data.get(torch.arange(12), torch.Generator().manual_seed(0))
+    ref = torch.from_numpy(x).float() / 127.5 - 1
+    flipped = (xb == ref.flip(3)).flatten(1).all(1)
+    assert ((xb == ref).flatten(1).all(1) | flipped).all() and 0 < flipped.sum() < 12  # random flips, both seen
+
+
+def test_batches_are_a_function_of_the_step_and_split_over_processes(tmp_path):
+    make_fashion(str(tmp_path))
+    args = train.get_args(["--data", "fashion-mnist", "--data-path", str(tmp_path), "--model", "Ti/4",
+                           "--batch-size", "16"])
+    data = train.load_data(args, 0)
+    for step in (0, 2, 7):  # step 2 spans two epochs of the 40 images
+        x, y = train.get_batch(args, data, step, 0, 1)
+        halves = [train.get_batch(args, data, step, r, 2) for r in range(2)]
+        assert torch.equal(torch.cat([h[0] for h in halves]), x) and torch.equal(torch.cat([h[1] for h in halves]), y)
+    epoch = torch.cat([train.get_batch(args, data, s, 0, 1)[1] for s in range(5)])[:40]  # 80 positions, 2 epochs
+    assert sorted(epoch.tolist()) == sorted(data.labels.tolist())  # each epoch visits every image once
+
+
+def tiny_vae(folder):
+    """A randomly initialised AutoencoderKL with SD's layout (4 levels: 256 -> 32, 4 latent channels), tiny widths."""
+    from diffusers.models import AutoencoderKL
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(4, 4, 4, 4),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=2, sample_size=256)
+    vae.save_pretrained(folder)
+    return vae.eval()
+
+
+@pytest.mark.skipif(not HAVE_DIFFUSERS, reason="diffusers is optional (pip install diffusers); ImageNet latents use it")
+def test_imagenet_latents_prepare_load_train_sample(tmp_path, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    sizes = [(300, 260), (256, 256), (600, 520), (280, 400), (512, 700)]
+    for i, size in enumerate(sizes):  # 2 class folders, JPEGs of several sizes (one needs the box-filter halving)
+        os.makedirs(tmp_path / "train" / f"n0{i % 2}", exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+            tmp_path / "train" / f"n0{i % 2}" / f"img{i}.JPEG")
+    vae = tiny_vae(str(tmp_path / "vae"))
+    out = tmp_path / "latents"
+    for shard in (0, 1):  # two shards, as two processes would encode them
+        code, _, err = run_main(["--prepare-imagenet", tmp_path / "train", "--data-path", out, "--shard", shard,
+                                 "--num-shards", 2, "--vae", tmp_path / "vae", "--workers", 0], capsys)
+        assert code == 0, err
+    assert sorted(os.listdir(out)) == ["labels-00000-of-00002.npy", "labels-00001-of-00002.npy",
+                                       "shard-00000-of-00002.npy", "shard-00001-of-00002.npy"]
+    lat = np.load(out / "shard-00000-of-00002.npy", mmap_mode="r")
+    assert isinstance(lat, np.memmap) and lat.shape == (3, 2, 2, 4, 32, 32)  # files 0, 2, 4 of the sorted list
+    # shard 0 holds n00/img0, n00/img4 (class 0) and n01/img3 (class 1): order of the sorted file list, every 2nd
+    assert np.load(out / "labels-00000-of-00002.npy").tolist() == [0, 0, 1]
+    with Image.open(tmp_path / "train" / "n00" / "img4.JPEG") as img:
+        crop = train.center_crop(img)
+    x = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        for flip, xi in enumerate((x, x.flip(3))):  # cached posterior of the image and of its mirror image
+            post = vae.encode(xi).latent_dist
+            assert torch.allclose(torch.from_numpy(lat[1, flip, 0].astype(np.float32)), post.mean[0], atol=2e-3)
+            assert torch.allclose(torch.from_numpy(lat[1, flip, 1].astype(np.float32)), post.std[0], atol=2e-3)
+
+    data = train.ImageNetLatents(str(out))
+    assert len(data) == 5
+    g = torch.Generator().manual_seed(0)
+    xs = torch.stack([data.get(torch.tensor([1]), g)[0][0] for _ in range(40)]) / train.LATENT_SCALE
+    mean = torch.from_numpy(lat[1, :, 0].astype(np.float32))  # (2 flips, 4, 32, 32)
+    std = torch.from_numpy(lat[1, :, 1].astype(np.float32))
+    z = (xs[:, None] - mean) / std  # standardised under each flip's posterior
+    flip = z.pow(2).mean((2, 3, 4)).argmin(1)
+    assert 0 < flip.sum() < 40  # both flips are drawn
+    picked = z[torch.arange(40), flip]
+    assert abs(picked.mean()) < 0.05 and abs(picked.std() - 1) < 0.05  # a fresh sample of the posterior each time
+
+    run = tmp_path / "run"
+    common = ["--data", "imagenet-latents", "--data-path", out, "--model", "Ti/4", "--batch-size", 4, "--out", run]
+    code, _, err = run_main(common + ["--steps", 2, "--vae", tmp_path / "no-vae"], capsys)  # grids show latents
+    assert code == 0 and "no VAE to decode latents" in err, err
+    code, out_text, err = run_main(common + ["--sample", 3, "--vae", tmp_path / "vae"], capsys)
+    assert code == 0, err
+    npz = np.load(run / "samples-3-nfe1.npz")
+    assert npz["arr_0"].shape == (3, 256, 256, 3) and npz["arr_0"].dtype == np.uint8  # decoded by the VAE
+    assert npz["arr_1"].tolist() == [0, 1, 2]
+    assert "FID skipped" in out_text + err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data parallel: gradients synchronised by hand (torch.func.jvp cannot go through a DDP wrapper)
+
+
+def _train_tiny(rank, world, sync, steps=4, B=16):
+    """A few AdamW steps of the toy MLP on a fixed global batch stream; this process takes its slice of each
+    batch. t, r and e are passed explicitly so that every split of the batch sees the same randomness. In
+    float64, so that summation order (half batches, then the all-reduce) leaves no visible trace."""
+    torch.manual_seed(0)
+    method, net = mf.MeanFlow("meanflow"), mf.MLP(dim=2).double()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    mine = slice(rank * B // world, (rank + 1) * B // world)
+    for step in range(steps):
+        x = td.sample("checkerboard", B, generator=g).double()
+        t = torch.rand(B, generator=g, dtype=torch.float64)
+        r = torch.where(torch.arange(B) % 4 == 0, t * torch.rand(B, generator=g, dtype=torch.float64), t)  # r < t: 1/4
+        e = torch.randn(B, 2, generator=g, dtype=torch.float64)
+        loss, _ = method.loss(net, x[mine], None, progress=step / steps, t=t[mine], r=r[mine], e=e[mine])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if sync:
+            train.sync_grads(net.parameters())
+        opt.step()
+    return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+
+def _ddp_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save({mode: _train_tiny(rank, world, sync=mode == "synced") for mode in ("synced", "naive")},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = _train_tiny(0, 1, sync=False)
+    assert torch.equal(ranks[0]["synced"], ranks[1]["synced"])  # replicas stay bitwise identical
+    diff = (ranks[0]["synced"] - single).abs().max().item()
+    assert diff < 1e-10, diff  # and equal to one process on the whole batch
+    # Without the sync (what calling jvp on model.module does under DDP) the replicas drift apart.
+    naive = (ranks[0]["naive"] - ranks[1]["naive"]).abs().max().item()
+    assert naive > 1e-3 and (ranks[0]["naive"] - single).abs().max().item() > 1e-3, naive
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    """The script itself under torchrun (gloo): trains, checkpoints (which checks that the replicas are identical),
+    and splits --sample over the two processes."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+              os.path.join(HERE, "train.py"), "--steps", "3", "--batch-size", "32", "--out", str(tmp_path)]
+    for extra in ([], ["--sample", "101"]):
+        p = subprocess.run(common + extra, capture_output=True, text=True, env=env, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # a random stream per process
+    assert np.load(tmp_path / "samples-101-nfe1.npz")["arr_0"].shape == (101, 2) and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("recipe", list(mf.RECIPES))
+def test_every_recipe_trains_and_samples(tmp_path, capsys, recipe):
+    """Two steps of each recipe with labels (Fashion-MNIST format, a tiny DiT; iMF with its conditions), --sample."""
+    make_fashion(str(tmp_path / "fm"))
+    common = ["--data", "fashion-mnist", "--data-path", tmp_path / "fm", "--model", "Ti/4", "--batch-size", 4,
+              "--recipe", recipe, "--out", tmp_path / "run"]
+    code, _, err = run_main(common + ["--steps", 2, "--log-every", 1], capsys)
+    assert code == 0, err
+    log = [json.loads(s) for s in open(tmp_path / "run" / "log.jsonl")]
+    assert [h["step"] for h in log] == [1, 2] and all(np.isfinite(h["loss"]) for h in log)
+    code, _, err = run_main(common + ["--sample", 2, "--sample-steps", 2], capsys)
+    assert code == 0, err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: a run stopped at step k and resumed ends bitwise where an uninterrupted run ends
+
+
+def flat_state(ckpt):
+    out = {f"{k}.{n}": v for k in ("model", "ema") for n, v in ckpt[k].items()}
+    for i, s in ckpt["opt"]["state"].items():
+        out.update({f"opt.{i}.{n}": v for n, v in s.items()})
+    return out
+
+
+@pytest.mark.parametrize("setting", ["toy", "fashion-mnist"])
+def test_resume_is_bitwise_identical(tmp_path, capsys, setting):
+    if setting == "toy":
+        common = ["--steps", 8, "--batch-size", 64, "--recipe", "improved-dtd", "--log-every", 2]
+    else:  # labels, class dropout, guidance in the target, a DiT with attention under the JVP
+        make_fashion(str(tmp_path / "fm"))
+        common = ["--data", "fashion-mnist", "--data-path", tmp_path / "fm", "--model", "Ti/4", "--steps", 6,
+                  "--batch-size", 8, "--recipe", "improved-minsnr", "--omega", 2.0, "--kappa", 0.3, "--log-every", 2]
+    assert run_main(common + ["--out", tmp_path / "a"], capsys)[0] == 0
+    code, _, err = run_main(common + ["--out", tmp_path / "b", "--stop-at", 4], capsys)  # preempted after step 4
+    assert code == 0, err
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 4
+    code, _, err = run_main(common + ["--out", tmp_path / "b", "--resume"], capsys)
+    assert code == 0, err
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    assert a["step"] == b["step"] == common[common.index("--steps") + 1]
+    fa, fb = flat_state(a), flat_state(b)
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)  # bitwise
+    assert a["method"] == b["method"] and a["rng"][0]["python"] == b["rng"][0]["python"]
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+    logs = [[json.loads(s) for s in open(tmp_path / d / "log.jsonl")] for d in "ab"]
+    assert [h["step"] for h in logs[1]] == [h["step"] for h in logs[0]]
+    assert [h["loss"] for h in logs[1]] == [h["loss"] for h in logs[0]]
+    assert leftovers(tmp_path / "b") == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Samples in the ADM evaluator's format, and the metrics
+
+
+def test_sample_npz_format(tmp_path, capsys):
+    make_fashion(str(tmp_path / "fm"))
+    common = ["--data", "fashion-mnist", "--data-path", tmp_path / "fm", "--model", "Ti/4", "--batch-size", 4,
+              "--out", tmp_path / "run"]
+    assert run_main(common + ["--steps", 1], capsys)[0] == 0
+    assert os.path.exists(tmp_path / "run" / "step-0000001.png") and os.path.exists(tmp_path / "run" / "loss.png")
+    code, out, err = run_main(common + ["--sample", 12, "--sample-steps", 2], capsys)
+    assert code == 0, err
+    npz = np.load(tmp_path / "run" / "samples-12-nfe2.npz")
+    assert sorted(npz.files) == ["arr_0", "arr_1"]
+    assert npz["arr_0"].shape == (12, 32, 32, 3) and npz["arr_0"].dtype == np.uint8  # gray repeated to RGB
+    assert (npz["arr_0"][..., 0] == npz["arr_0"][..., 2]).all() and npz["arr_1"].tolist() == [i % 10 for i in range(12)]
+    assert ("FID" in out + err) and leftovers(tmp_path / "run") == []
+
+
+def test_toy_sample_reports_distances(tmp_path, capsys):
+    common = ["--steps", 2, "--batch-size", 32, "--out", tmp_path]
+    assert run_main(common, capsys)[0] == 0
+    code, out, err = run_main(common + ["--sample", 500], capsys)
+    assert code == 0, err
+    pts = np.load(tmp_path / "samples-500-nfe1.npz")["arr_0"]
+    assert pts.shape == (500, 2) and "energy distance" in out
+
+
+def test_fid_plumbing_with_a_stand_in_inception(monkeypatch):
+    """fid() feeds uint8 NHWC images in [0, 1] NCHW to pytorch_fid's InceptionV3 and takes its pooled features.
+    The real network downloads weights, so a stand-in with the same interface checks the plumbing here."""
+    import types
+
+    class FakeInception(torch.nn.Module):
+        BLOCK_INDEX_BY_DIM = {2048: 3}
+
+        def __init__(self, blocks):
+            super().__init__()
+            assert blocks == [3]
+
+        def forward(self, x):  # (N, 3, H, W) in [0, 1] -> [(N, 6, 1, 1)]: channel means and stds
+            assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 and x.shape[1] == 3
+            return [torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)[:, :, None, None]]
+
+    monkeypatch.setitem(sys.modules, "pytorch_fid", types.ModuleType("pytorch_fid"))
+    monkeypatch.setitem(sys.modules, "pytorch_fid.inception", types.SimpleNamespace(InceptionV3=FakeInception))
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (500, 8, 8, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (450, 8, 8, 3), dtype=np.uint8)
+    assert train.fid(a, b, "cpu") < 1e-3 < train.fid(a, b // 2, "cpu")  # same law ~ 0; darker images far
+
+
+def test_frechet_distance_matches_the_gaussian_formula():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 1, (200_000, 2)) * [1, 2]  # N(0, diag(1, 4))
+    b = rng.normal(0, 1, (200_000, 2)) * [3, 1] + [1, 0]  # N((1, 0), diag(9, 1))
+    exact = 1 + (1 + 9 - 2 * 3) + (4 + 1 - 2 * 2)  # |mu1 - mu2|^2 + sum (s1 + s2 - 2 sqrt(s1 s2)) per axis
+    assert abs(train.frechet_distance(a, b) - exact) < 0.1
+    assert abs(train.frechet_distance(a, a)) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr naming the problem and the fix, exit code 2, nothing half-written
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--data", "mnist"], ["unknown --data", "fashion-mnist"]),
+    (["--model", "XXL/2", "--data", "cifar10"], ["unknown --model", "XL/2"]),
+    (["--model", "S/2"], ["does not fit --data checkerboard"]),
+    (["--recipe", "shortcut"], ["unknown --recipe", "improved-dtd"]),
+], ids=["data", "model", "model-for-data", "recipe"])
+def test_unknown_names(tmp_path, capsys, argv, words):
+    assert_one_line_error(*run_main(argv + ["--out", tmp_path / "run"], capsys)[::2], *words)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_missing_and_malformed_data(tmp_path, capsys):
+    run = ["--out", tmp_path / "run", "--model", "Ti/4", "--steps", 1]
+    code, _, err = run_main(["--data", "fashion-mnist", "--data-path", tmp_path / "nowhere"] + run, capsys)
+    assert_one_line_error(code, err, "nowhere")
+    os.makedirs(tmp_path / "empty")
+    code, _, err = run_main(["--data", "fashion-mnist", "--data-path", tmp_path / "empty"] + run, capsys)
+    assert_one_line_error(code, err, "train-images-idx3-ubyte", "apt-get install dataset-fashion-mnist")
+    make_fashion(str(tmp_path / "fm"))
+    raw = gzip.open(tmp_path / "fm" / "train-images-idx3-ubyte.gz").read()
+    with gzip.open(tmp_path / "fm" / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(raw[:-100])  # truncated
+    code, _, err = run_main(["--data", "fashion-mnist", "--data-path", tmp_path / "fm"] + run, capsys)
+    assert_one_line_error(code, err, "not a valid IDX file")
+    with open(tmp_path / "empty" / "cifar-10-python.tar.gz", "wb") as f:
+        f.write(b"not a tarball")
+    code, _, err = run_main(["--data", "cifar10", "--data-path", tmp_path / "empty"] + run, capsys)
+    assert_one_line_error(code, err, "CIFAR-10")
+    os.makedirs(tmp_path / "latents")
+    code, _, err = run_main(["--data", "imagenet-latents", "--data-path", tmp_path / "latents"] + run, capsys)
+    assert_one_line_error(code, err, "--prepare-imagenet")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_cifar10_offline_download_fails_cleanly(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # nothing listens there: as good as offline
+    code, _, err = run_main(["--data", "cifar10", "--data-path", tmp_path / "c", "--model", "Ti/4",
+                             "--out", tmp_path / "run"], capsys)
+    assert_one_line_error(code, err, "could not download CIFAR-10", "cifar-10-python.tar.gz")
+    assert not os.path.exists(tmp_path / "c") and not os.path.exists(tmp_path / "run")
+
+
+def test_checkpoint_from_another_model(tmp_path, capsys):
+    make_fashion(str(tmp_path / "fm"))
+    common = ["--data", "fashion-mnist", "--data-path", tmp_path / "fm", "--batch-size", 4, "--steps", 1,
+              "--out", tmp_path / "run"]
+    assert run_main(common + ["--model", "Ti/4"], capsys)[0] == 0
+    before = sorted(os.listdir(tmp_path / "run"))
+    code, _, err = run_main(common + ["--model", "Ti/2", "--resume", "--steps", 2], capsys)
+    assert_one_line_error(code, err, "--model Ti/4")
+    code, _, err = run_main(common + ["--model", "Ti/2", "--sample", 4], capsys)
+    assert_one_line_error(code, err, "--model Ti/4")
+    with open(tmp_path / "run" / "ckpt.pt", "r+b") as f:
+        f.truncate(100)  # corrupt
+    code, _, err = run_main(common + ["--model", "Ti/4", "--resume", "--steps", 2], capsys)
+    assert_one_line_error(code, err, "not a readable checkpoint")
+    assert sorted(os.listdir(tmp_path / "run")) == before
+
+
+def test_batch_not_divisible_by_the_world_size(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun --nproc_per_node=3 sets it; checked before any collective
+    code, _, err = run_main(["--batch-size", 256, "--out", tmp_path / "run"], capsys)
+    assert_one_line_error(code, err, "--batch-size 256", "3 processes")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    # lr = 1e30 blows the weights up after the first step; the loss of step 2 is not finite.
+    code, _, err = run_main(["--steps", 5, "--batch-size", 32, "--lr", 1e30, "--ckpt-every", 1, "--log-every", 1,
+                             "--out", tmp_path], capsys)
+    assert_one_line_error(code, err, "at step 2", "ckpt.pt is the last good checkpoint")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 1
+    assert leftovers(tmp_path) == [] and not any(f.endswith(".png") for f in os.listdir(tmp_path))
+
+
+def test_cli_exit_code_and_single_line(tmp_path):
+    """The real command line: exit status 2 and one line on stderr (the tests above call main() in-process)."""
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--model", "nope"], capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("train.py: error: unknown --model")
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bf16 autocast: the JVP and the loss stay close to fp32 (CPU autocast supports bf16; GPUs are checked below)
+
+
+def _jvp_and_loss(device, bf16):
+    torch.manual_seed(0)
+    net = mf.DiT_models["Ti/4"](input_size=16, in_channels=3, num_classes=10).to(device)
+    for p in net.parameters():  # leave the zero-initialised state, so that u and du/dt are not trivially 0
+        torch.nn.init.normal_(p, std=0.05)
+    method = mf.MeanFlow("meanflow", omega=2.0, kappa=0.3, p=0.0)  # p = 0: the plain squared error, no normalising
+    g = torch.Generator().manual_seed(1)
+    x, e = torch.randn(8, 3, 16, 16, generator=g).to(device), torch.randn(8, 3, 16, 16, generator=g).to(device)
+    t = torch.rand(8, generator=g).to(device)
+    r = t * torch.rand(8, generator=g).to(device)
+    z, y = (1 - t[:, None, None, None]) * x + t[:, None, None, None] * e, torch.arange(8, device=device)
+    ctx = torch.autocast(device, torch.bfloat16) if bf16 else torch.autocast(device, enabled=False)
+    with ctx:
+        u, dudt = torch.func.jvp(lambda z, t, r: net(z, t, r, y), (z, t, r),
+                                 (e - x, torch.ones_like(t), torch.zeros_like(r)))
+        torch.manual_seed(2)  # the same label drops in both runs
+        loss, _ = method.loss(net, x, y, t=t, r=r, e=e)
+    return u.float(), dudt.float(), loss.float()
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_bf16_autocast_jvp_is_close_to_fp32_on_cpu():
+    (u, dudt, loss), (u32, dudt32, loss32) = _jvp_and_loss("cpu", True), _jvp_and_loss("cpu", False)
+    assert torch.isfinite(dudt).all() and torch.isfinite(loss)
+    # measured: 0.4% on u, 0.5% on du/dt, 0.02% on the loss
+    assert _rel(u, u32) < 0.02 and _rel(dudt, dudt32) < 0.02 and abs(loss - loss32) / loss32 < 0.01, (
+        _rel(u, u32), _rel(dudt, dudt32), (loss, loss32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 autocast and TF32 as train.py uses)")
+def test_bf16_autocast_jvp_is_close_to_fp32_on_gpu():
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    (u, dudt, loss), (u32, dudt32, loss32) = _jvp_and_loss("cuda", True), _jvp_and_loss("cuda", False)
+    assert _rel(u, u32) < 0.02 and _rel(dudt, dudt32) < 0.02 and abs(loss - loss32) / loss32 < 0.01
