@@ -82,7 +82,8 @@ def get_args(argv=None):
     a("--resume", action="store_true", help="continue from <out>/ckpt.pt")
     a("--stop-at", type=int, help="checkpoint and exit after this step, as a preempted job would (default never)")
     a("--precision", choices=["bf16", "fp32"], help="autocast dtype (default bf16 on GPU, with TF32; fp32 on CPU)")
-    a("--compile", action="store_true", help="torch.compile the loss (default off)")
+    a("--compile", action="store_true", help="torch.compile the loss (default off). Dynamo cannot trace "
+      "meanflow.py's layers with a custom jvp and breaks the graph at each: expect little gain")
     a("--sample", type=int, metavar="N", help="write N samples of the EMA model in <out>/ckpt.pt to an .npz, exit")
     a("--sample-steps", type=int, default=1, help="NFE of --sample (default 1)")
     a("--sample-omega", type=float, help="guidance scale at sampling for iMF, which takes it as input (default 1)")
