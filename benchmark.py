@@ -8,8 +8,9 @@ Benchmark: the cost of a MeanFlow training step relative to a flow-matching step
 For each network: flow matching (r = t everywhere, plain forward, the stock SDPA kernel), then each recipe
 (forward + JVP through meanflow.py's explicit layers, backward of the primal). Each runs in a fresh process
 so that peak memory is its own: torch.cuda.max_memory_allocated on GPU, the resident-set high-water mark on
-CPU (parameters, gradients and optimizer state included in both). Reported: median step time after warm-up,
-its ratio to flow matching, peak memory and its ratio, images per second. One JSON line per configuration.
+CPU (parameters, gradients and optimizer state included in both). Times come from one process per network in
+which the kinds take turns step by step, so that a busy machine slows them alike. Reported: median step time
+after warm-up, its ratio to flow matching, peak memory and its ratio, images per second; a JSON line each.
 """
 import argparse
 import json
@@ -27,21 +28,22 @@ def peak_rss_mb():
     return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
 
 
-def run_one(model, kind, batch, steps, bf16, compile_):
-    """Time `steps` training steps of one kind ("fm" or a recipe) in this process; return a result dict."""
+def build(model, kind, batch, bf16, compile_):
+    """The network, optimizer and one training step of this kind ("fm" or a recipe); returns step()."""
     import torch
 
     import meanflow as mf
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if model == "mlp" and dev == "cpu":
+        torch.set_num_threads(1)  # as train.py: the toy MLP is too small for threads to pay
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     recipe = "meanflow" if kind in ("fm", "meanflow+cfg") else kind
-    guidance = dict(omega=1.0, kappa=0.5) if kind == "meanflow+cfg" else {}  # B/2's setting: 2 extra fwd
+    guidance = dict(omega=1.0, kappa=0.5) if kind == "meanflow+cfg" else {}  # B/2's setting: 2 extra forwards
     method = mf.MeanFlow(recipe, **guidance)
     if model == "mlp":
-        net = mf.MLP(dim=2, num_classes=10, **method.net_kwargs)
-        x = torch.randn(batch, 2)
+        net, x = mf.MLP(dim=2, num_classes=10, **method.net_kwargs), torch.randn(batch, 2)
     else:
         net = mf.DiT_models[model](input_size=32, in_channels=4, num_classes=1000, **method.net_kwargs)
         x = torch.randn(batch, 4, 32, 32)
@@ -49,45 +51,65 @@ def run_one(model, kind, batch, steps, bf16, compile_):
         net.set_attention("sdpa")  # flow matching needs no JVP: the stock fused kernel and its backward
     net, x = net.to(dev), x.to(dev)
     y = torch.randint(0, 10 if model == "mlp" else 1000, (batch,), device=dev)  # class-conditional, like ImageNet
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0,
-                            fused=(dev == "cuda"))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=dev == "cuda")
 
-    def fm_loss():  # r = t everywhere: no JVP, the target is v; same adaptive weight as MeanFlow
+    def fm_loss():  # r = t everywhere: no JVP, the target is v; the same adaptive weight as MeanFlow
         t = method.sample_t_r(batch, dev)[0]
         e = torch.randn_like(x)
         t_ = mf.bcast(t, x)
-        u = net((1 - t_) * x + t_ * e, t, t, y)
-        return method.adaptive(mf.sq_err(u, e - x)).mean()
-
-    def loss_fn():
-        return fm_loss() if kind == "fm" else method.loss(net, x, y, progress=0.5)[0]
+        return method.adaptive(mf.sq_err(net((1 - t_) * x + t_ * e, t, t, y), e - x)).mean()
 
     def step():
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn()
+            loss = fm_loss() if kind == "fm" else method.loss(net, x, y, progress=0.5)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    if compile_:
-        step = torch.compile(step)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    step()  # warm-up: optimizer state, kernels, compilation
-    step()
-    sync()
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
+
+    def timed_step():
         t0 = time.perf_counter()
         step()
         sync()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else peak_rss_mb()
-    median = statistics.median(times)
-    return dict(model=model, kind=kind, device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-                threads=torch.get_num_threads(), batch=batch, bf16=bf16, compile=compile_,
-                step_s=round(median, 4), img_per_s=round(batch / median, 1), peak_mb=round(peak, 1))
+        return time.perf_counter() - t0
+
+    return torch.compile(step) if compile_ else timed_step, dev
+
+
+def measure(model, kinds, batch, steps, bf16, compile_):
+    """Median step time of each kind; the kinds take turns, so that a busy machine slows them alike."""
+    steps_of = {k: build(model, k, batch, bf16, compile_)[0] for k in kinds}
+    for k in kinds:  # warm-up: optimizer state, kernels
+        steps_of[k](), steps_of[k]()
+    times = {k: [] for k in kinds}
+    for _ in range(steps):
+        for k in kinds:
+            times[k].append(steps_of[k]())
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def peak_memory(model, kind, batch, bf16, compile_):
+    """Peak memory of a steady-state step, in MB, in this (fresh) process."""
+    import torch
+
+    step, dev = build(model, kind, batch, bf16, compile_)
+    step(), step()
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        open("/proc/self/clear_refs", "w").write("5")  # reset the resident-set high-water mark
+    step()
+    return torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else peak_rss_mb()
+
+
+def child(args, *cmd):
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # big tensors via mmap: RSS tracks live memory
+    flags = ["--batch", str(args.batch), "--steps", str(args.steps)] + ["--bf16"] * args.bf16 + ["--compile"] * args.compile
+    out = subprocess.run([sys.executable, __file__, *cmd, *flags], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -99,31 +121,37 @@ def main():
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the training step")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
-    ap.add_argument("--one", nargs=2, metavar=("MODEL", "KIND"), help=argparse.SUPPRESS)  # internal: child
+    ap.add_argument("--child", nargs=2, metavar=("MODEL", "KINDS"), help=argparse.SUPPRESS)  # internal
+    ap.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    if args.one:
-        model, kind = args.one
+    if args.child:  # a fresh process: either the memory of one kind, or the times of all kinds of a model
+        import torch
+
+        model, kinds = args.child[0], args.child[1].split(",")
         batch = 256 if model == "mlp" else args.batch
-        print(json.dumps(run_one(model, kind, batch, args.steps, args.bf16, args.compile)))
+        if args.child_memory:
+            result = dict(peak_mb=peak_memory(model, kinds[0], batch, args.bf16, args.compile))
+        else:
+            result = dict(times=measure(model, kinds, batch, args.steps, args.bf16, args.compile),
+                          device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                          threads=torch.get_num_threads(), batch=batch)
+        print(json.dumps(result))
         return
 
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # big tensors via mmap: RSS tracks live memory
-    rows = []
+    rows, base = [], None
     for model in args.models.split(","):
-        base = None
-        for kind in ["fm"] + args.recipes.split(","):
-            cmd = [sys.executable, __file__, "--one", model, kind, "--batch", str(args.batch), "--steps", str(args.steps)]
-            cmd += ["--bf16"] * args.bf16 + ["--compile"] * args.compile
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if out.returncode != 0:
-                print(f"{model} {kind}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
-                continue
-            row = json.loads(out.stdout.strip().splitlines()[-1])
+        kinds = ["fm"] + args.recipes.split(",")
+        timing = child(args, "--child", model, ",".join(kinds))
+        for kind in kinds:
+            peak = child(args, "--child", model, kind, "--child-memory")["peak_mb"]
+            step_s = timing["times"][kind]
+            row = dict(model=model, kind=kind, device=timing["device"], threads=timing["threads"],
+                       batch=timing["batch"], bf16=args.bf16, compile=args.compile, step_s=round(step_s, 4),
+                       img_per_s=round(timing["batch"] / step_s, 1), peak_mb=round(peak, 1))
             base = row if kind == "fm" else base
-            if base is not None:
-                row["time_ratio"] = round(row["step_s"] / base["step_s"], 2)
-                row["mem_ratio"] = round(row["peak_mb"] / base["peak_mb"], 2)
+            row["time_ratio"] = round(row["step_s"] / base["step_s"], 2)
+            row["mem_ratio"] = round(row["peak_mb"] / base["peak_mb"], 2)
             print(json.dumps(row), flush=True)
             if args.out:
                 with open(args.out, "a") as f:
