@@ -684,6 +684,7 @@ class MeanFlow:
     def dtd_update(self, v_loss):
         """Advance the DTD curriculum: unlock the next lower-noise cluster once the (smoothed) v-loss has
         not improved for dtd_patience calls. Call once per step with the v-loss (all-reduced under DDP)."""
+        v_loss = float(v_loss)  # a float or a 0-d tensor (one host sync)
         if not self.dtd_stages or self.dtd_stage >= self.dtd_stages - 1 or not math.isfinite(v_loss):
             return
         # EMA smoothing of the per-step loss so that noise alone does not count as progress [ours]
@@ -799,6 +800,9 @@ class MeanFlow:
     # ---- samplers -----------------------------------------------------------------------------
     def _conditions(self, e, omega, t_min, t_max):
         if not self.imf:
+            if (omega, t_min, t_max) != (1.0, 0.0, 1.0):
+                raise ValueError("omega and the guidance interval are sampling conditions of iMF only; MeanFlow "
+                                 "bakes guidance in at training (MeanFlow(omega=..., kappa=...))")
             return {}
         full = lambda a: torch.full((e.shape[0],), float(a), device=e.device)
         return dict(omega=full(omega), t_min=full(t_min), t_max=full(t_max))
