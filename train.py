@@ -539,6 +539,8 @@ def run(args):
     guidance.update({k: getattr(args, k) for k in ("omega", "kappa", "t_lo", "t_hi") if getattr(args, k) is not None})
     toy = mf.TOY_OVERRIDES if data is None else {}  # 2-D data: meanflow.py's own settings for toys
     method = mf.MeanFlow(recipe=args.recipe, **{**toy, **guidance})
+    if args.sample_omega is not None and not method.imf:
+        raise Fail(f"--sample-omega needs --recipe imf; {args.recipe} bakes guidance in at training (--omega, --kappa)")
     torch.manual_seed(args.seed)  # the same initial weights in every process
     if args.model == "mlp":
         net = mf.MLP(dim=2, **method.net_kwargs).to(device)
