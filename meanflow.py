@@ -46,6 +46,19 @@ def _at_least_fp32(x):
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def null_labels(x, num_classes):
+    """(B,) labels all equal to num_classes, the "no label" class of classifier-free guidance."""
+    return torch.full((x.shape[0],), num_classes, dtype=torch.long, device=x.device)
+
+
+def guidance_scalars(t, omega=None, t_min=None, t_max=None):
+    """iMF's guidance conditions as (B,) scalars: 1 - 1/omega (omega in [1, inf) -> [0, 1)), t_min, t_max.
+    Missing ones default to no guidance: omega = 1 on [0, 1]."""
+    ones = torch.ones_like(t)
+    return [1 - 1 / (ones if omega is None else omega), 0 * t if t_min is None else t_min,
+            ones if t_max is None else t_max]
+
+
 def sq_err(a, b):
     """Per-sample squared error summed (not averaged) over all data dimensions: (B, ...) -> (B,)."""
     return ((a.to(_at_least_fp32(a)) - b.to(_at_least_fp32(a))) ** 2).flatten(1).sum(1)
@@ -460,14 +473,10 @@ class DiT(nn.Module):
         """The list of (B, D) condition embeddings, in a fixed order."""
         conds = [self.t_embedder(t), self.h_embedder(t - r)]
         if self.y_embedder is not None:
-            y = torch.full_like(t, self.num_classes, dtype=torch.long) if y is None else y
-            conds.append(self.y_embedder(y))
+            conds.append(self.y_embedder(null_labels(t, self.num_classes) if y is None else y))
         if self.guidance_cond:
-            ones, zeros = torch.ones_like(t), torch.zeros_like(t)
-            omega = ones if omega is None else omega
-            conds += [self.omega_embedder(1 - 1 / omega),  # omega in [1, inf) -> [0, 1)
-                      self.tmin_embedder(zeros if t_min is None else t_min),
-                      self.tmax_embedder(ones if t_max is None else t_max)]
+            embedders = (self.omega_embedder, self.tmin_embedder, self.tmax_embedder)
+            conds += [emb(s) for emb, s in zip(embedders, guidance_scalars(t, omega, t_min, t_max))]
         return conds
 
     def forward(self, z, t, r, y=None, omega=None, t_min=None, t_max=None, return_v=False):
@@ -517,14 +526,11 @@ class MLP(nn.Module):
     def forward(self, z, t, r, y=None, omega=None, t_min=None, t_max=None, return_v=False):
         scalars = [t, t - r]
         if self.guidance_cond:
-            ones = torch.ones_like(t)
-            scalars += [1 - 1 / (ones if omega is None else omega), 0 * t if t_min is None else t_min,
-                        ones if t_max is None else t_max]
+            scalars += guidance_scalars(t, omega, t_min, t_max)
         h = torch.cat([z] + [timestep_embedding(s, self.freq_dim).to(z.dtype) for s in scalars], dim=1)
         h = self.body[0](h)
         if self.y_embedder is not None:  # the label shifts the first hidden layer
-            y = torch.full_like(t, self.num_classes, dtype=torch.long) if y is None else y
-            h = h + self.y_embedder(y)
+            h = h + self.y_embedder(null_labels(t, self.num_classes) if y is None else y)
         h = self.body[1:](h)
         u = self.out(h)
         return (u, self.v_out(h)) if return_v else u
@@ -644,11 +650,11 @@ class MeanFlow:
         Also drops labels (null class, target v) with prob class_dropout. Returns v_g, the labels to use."""
         if y is None:
             return v, None
+        null = null_labels(y, net.num_classes)
         drop = torch.rand(y.shape[0], device=y.device) < self.class_dropout
-        y_in = torch.where(drop, torch.full_like(y, net.num_classes), y)
+        y_in = torch.where(drop, null, y)
         if self.omega == 1.0 and self.kappa == 0.0:
             return v, y_in
-        null = torch.full_like(y, net.num_classes)
         with torch.no_grad():  # both guidance terms in one batched forward, at r = t, no gradient
             if self.kappa:
                 u_null, u_cond = net(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([null, y])).chunk(2)
@@ -774,7 +780,7 @@ class MeanFlow:
                 v_c = net(z_t, t, t, None, ones, zeros, ones, return_v=True)[1]
                 v_g = v
             else:
-                null = torch.full_like(y, net.num_classes)
+                null = null_labels(y, net.num_classes)
                 z3, t3 = torch.cat([z_t] * 3), torch.cat([t] * 3)
                 v3 = net(z3, t3, t3, torch.cat([y, y, null]), torch.cat([omega, ones, ones]),
                          torch.cat([zeros] * 3), torch.cat([ones] * 3), return_v=True)[1]
@@ -785,7 +791,7 @@ class MeanFlow:
                 v_g = v + (1 - 1 / omega_m) * (v_c - v_u)  # guided target, a plain function of (z_t, t)
         if y is not None:
             drop = torch.rand(B, device=y.device) < self.class_dropout
-            y = torch.where(drop, torch.full_like(y, net.num_classes), y)
+            y = torch.where(drop, null_labels(y, net.num_classes), y)
             v_g = torch.where(bcast(drop, v), v, v_g)
         # The tangent is the network's own (guided-condition) velocity v_c, not e - x: then
         # V = u + (t - r) sg(du/dt) depends on z_t alone and the loss is a regression on v.
@@ -811,21 +817,22 @@ class MeanFlow:
     def sample(self, net, e, y=None, steps=1, omega=1.0, t_min=0.0, t_max=1.0):
         """k-NFE MeanFlow sampling on a uniform grid 1 -> 0: z_r = z_t - (t - r) u(z_t, r, t).
         Guidance needs no extra pass: MeanFlow bakes it into u, iMF takes omega as a condition."""
-        z, cond = e, self._conditions(e, omega, t_min, t_max)
-        grid = torch.linspace(1.0, 0.0, steps + 1, device=e.device)
-        for t, r in zip(grid[:-1], grid[1:]):
-            tt, rr = t.expand(e.shape[0]), r.expand(e.shape[0])
-            z = z - (t - r) * net(z, tt, rr, y, **cond).to(z.dtype)
-        return z
+        cond = self._conditions(e, omega, t_min, t_max)
+        return self._walk(e, steps, lambda z, t, r: net(z, t, r, y, **cond))
 
     @torch.no_grad()
     def sample_euler(self, net, e, y=None, steps=32, omega=1.0, t_min=0.0, t_max=1.0):
         """Many-step Euler with the instantaneous velocity read out of the network: u(z, t, t)
         (iMF: its v-head). The improved-training paper's probe of how well v is learned."""
-        z, cond = e, self._conditions(e, omega, t_min, t_max)
-        grid = torch.linspace(1.0, 0.0, steps + 1, device=e.device)
+        cond = self._conditions(e, omega, t_min, t_max)
+        if self.imf:
+            return self._walk(e, steps, lambda z, t, r: net(z, t, t, y, **cond, return_v=True)[1])
+        return self._walk(e, steps, lambda z, t, r: net(z, t, t, y, **cond))
+
+    @staticmethod
+    def _walk(e, steps, velocity):
+        """z_r = z_t - (t - r) * velocity(z_t, t, r) over a uniform grid from t = 1 (noise) to 0 (data)."""
+        z, grid = e, torch.linspace(1.0, 0.0, steps + 1, device=e.device)
         for t, r in zip(grid[:-1], grid[1:]):
-            tt = t.expand(e.shape[0])
-            out = net(z, tt, tt, y, **cond, return_v=True)[1] if self.imf else net(z, tt, tt, y, **cond)
-            z = z - (t - r) * out.to(z.dtype)
+            z = z - (t - r) * velocity(z, t.expand(e.shape[0]), r.expand(e.shape[0])).to(z.dtype)
         return z
