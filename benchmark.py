@@ -5,14 +5,17 @@ Benchmark: the cost of a MeanFlow training step relative to a flow-matching step
     python benchmark.py --models S/2 --steps 5
     python benchmark.py --models B/2,L/2,XL/2 --batch 32 --bf16     # GPU
 
-For each network: flow matching (r = t everywhere, plain forward, the stock SDPA kernel), then each recipe
-(forward + JVP through meanflow.py's explicit layers, backward of the primal). Each runs in a fresh process
-so that peak memory is its own: torch.cuda.max_memory_allocated on GPU, the resident-set high-water mark on
-CPU (parameters, gradients and optimizer state included in both). Times come from one process per network in
+For each network: flow matching (r = t everywhere, plain forward, PyTorch's stock layers and SDPA kernel with
+autograd's backward: the step a user has without meanflow.py), then each recipe (forward + JVP through
+meanflow.py's explicit layers, backward of the primal). Each runs in a fresh process so that peak memory is
+its own: torch.cuda.max_memory_allocated on GPU, the resident-set high-water mark on CPU (parameters,
+gradients and optimizer state included in both; big allocations forced to mmap, so that the high-water mark
+follows live memory; the timing process runs with the default allocator). Times come from one process per network in
 which the kinds take turns step by step, so that a busy machine slows them alike. Reported: median step time
 after warm-up, its ratio to flow matching, peak memory and its ratio, images per second; a JSON line each.
 """
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -26,6 +29,28 @@ RECIPES = ["meanflow", "meanflow+cfg", "improved-dtd", "improved-minsnr", "imf"]
 
 def peak_rss_mb():
     return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+
+@contextlib.contextmanager
+def stock_layers(mf):
+    """Swap meanflow.py's explicit-derivative layers for PyTorch's own ops (same math, autograd's backward)."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    stock = {(mf.Linear, "forward"): nn.Linear.forward,
+             (mf.GELU, "forward"): lambda self, x: F.gelu(x, approximate="tanh"),
+             (mf.SiLU, "forward"): lambda self, x: F.silu(x),
+             (mf, "layer_norm"): lambda x, eps=1e-6: F.layer_norm(x, x.shape[-1:], eps=eps),
+             (mf, "modulate"): lambda x, shift, scale: x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1),
+             (mf, "gated_residual"): lambda x, gate, a: x + mf._gate_view(gate) * a}
+    ours = {key: getattr(*key) for key in stock}
+    try:
+        for (owner, name), f in stock.items():
+            setattr(owner, name, f)
+        yield
+    finally:
+        for (owner, name), f in ours.items():
+            setattr(owner, name, f)
 
 
 def build(model, kind, batch, bf16, compile_):
@@ -60,7 +85,8 @@ def build(model, kind, batch, bf16, compile_):
         return method.adaptive(mf.sq_err(net((1 - t_) * x + t_ * e, t, t, y), e - x)).mean()
 
     def step():
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+        layers = stock_layers(mf) if kind == "fm" else contextlib.nullcontext()
+        with layers, torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
             loss = fm_loss() if kind == "fm" else method.loss(net, x, y, progress=0.5)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -104,7 +130,9 @@ def peak_memory(model, kind, batch, bf16, compile_):
 
 
 def child(args, *cmd):
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # big tensors via mmap: RSS tracks live memory
+    env = dict(os.environ)
+    if "--child-memory" in cmd:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # big tensors via mmap: RSS tracks live memory (slow to time)
     flags = ["--batch", str(args.batch), "--steps", str(args.steps)] + ["--bf16"] * args.bf16 + ["--compile"] * args.compile
     out = subprocess.run([sys.executable, __file__, *cmd, *flags], env=env, capture_output=True, text=True)
     if out.returncode != 0:

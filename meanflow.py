@@ -33,6 +33,7 @@ import math
 from functools import partial
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -64,9 +65,22 @@ def sq_err(a, b):
     return ((a.to(_at_least_fp32(a)) - b.to(_at_least_fp32(a))) ** 2).flatten(1).sum(1)
 
 
+def jvp(f, primals, tangents):
+    """(f(*primals), the derivative of f at primals along tangents) in one forward-mode pass.
+
+    Like torch.func.jvp, but with plain dual tensors: each layer below then keeps one autograd context
+    for both of its rules, so the tangent rule can hand what it computed (attention's P, LayerNorm's
+    1/std) to the backward instead of recomputing it. f may return a tensor or a tuple of tensors."""
+    with fwAD.dual_level():
+        out = f(*[fwAD.make_dual(p, d) for p, d in zip(primals, tangents)])
+        pairs = [fwAD.unpack_dual(o) for o in (out if isinstance(out, tuple) else (out,))]
+        primal_out, tangent_out = tuple(p.primal for p in pairs), tuple(p.tangent for p in pairs)
+    return (primal_out, tangent_out) if isinstance(out, tuple) else (primal_out[0], tangent_out[0])
+
+
 # ----------------------------------------------------------------------------------------------
 # Layers with explicit derivatives, so that one forward-mode pass is cheap.
-# torch.func.jvp differentiates any PyTorch code, but (1) every tangent op that multiplies by a
+# Forward-mode AD differentiates any PyTorch code, but (1) every tangent op that multiplies by a
 # parameter-dependent value is recorded for backward and keeps its inputs alive, although the tangent is
 # stop-gradiented and backward never visits it (measured: 2.3x the memory of a flow-matching step),
 # (2) the built-in rule for a linear layer multiplies by the weight's zero tangent (twice the matmuls),
@@ -74,14 +88,21 @@ def sq_err(a, b):
 # Each layer below computes its tangent under no_grad from saved primal values, and its backward by hand.
 # The tests check every rule against finite differences and against autograd.
 # ----------------------------------------------------------------------------------------------
+def _primal(a):
+    """The values of a, without its tangent or history. Saving a dual tensor itself would keep its tangent
+    alive until the end of the forward-mode pass: one more copy of every activation at the peak."""
+    return a.detach() if isinstance(a, torch.Tensor) else None
+
+
 class _Explicit(torch.autograd.Function):
-    """Shared plumbing: save inputs for both rules; pass None (not zeros) for missing (co)tangents."""
+    """Shared plumbing: save inputs (tangents stripped) for both rules; pass None (not zeros) for missing
+    (co)tangents."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        tensors = [a if isinstance(a, torch.Tensor) else None for a in inputs]
-        ctx.save_for_backward(*tensors, output)
-        ctx.save_for_forward(*tensors, output)
+        tensors = [_primal(a) for a in inputs] + [_primal(output)]
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
         ctx.args = [None if isinstance(a, torch.Tensor) else a for a in inputs]
         ctx.set_materialize_grads(False)
 
@@ -138,29 +159,37 @@ class PointwiseFn(_Explicit):
         return (PointwiseFn._times_df(ctx, g) if g is not None else None), None
 
 
-class LayerNormFn(_Explicit):
-    """y = (x - mean) / std over the last dim, no affine. Its Jacobian is symmetric, so the tangent and the
-    backward are the same map: d -> (d - mean(d) - y * mean(d * y)) / std."""
+class LayerNormFn(torch.autograd.Function):
+    """y = (x - mean) / std over the last dim, no affine. Its Jacobian is symmetric,
+    J d = (d - mean(d) - y * mean(d * y)) / std, so the tangent and the backward are the same map, and
+    PyTorch's fused LayerNorm-backward kernel computes it in one pass from the saved mean and 1/std."""
 
     @staticmethod
     def forward(x, eps):
-        return F.layer_norm(x, x.shape[-1:], eps=eps)
+        y, mean, rstd = torch.native_layer_norm(x.to(_at_least_fp32(x)), x.shape[-1:], None, None, eps)
+        return y.to(x.dtype), mean, rstd  # (..., D), (..., 1), (..., 1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(_primal(inputs[0]), *output[1:])
+        ctx.save_for_forward(_primal(inputs[0]), *output[1:])
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def _jacobian_times(ctx, d):
-        x, y = ctx.saved_tensors[0], ctx.saved_tensors[-1]
-        rstd = torch.rsqrt(x.to(_at_least_fp32(x)).var(-1, unbiased=False, keepdim=True) + ctx.args[1])
-        d32, y32 = d.to(rstd.dtype), y.to(rstd.dtype)
-        out = (d32 - d32.mean(-1, keepdim=True) - y32 * (d32 * y32).mean(-1, keepdim=True)) * rstd
-        return out.to(d.dtype)
+        x, mean, rstd = ctx.saved_tensors
+        Jd = torch.ops.aten.native_layer_norm_backward(d.to(rstd.dtype), x.to(rstd.dtype), x.shape[-1:], mean, rstd,
+                                                       None, None, [True, False, False])[0]
+        return Jd.to(d.dtype)
 
     @staticmethod
     @torch.no_grad()
     def jvp(ctx, dx, _):
-        return LayerNormFn._jacobian_times(ctx, dx)
+        return LayerNormFn._jacobian_times(ctx, dx), None, None
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, *_):
         return (LayerNormFn._jacobian_times(ctx, g) if g is not None else None), None
 
 
@@ -235,7 +264,7 @@ class SiLU(nn.Module):
 
 
 def layer_norm(x, eps=1e-6):
-    return LayerNormFn.apply(x, eps)
+    return LayerNormFn.apply(x, eps)[0]
 
 
 def modulate(x, shift, scale):
@@ -253,20 +282,30 @@ def gated_residual(x, gate, a):
 #   tangent:   do = (P * dS) v - rowsum(P * dS) * o + P dv,   dS = (dq k^T + q dk^T) / sqrt(d)
 #   backward:  dv = P^T g,  dS = P * (g v^T - rowsum(g * o)),  dq = dS k / sqrt(d),  dk = dS^T q / sqrt(d)
 # ----------------------------------------------------------------------------------------------
-def _softmax_scores(q, k):
-    scale = q.shape[-1] ** -0.5
-    S = q @ k.transpose(-2, -1)  # (B, H, N, N)
-    # softmax in fp32 even under bf16 autocast: the tangent subtracts two nearly equal terms
-    return torch.softmax(S.to(_at_least_fp32(S)) * scale, dim=-1), scale
+def _flat(x):  # (B, H, N, d) -> (B*H, N, d): bmm on 3-D operands is ~2x faster than matmul on 4-D views (CPU)
+    return x.reshape(-1, *x.shape[-2:])
+
+
+def _softmax_scores(q3, k3):
+    """P = softmax(q k^T / sqrt(d)) of (B*H, N, d) inputs as (B*H, N, N), in fp32 even under bf16 autocast
+    (the tangent subtracts two nearly equal terms), and the scaled queries q / sqrt(d)."""
+    qs = q3 * q3.shape[-1] ** -0.5  # scale the N x d operand, not the N x N product
+    S = torch.bmm(qs, k3.transpose(1, 2))
+    return torch.softmax(S.to(_at_least_fp32(S)), dim=-1), qs
 
 
 def math_attention(q, k, v):
     """Plain-ops attention: differentiable by every mode of autograd, but slow and memory-hungry."""
-    P, _ = _softmax_scores(q, k)
-    return P.to(v.dtype) @ v
+    P, _ = _softmax_scores(_flat(q), _flat(k))
+    return torch.bmm(P.to(v.dtype), _flat(v)).view(v.shape)
 
 
 class SDPAWithJVP(_Explicit):
+    """The tangent rule computes P (the SDPA kernel does not return it) and leaves it on ctx for the
+    backward, which would otherwise recompute it: B*H*N*N floats per layer kept from the forward-mode
+    pass to the backward, as plain attention keeps them anyway. (The handing over needs the dual tensors
+    of jvp() above: torch.func.jvp gives the two rules different contexts; the backward then recomputes.)"""
+
     @staticmethod
     def forward(q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
@@ -274,33 +313,46 @@ class SDPAWithJVP(_Explicit):
     @staticmethod
     @torch.no_grad()
     def jvp(ctx, dq, dk, dv):
-        q, k, v, o = ctx.saved_tensors
-        P, scale = _softmax_scores(q, k)
-        # dS (B, H, N, N) in one matmul: [dq, q] [k, dk]^T = dq k^T + q dk^T
-        dq = torch.zeros_like(q) if dq is None else dq
-        dk = torch.zeros_like(k) if dk is None else dk
-        dS = (torch.cat([dq, q], -1) @ torch.cat([k, dk], -1).transpose(-2, -1)).to(P.dtype)
-        PdS = dS.mul_(P).mul_(scale)
-        rowsum = PdS.sum(-1, keepdim=True).to(o.dtype)
-        do = PdS.to(v.dtype) @ v if dv is None else torch.cat([PdS, P], -1).to(v.dtype) @ torch.cat([v, dv], -2)
-        return do.sub_(rowsum * o)
+        q3, k3, v3, o3 = map(_flat, ctx.saved_tensors)  # (B*H, N, d) each
+        P, qs = _softmax_scores(q3, k3)  # (B*H, N, N) fp32, (B*H, N, d)
+        ctx.P = P
+        # dS = (dq k^T + q dk^T) / sqrt(d); matmuls in the inputs' dtype, products with P in fp32
+        if dq is None and dk is None:
+            dS = torch.zeros(P.shape, dtype=q3.dtype, device=q3.device)
+        elif dq is None:
+            dS = torch.bmm(qs, _flat(dk).transpose(1, 2))
+        else:
+            dS = torch.bmm(_flat(dq) * q3.shape[-1] ** -0.5, k3.transpose(1, 2))
+            if dk is not None:
+                dS.baddbmm_(qs, _flat(dk).transpose(1, 2))
+        PdS = dS.to(P.dtype).mul_(P)
+        do = torch.bmm(PdS.to(v3.dtype), v3)  # (B*H, N, d)
+        if dv is not None:
+            do.baddbmm_(P.to(v3.dtype), _flat(dv))
+        do.sub_(PdS.sum(-1, keepdim=True).to(o3.dtype) * o3)
+        return do.view(ctx.saved_tensors[3].shape)
 
     @staticmethod
     def backward(ctx, g):
-        q, k, v, o = ctx.saved_tensors
+        P, ctx.P = getattr(ctx, "P", None), None  # free it as soon as it is used
         if g is None:
             return None, None, None
-        P, scale = _softmax_scores(q, k)
-        dv = P.to(g.dtype).transpose(-2, -1) @ g
-        dS = (g @ v.transpose(-2, -1)).to(P.dtype).sub_((g * o).sum(-1, keepdim=True).to(P.dtype)).mul_(P).mul_(scale)
-        dS = dS.to(q.dtype)
-        return dS @ k, dS.transpose(-2, -1) @ q, dv
+        q, k, v, o = ctx.saved_tensors
+        q3, k3, v3, o3, g3 = map(_flat, (q, k, v, o, g))
+        if P is None:
+            P, _ = _softmax_scores(q3, k3)
+        dv = torch.bmm(P.to(g.dtype).transpose(1, 2), g3)
+        rowsum = (g3 * o3).sum(-1, keepdim=True).to(P.dtype)
+        dS = torch.bmm(g3, v3.transpose(1, 2)).to(P.dtype).sub_(rowsum).mul_(P).to(q.dtype)  # without 1/sqrt(d)
+        scale = q.shape[-1] ** -0.5
+        dq, dk = torch.bmm(dS, k3).mul_(scale), torch.bmm(dS.transpose(1, 2), q3).mul_(scale)
+        return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
 ATTENTION_BACKENDS = {
-    "sdpa-jvp": SDPAWithJVP.apply,  # default: fast kernel, works under torch.func.jvp
+    "sdpa-jvp": SDPAWithJVP.apply,  # default: fast kernel, works under jvp() and torch.func.jvp
     "math": math_attention,  # reference: plain ops
-    "sdpa": F.scaled_dot_product_attention,  # fast, but raises under torch.func.jvp
+    "sdpa": F.scaled_dot_product_attention,  # fast, but raises under forward-mode AD
 }
 
 
@@ -734,7 +786,7 @@ class MeanFlow:
         # One forward-mode pass gives u and du/dt = v_g . d_z u + d_t u. The tangent is (v_g, 1, 0) in
         # (z, t, r) order: dz/dt = v, dt/dt = 1, dr/dt = 0. Wrong tangents cost 2-5x in FID (Table 1b).
         # jvp goes through the bare network, never a DDP wrapper (train.py syncs gradients itself).
-        u, dudt = torch.func.jvp(lambda z, t, r: net(z, t, r, y_in), (z_t, t, r),
+        u, dudt = jvp(lambda z, t, r: net(z, t, r, y_in), (z_t, t, r),
                                  (v_g, torch.ones_like(t), torch.zeros_like(r)))
         # Stop-gradient on the target: it depends on the network itself; differentiating through it
         # would chase a moving target (and costs a second-order pass).
@@ -795,7 +847,7 @@ class MeanFlow:
             v_g = torch.where(bcast(drop, v), v, v_g)
         # The tangent is the network's own (guided-condition) velocity v_c, not e - x: then
         # V = u + (t - r) sg(du/dt) depends on z_t alone and the loss is a regression on v.
-        (u, v_head), (dudt, _) = torch.func.jvp(
+        (u, v_head), (dudt, _) = jvp(
             lambda z, t, r: net(z, t, r, y, omega, t_min, t_max, return_v=True), (z_t, t, r),
             (v_c.to(z_t.dtype), ones, zeros))
         V = u + bcast(t - r, u) * dudt.detach()  # compound prediction of v
