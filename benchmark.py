@@ -85,22 +85,23 @@ def build(model, kind, batch, bf16, compile_):
         return method.adaptive(mf.sq_err(net((1 - t_) * x + t_ * e, t, t, y), e - x)).mean()
 
     def step():
-        layers = stock_layers(mf) if kind == "fm" else contextlib.nullcontext()
-        with layers, torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
             loss = fm_loss() if kind == "fm" else method.loss(net, x, y, progress=0.5)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    run = torch.compile(step) if compile_ else step
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
     def timed_step():
         t0 = time.perf_counter()
-        step()
+        with stock_layers(mf) if kind == "fm" else contextlib.nullcontext():
+            run()
         sync()
         return time.perf_counter() - t0
 
-    return torch.compile(step) if compile_ else timed_step, dev
+    return timed_step, dev
 
 
 def measure(model, kinds, batch, steps, bf16, compile_):

@@ -65,12 +65,13 @@ def sq_err(a, b):
     return ((a.to(_at_least_fp32(a)) - b.to(_at_least_fp32(a))) ** 2).flatten(1).sum(1)
 
 
+@torch.compiler.disable  # Dynamo would trace our layers' forward and drop their jvp rules: run this part eagerly
 def jvp(f, primals, tangents):
     """(f(*primals), the derivative of f at primals along tangents) in one forward-mode pass.
 
     Like torch.func.jvp, but with plain dual tensors: each layer below then keeps one autograd context
-    for both of its rules, so the tangent rule can hand what it computed (attention's P, LayerNorm's
-    1/std) to the backward instead of recomputing it. f may return a tensor or a tuple of tensors."""
+    for both of its rules, so the tangent rule can hand what it computed (attention's P) to the backward
+    instead of recomputing it. f may return a tensor or a tuple of tensors."""
     with fwAD.dual_level():
         out = f(*[fwAD.make_dual(p, d) for p, d in zip(primals, tangents)])
         pairs = [fwAD.unpack_dual(o) for o in (out if isinstance(out, tuple) else (out,))]
@@ -228,11 +229,10 @@ class GatedResidualFn(_Explicit):
     @torch.no_grad()
     def jvp(ctx, dx, dgate, da):
         x, gate, a, y = ctx.saved_tensors
-        dy = dx.clone() if dx is not None else torch.zeros_like(y)
+        dx = torch.zeros_like(y) if dx is None else dx
+        dy = torch.addcmul(dx, _gate_view(gate), da) if da is not None else dx.clone()  # never dx in place
         if dgate is not None:
             dy.addcmul_(_gate_view(dgate), a)
-        if da is not None:
-            dy.addcmul_(_gate_view(gate), da)
         return dy
 
     @staticmethod
@@ -313,12 +313,13 @@ class SDPAWithJVP(_Explicit):
     @staticmethod
     @torch.no_grad()
     def jvp(ctx, dq, dk, dv):
-        q3, k3, v3, o3 = map(_flat, ctx.saved_tensors)  # (B*H, N, d) each
+        q, k, v, o = ctx.saved_tensors
+        q3, k3, v3 = map(_flat, (q, k, v))  # (B*H, N, d) each
         P, qs = _softmax_scores(q3, k3)  # (B*H, N, N) fp32, (B*H, N, d)
         ctx.P = P
         # dS = (dq k^T + q dk^T) / sqrt(d); matmuls in the inputs' dtype, products with P in fp32
         if dq is None and dk is None:
-            dS = torch.zeros(P.shape, dtype=q3.dtype, device=q3.device)
+            dS = torch.zeros(P.shape, dtype=q.dtype, device=q.device)
         elif dq is None:
             dS = torch.bmm(qs, _flat(dk).transpose(1, 2))
         else:
@@ -329,8 +330,8 @@ class SDPAWithJVP(_Explicit):
         do = torch.bmm(PdS.to(v3.dtype), v3)  # (B*H, N, d)
         if dv is not None:
             do.baddbmm_(P.to(v3.dtype), _flat(dv))
-        do.sub_(PdS.sum(-1, keepdim=True).to(o3.dtype) * o3)
-        return do.view(ctx.saved_tensors[3].shape)
+        do = do.view(o.shape)  # (B, H, N, d)
+        return do.sub_(PdS.sum(-1, keepdim=True).to(o.dtype).view(*o.shape[:-1], 1) * o)
 
     @staticmethod
     def backward(ctx, g):
@@ -338,11 +339,11 @@ class SDPAWithJVP(_Explicit):
         if g is None:
             return None, None, None
         q, k, v, o = ctx.saved_tensors
-        q3, k3, v3, o3, g3 = map(_flat, (q, k, v, o, g))
+        q3, k3, v3, g3 = map(_flat, (q, k, v, g))
         if P is None:
             P, _ = _softmax_scores(q3, k3)
         dv = torch.bmm(P.to(g.dtype).transpose(1, 2), g3)
-        rowsum = (g3 * o3).sum(-1, keepdim=True).to(P.dtype)
+        rowsum = (g * o).sum(-1, keepdim=True).to(P.dtype).view(P.shape[0], -1, 1)
         dS = torch.bmm(g3, v3.transpose(1, 2)).to(P.dtype).sub_(rowsum).mul_(P).to(q.dtype)  # without 1/sqrt(d)
         scale = q.shape[-1] ** -0.5
         dq, dk = torch.bmm(dS, k3).mul_(scale), torch.bmm(dS.transpose(1, 2), q3).mul_(scale)

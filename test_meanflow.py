@@ -169,7 +169,8 @@ def _graph_nodes(t):
 
 def test_saved_values_carry_no_tangent():
     """Inside the forward-mode pass, what our layers save for backward must not hold its tangent: else every
-    tangent stays alive to the end of the pass (measured: +48% peak memory on DiT-S/2)."""
+    tangent stays alive to the end of the pass (measured on DiT-S/2: peak memory 1.77x flow matching instead
+    of 1.15x)."""
     net = randomize(tiny_dit(num_classes=3))
     z, t, r, y = inputs_for(net, dtype=torch.float32)
     with torch.autograd.forward_ad.dual_level():
@@ -202,6 +203,23 @@ def test_attention_hands_p_from_tangent_rule_to_backward():
         mf._softmax_scores = real
     assert n_dual == len(net.blocks) and len(calls) == 3 * len(net.blocks)  # functorch: the backward recomputes
     assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(g_dual, g_func))
+
+
+def test_compiled_loss_matches_eager():
+    """torch.compile of the loss (train.py --compile): Dynamo would trace our layers' forward and silently drop
+    their jvp rules, so jvp() runs eagerly inside the compiled loss; the guidance forward and the rest compile."""
+    torch.manual_seed(0)
+    method = mf.MeanFlow("meanflow", omega=2.0, kappa=0.3, class_dropout=0.0, p=0.0)  # no random label drops
+    net = randomize(tiny_dit(num_classes=3))
+    x, y = torch.randn(4, 2, 8, 8), torch.tensor([0, 1, 2, 3])
+    t, r = method.sample_t_r(4)
+    e = torch.randn_like(x)
+    loss = lambda: method.loss(net, x, y, t=t, r=r, e=e)[0]
+    eager, compiled = loss(), torch.compile(loss)()
+    g_eager = torch.autograd.grad(eager, list(net.parameters()))
+    g_compiled = torch.autograd.grad(compiled, list(net.parameters()))
+    assert torch.allclose(eager, compiled, rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g_eager, g_compiled))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,8 +82,8 @@ def get_args(argv=None):
     a("--resume", action="store_true", help="continue from <out>/ckpt.pt")
     a("--stop-at", type=int, help="checkpoint and exit after this step, as a preempted job would (default never)")
     a("--precision", choices=["bf16", "fp32"], help="autocast dtype (default bf16 on GPU, with TF32; fp32 on CPU)")
-    a("--compile", action="store_true", help="torch.compile the loss (default off). Dynamo cannot trace "
-      "meanflow.py's layers with a custom jvp and breaks the graph at each: expect little gain")
+    a("--compile", action="store_true", help="torch.compile the loss (default off): the forward-mode pass runs "
+      "eagerly (Dynamo would drop meanflow.py's jvp rules); the guidance forwards and the rest compile")
     a("--sample", type=int, metavar="N", help="write N samples of the EMA model in <out>/ckpt.pt to an .npz, exit")
     a("--sample-steps", type=int, default=1, help="NFE of --sample (default 1)")
     a("--sample-omega", type=float, help="guidance scale at sampling for iMF, which takes it as input (default 1)")
@@ -323,8 +323,8 @@ def prepare_imagenet(args):
 def sync_grads(params):
     """Average the gradients over processes: one flattened all_reduce after backward.
 
-    DDP's hooks cannot see through torch.func.jvp, and calling jvp on model.module skips its all-reduce
-    without a word; so we do DDP's job by hand. A missing gradient counts as zero, so that every process
+    The JVP runs through the bare network (model.module), which skips DDP's all-reduce without a word; so we
+    do DDP's job by hand. A missing gradient counts as zero, so that every process
     reduces a buffer of the same size."""
     params = [p for p in params if p.requires_grad]
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
