@@ -25,7 +25,8 @@ How to run it
     jupyter notebook notebooks/01_mean_velocity.ipynb        # what an average velocity is
     torchrun --nproc_per_node=8 train.py --model XL/2 --data imagenet-latents --recipe improved-dtd
 
-Map: attention with a JVP rule -> DiT (+ in-context variant) -> toy MLP -> size table -> recipes ->
+Map: jvp() (one forward-mode pass) -> layers with explicit derivatives -> attention with a JVP rule ->
+DiT (+ in-context variant) -> toy MLP -> size table -> recipes ->
 MeanFlow: (t, r) sampling -> guidance -> improved-training weights (beta, MinSNR, DTD) -> loss -> iMF
 loss -> samplers.
 """
