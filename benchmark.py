@@ -10,9 +10,9 @@ autograd's backward: the step a user has without meanflow.py), then each recipe 
 meanflow.py's explicit layers, backward of the primal). Each runs in a fresh process so that peak memory is
 its own: torch.cuda.max_memory_allocated on GPU, the resident-set high-water mark on CPU (parameters,
 gradients and optimizer state included in both; big allocations forced to mmap, so that the high-water mark
-follows live memory; the timing process runs with the default allocator). Times come from one process per network in
-which the kinds take turns step by step, so that a busy machine slows them alike. Reported: median step time
-after warm-up, its ratio to flow matching, peak memory and its ratio, images per second; a JSON line each.
+follows live memory). Times come from one process per network, with the default allocator, in which the kinds
+take turns step by step, so that a busy machine slows them alike. Reported: median step time after warm-up,
+its ratio to flow matching, peak memory and its ratio, images per second; a JSON line each.
 """
 import argparse
 import contextlib

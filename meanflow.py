@@ -102,10 +102,13 @@ class _Explicit(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        tensors = [_primal(a) for a in inputs] + [_primal(output)]
+        _Explicit.save(ctx, *[_primal(a) for a in inputs], _primal(output))
+        ctx.args = [None if isinstance(a, torch.Tensor) else a for a in inputs]
+
+    @staticmethod
+    def save(ctx, *tensors):
         ctx.save_for_backward(*tensors)
         ctx.save_for_forward(*tensors)
-        ctx.args = [None if isinstance(a, torch.Tensor) else a for a in inputs]
         ctx.set_materialize_grads(False)
 
 
@@ -174,9 +177,7 @@ class LayerNormFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(*output[1:])
-        ctx.save_for_backward(_primal(inputs[0]), *output[1:])
-        ctx.save_for_forward(_primal(inputs[0]), *output[1:])
-        ctx.set_materialize_grads(False)
+        _Explicit.save(ctx, _primal(inputs[0]), *output[1:])  # x, mean, 1/std
 
     @staticmethod
     def _jacobian_times(ctx, d):
@@ -788,8 +789,7 @@ class MeanFlow:
         # One forward-mode pass gives u and du/dt = v_g . d_z u + d_t u. The tangent is (v_g, 1, 0) in
         # (z, t, r) order: dz/dt = v, dt/dt = 1, dr/dt = 0. Wrong tangents cost 2-5x in FID (Table 1b).
         # jvp goes through the bare network, never a DDP wrapper (train.py syncs gradients itself).
-        u, dudt = jvp(lambda z, t, r: net(z, t, r, y_in), (z_t, t, r),
-                                 (v_g, torch.ones_like(t), torch.zeros_like(r)))
+        u, dudt = jvp(lambda z, t, r: net(z, t, r, y_in), (z_t, t, r), (v_g, torch.ones_like(t), torch.zeros_like(r)))
         # Stop-gradient on the target: it depends on the network itself; differentiating through it
         # would chase a moving target (and costs a second-order pass).
         u_tgt = (v_g - (t_ - r_).clamp(0, 1) * dudt).detach()

@@ -182,7 +182,7 @@ def test_saved_values_carry_no_tangent():
         assert all(torch.autograd.forward_ad.unpack_dual(s).tangent is None for s in saved)
 
 
-def test_attention_hands_p_from_tangent_rule_to_backward():
+def test_attention_hands_p_from_tangent_rule_to_backward(monkeypatch):
     """With mf.jvp, P = softmax(q k^T / sqrt(d)) is computed once per layer for the tangent and reused by the
     backward; the gradients equal those of the recompute path (torch.func.jvp: separate contexts)."""
     net = randomize(tiny_dit(num_classes=3))
@@ -195,12 +195,9 @@ def test_attention_hands_p_from_tangent_rule_to_backward():
         u, dudt = jvp(lambda z, t, r: net(z, t, r, y), (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
         return torch.autograd.grad((u * dudt.detach()).sum(), list(net.parameters()))
 
-    mf._softmax_scores = lambda q, k: calls.append(1) or real(q, k)
-    try:
-        g_dual, n_dual = grads(mf.jvp), len(calls)
-        g_func = grads(torch.func.jvp)
-    finally:
-        mf._softmax_scores = real
+    monkeypatch.setattr(mf, "_softmax_scores", lambda q, k: calls.append(1) or real(q, k))
+    g_dual, n_dual = grads(mf.jvp), len(calls)
+    g_func = grads(torch.func.jvp)
     assert n_dual == len(net.blocks) and len(calls) == 3 * len(net.blocks)  # functorch: the backward recomputes
     assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(g_dual, g_func))
 

@@ -324,8 +324,8 @@ def sync_grads(params):
     """Average the gradients over processes: one flattened all_reduce after backward.
 
     The JVP runs through the bare network (model.module), which skips DDP's all-reduce without a word; so we
-    do DDP's job by hand. A missing gradient counts as zero, so that every process
-    reduces a buffer of the same size."""
+    do DDP's job by hand. A missing gradient counts as zero, so that every process reduces a buffer of the
+    same size."""
     params = [p for p in params if p.requires_grad]
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
     dist.all_reduce(flat)
