@@ -26,7 +26,7 @@ How to run it
     torchrun --nproc_per_node=8 train.py --model XL/2 --data imagenet-latents --recipe improved-dtd
 
 Map: jvp() (one forward-mode pass) -> layers with explicit derivatives -> attention with a JVP rule ->
-DiT (+ in-context variant) -> toy MLP -> size table -> recipes ->
+DiT (+ in-context variant) -> the iMF network -> toy MLP -> size tables, guidance tables -> recipes ->
 MeanFlow: (t, r) sampling -> guidance -> improved-training weights (beta, MinSNR, DTD) -> loss -> iMF
 loss -> samplers.
 """
@@ -374,8 +374,8 @@ class Attention(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # DiT (Peebles & Xie) with two time embedders, as MeanFlow uses it.
 # adaLN-Zero blocks; 2-D sin-cos positions; label embedding with a null class; zero-initialised
-# output, so a fresh network predicts u = 0. The in-context variant (iMF) prepends condition tokens
-# instead of modulating with adaLN.
+# output, so a fresh network predicts u = 0. The in-context variant prepends condition tokens
+# instead of modulating with adaLN (a light iMF stand-in; iMFDiT below is the official iMF network).
 # ----------------------------------------------------------------------------------------------
 def timestep_embedding(t, dim=256, max_period=10000.0):
     """Sinusoidal features of t (B,) -> (B, dim). MeanFlow feeds t raw in [0, 1] (official code)."""
@@ -416,11 +416,14 @@ class DiTBlock(nn.Module):
     start at 0, so the block starts as the identity). In-context (c is None): learned gate vectors, also
     starting at 0 (iMF). LayerNorms carry no affine parameters in either case [ours for in-context]."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, adaln=True, attention="sdpa-jvp"):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, adaln=True, attention="sdpa-jvp", dropout=0.0):
         super().__init__()
         self.attn = Attention(hidden_size, num_heads, attention)
         hidden = int(hidden_size * mlp_ratio)
-        self.mlp = nn.Sequential(Linear(hidden_size, hidden), GELU(), Linear(hidden, hidden_size))
+        # dropout on the MLP branch's output (CIFAR-10: py-meanflow's U-Net drops 20% inside its residual blocks;
+        # where it goes in a DiT is our choice [ours]). The JVP's tangent sees the same mask as its primal.
+        self.mlp = nn.Sequential(Linear(hidden_size, hidden), GELU(), Linear(hidden, hidden_size),
+                                 *([nn.Dropout(dropout)] if dropout else []))
         if adaln:
             self.adaLN_modulation = nn.Sequential(SiLU(), Linear(hidden_size, 6 * hidden_size))
         else:
@@ -455,13 +458,14 @@ class DiT(nn.Module):
 
     in_context:    condition tokens prepended to the patch tokens (iMF) instead of adaLN-Zero.
     guidance_cond: also condition on the guidance scale (as 1 - 1/omega) and interval [t_min, t_max] (iMF).
+    dropout:       on each block's MLP branch while training (0: none; CIFAR-10 recipe 0.2).
     v_head:        a second output layer predicting the instantaneous velocity v (iMF's auxiliary head;
-                   the official iMF branches its last 8 blocks, ours branches at the output layer [ours]).
+                   the official iMF, iMFDiT below, branches its last 8 blocks; this one at the output layer [ours]).
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, num_classes=1000, in_context=False, guidance_cond=False, v_head=False,
-                 attention="sdpa-jvp", cond_tokens=4):
+                 attention="sdpa-jvp", cond_tokens=4, dropout=0.0):
         super().__init__()
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
         self.in_context, self.guidance_cond = in_context, guidance_cond
@@ -481,7 +485,8 @@ class DiT(nn.Module):
         # official iMF uses 8 class, 4 time, 4 guidance-scale and 2+2 interval tokens].
         self.cond_tokens = nn.Parameter(torch.randn(n_conds, cond_tokens, hidden_size) / hidden_size**0.5) if in_context else None
         adaln = not in_context
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, adaln, attention) for _ in range(depth))
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, adaln, attention, dropout)
+                                    for _ in range(depth))
         out_dim = patch_size * patch_size * in_channels
         self.final_layer = FinalLayer(hidden_size, out_dim, adaln)
         self.v_final_layer = FinalLayer(hidden_size, out_dim, adaln) if v_head else None
@@ -552,6 +557,164 @@ class DiT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# The iMF network (Geng et al., iMF Sec. 5; official models/imfDiT.py): a plain pre-norm transformer
+# conditioned in context. Unlike the DiT above it sees h = t - r only (no t), has no adaLN and no
+# absolute positions: RMSNorm, QK-norm, rotary positions (RoPE) over the whole sequence (condition
+# tokens included), a bias-free SwiGLU MLP, zero-initialised residual gates, and an auxiliary v-head
+# that branches off before the last `head_depth` blocks (its blocks run only when return_v=True).
+# Plain PyTorch layers: forward-mode AD differentiates them as they are (slower than the DiT's
+# explicit rules, same numbers); attention goes through the same ATTENTION_BACKENDS as the DiT.
+# ----------------------------------------------------------------------------------------------
+def rope_cos_sin(dim, n, theta=10000.0):
+    """Rotary tables for positions 0..n-1: cos, sin of shape (n, dim/2), angle pos * theta^(-2i/dim)."""
+    freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = torch.arange(n, dtype=torch.float64)[:, None] * freqs[None]  # (n, dim/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair of channels (2i, 2i+1) of x: (B, H, N, d) by its position's angle (as the official
+    code's complex view). In fp32 at least, as the official code; the caller casts back."""
+    x = x.to(_at_least_fp32(x))
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, H, N, d/2) each
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+class iMFAttention(nn.Module):
+    """Bias-free q, k, v (one fused matrix, as many parameters as three) and output projections; RMSNorm
+    on each head's queries and keys (QK-norm), then RoPE."""
+
+    def __init__(self, dim, num_heads, backend="sdpa-jvp"):
+        super().__init__()
+        self.num_heads, self.backend = num_heads, backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.q_norm, self.k_norm = nn.RMSNorm(dim // num_heads, eps=1e-6), nn.RMSNorm(dim // num_heads, eps=1e-6)
+
+    def forward(self, x, cos, sin):  # x: (B, N, D)
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, N, d)
+        q, k = (apply_rope(norm(a), cos, sin).to(v.dtype) for norm, a in ((self.q_norm, q), (self.k_norm, k)))
+        o = ATTENTION_BACKENDS[self.backend](q, k, v)  # (B, H, N, d); the one attention call of this network
+        return self.proj(o.transpose(1, 2).reshape(B, N, D))
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x), no biases."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w1, self.w3 = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class iMFBlock(nn.Module):
+    """x + g_a * attn(norm(x)), then x + g_m * mlp(norm(x)); the gate vectors start at 0 (identity block)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=8 / 3, attention="sdpa-jvp"):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
+        self.attn = iMFAttention(dim, num_heads, attention)
+        self.mlp = SwiGLU(dim, int(dim * mlp_ratio))  # truncated as the official code: 768 -> 2048, 1024 -> 2730
+        self.attn_scale, self.mlp_scale = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn_scale * self.attn(self.norm1(x), cos, sin)
+        return x + self.mlp_scale * self.mlp(self.norm2(x))
+
+
+class iMFFinalLayer(nn.Module):
+    def __init__(self, dim, out_dim):
+        super().__init__()
+        self.norm, self.linear = nn.RMSNorm(dim, eps=1e-6), nn.Linear(dim, out_dim)
+
+    def forward(self, x):
+        return self.linear(self.norm(x))
+
+
+class iMFDiT(nn.Module):
+    """net(z, t, r, y=None, omega=None, t_min=None, t_max=None, return_v=False) -> u (B, C, H, W), or (u, v).
+
+    The sequence is [8 class | 4 omega | 2 t_min | 2 t_max | 4 time | N patch] tokens: each condition adds its
+    embedding (class; h = t - r; 1 - 1/omega; t_min; t_max) to its own learned tokens. depth blocks make u
+    (the first depth - head_depth shared with the v-head); the v-head adds head_depth blocks of its own."""
+
+    num_tokens = dict(cls=8, omega=4, t_min=2, t_max=2, time=4)  # official iMF
+    patchify, unpatchify = DiT.patchify, DiT.unpatchify  # the DiT's patch layout
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=768, depth=12, num_heads=12,
+                 head_depth=8, mlp_ratio=8 / 3, num_classes=1000, attention="sdpa-jvp"):
+        super().__init__()
+        assert 0 < head_depth <= depth, "the v-head branches off inside the network"
+        D, p = hidden_size, patch_size
+        self.in_channels, self.patch_size, self.num_classes, self.guidance_cond = in_channels, p, num_classes, True
+        self.x_embedder = nn.Linear(in_channels * p * p, D)  # a p x p, stride-p convolution
+        # h, 1 - 1/omega, t_min, t_max: sinusoids of the raw scalar and a 2-layer MLP each (as the DiT's)
+        self.embedders = nn.ModuleDict({k: nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
+                                        for k in ("omega", "t_min", "t_max", "time")})
+        self.y_embedder = nn.Embedding(num_classes + 1, D)  # the last row is the null label (also if unconditional)
+        self.tokens = nn.ParameterDict({k: nn.Parameter(torch.randn(n, D) / D**0.5) for k, n in self.num_tokens.items()})
+        self.prefix = sum(self.num_tokens.values())
+        cos, sin = rope_cos_sin(D // num_heads, self.prefix + (input_size // p) ** 2)  # positions over the whole sequence
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        block = lambda: iMFBlock(D, num_heads, mlp_ratio, attention)
+        self.blocks = nn.ModuleList(block() for _ in range(depth - head_depth))  # shared
+        self.u_blocks = nn.ModuleList(block() for _ in range(head_depth))
+        self.v_blocks = nn.ModuleList(block() for _ in range(head_depth))
+        self.u_final_layer, self.v_final_layer = iMFFinalLayer(D, p * p * in_channels), iMFFinalLayer(D, p * p * in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # As the official code: N(0, (c / sqrt(fan_in))^2) for linear maps, c = 0.32 in the blocks and 1 in the
+        # embedders; N(0, 1/D) for label rows and tokens (above); xavier for the patch embedding; zero biases
+        # and zero output layers, so that a fresh network predicts u = v = 0.
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=(0.32 if "blocks" in name else 1.0) / m.in_features**0.5)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.x_embedder.weight)
+        nn.init.normal_(self.y_embedder.weight, std=self.y_embedder.embedding_dim**-0.5)
+        for m in (self.u_final_layer, self.v_final_layer):
+            nn.init.zeros_(m.linear.weight)
+
+    def set_attention(self, backend):
+        assert backend in ATTENTION_BACKENDS, f"unknown attention backend {backend!r}"
+        for m in self.modules():
+            if isinstance(m, iMFAttention):
+                m.backend = backend
+        return self
+
+    def forward(self, z, t, r, y=None, omega=None, t_min=None, t_max=None, return_v=False):
+        x = self.x_embedder(self.patchify(z))  # (B, N, D): no absolute positions, RoPE does it
+        w, lo, hi = guidance_scalars(t, omega, t_min, t_max)  # 1 - 1/omega, t_min, t_max: (B,) each
+        y = null_labels(t, self.num_classes) if y is None else y
+        dtype = self.x_embedder.weight.dtype
+        emb = lambda k, s: self.embedders[k](timestep_embedding(s, 256).to(dtype))  # (B, D)
+        conds = dict(cls=self.y_embedder(y), omega=emb("omega", w), t_min=emb("t_min", lo), t_max=emb("t_max", hi),
+                     time=emb("time", t - r))  # h = t - r only: no t
+        prefix = [self.tokens[k] + c[:, None] for k, c in conds.items()]  # (B, n_k, D) each
+        x = torch.cat([*[a.to(x.dtype) for a in prefix], x], dim=1)  # (B, prefix + N, D)
+        cos, sin = self.rope_cos, self.rope_sin
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        h_u = x
+        for block in self.u_blocks:
+            h_u = block(h_u, cos, sin)
+        u = self.unpatchify(self.u_final_layer(h_u[:, self.prefix:]))
+        if not return_v:
+            return u
+        for block in self.v_blocks:
+            x = block(x, cos, sin)
+        return u, self.unpatchify(self.v_final_layer(x[:, self.prefix:]))
+
+
+# ----------------------------------------------------------------------------------------------
 # The toy network for 2-D data (same signature as the DiT)
 # ----------------------------------------------------------------------------------------------
 class MLP(nn.Module):
@@ -600,13 +763,32 @@ DiT_sizes = {"Ti": (6, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "M": (16,
 DiT_models = {f"{name}/{p}": partial(DiT, depth=d, hidden_size=h, num_heads=n, patch_size=p)
               for name, (d, h, n) in DiT_sizes.items() for p in (2, 4)}
 
+# iMF's own sizes (official models/imfDiT.py): depth, hidden size, heads, v-head blocks. Parameter counts of
+# the sampling network (the v-head's blocks excluded), ImageNet latents: B 89M (paper), M 174M, L 409M, XL 610M.
+# "Ti" is our own tiny size for tests and CPU runs.
+iMF_sizes = {"Ti": (4, 192, 3, 2), "B": (12, 768, 12, 8), "M": (24, 768, 12, 8), "L": (32, 1024, 16, 8),
+             "XL": (48, 1024, 16, 8)}
+iMF_models = {f"{name}/{p}": partial(iMFDiT, depth=d, hidden_size=h, num_heads=n, head_depth=k, patch_size=p)
+              for name, (d, h, n, k) in iMF_sizes.items() for p in (2, 4)}
+
 # Classifier-free guidance inside the target, per model size (MeanFlow paper, ImageNet 256).
 paper_guidance = {
-    "B/4": dict(omega=3.0, kappa=0.0, t_lo=0.0, t_hi=1.0),  # 1-NFE FID 15.53 (80 ep)
+    # B/4: the official config and Kim et al.'s B/4 baseline (240 ep: 11.35 official README, 11.58 Kim et al.);
+    # the paper's omega = 3, kappa = 0 row (15.53) is its 80-epoch ablation.
+    "B/4": dict(omega=1.0, kappa=0.5, t_lo=0.0, t_hi=1.0),
     "B/2": dict(omega=1.0, kappa=0.5, t_lo=0.0, t_hi=1.0),  # 6.17
     "M/2": dict(omega=1.0, kappa=0.5, t_lo=0.0, t_hi=1.0),  # 5.01
     "L/2": dict(omega=0.2, kappa=0.92, t_lo=0.0, t_hi=0.8),  # 3.84
     "XL/2": dict(omega=0.2, kappa=0.92, t_lo=0.0, t_hi=0.75),  # 3.43 (2-NFE 2.93)
+}
+
+# iMF takes guidance at sampling: omega and the interval [t_min, t_max] per size (official configs/eval_config.yml,
+# 1-NFE, ImageNet 256). The official training config draws its sample pictures at omega 7.5 on [0.4, 0.65].
+imf_guidance = {
+    "B/2": dict(omega=8.0, t_min=0.4, t_max=0.65),  # 1-NFE FID 3.39
+    "M/2": dict(omega=10.5, t_min=0.4, t_max=0.6),  # 2.27
+    "L/2": dict(omega=10.5, t_min=0.4, t_max=0.6),  # 1.86
+    "XL/2": dict(omega=8.0, t_min=0.42, t_max=0.62),  # 1.72 (2-NFE 1.54 at omega 4.0 on [0.36, 0.64])
 }
 
 # ----------------------------------------------------------------------------------------------
