@@ -34,6 +34,11 @@ def tiny_dit(num_classes=0, **kw):
                                  num_heads=2, **kw)
 
 
+def tiny_imf(num_classes=0, **kw):
+    return mf.iMF_models["Ti/2"](input_size=8, in_channels=2, num_classes=num_classes, depth=3, hidden_size=32,
+                                 num_heads=2, head_depth=2, **kw)
+
+
 def randomize(net, std=0.1, seed=0):
     """Zero-initialised layers make every derivative trivially zero; give all parameters random values."""
     g = torch.Generator().manual_seed(seed)
@@ -68,6 +73,7 @@ NETS = {
     "dit-sdpa-jvp": lambda: tiny_dit(num_classes=3, attention="sdpa-jvp"),
     "dit-in-context": lambda: tiny_dit(num_classes=3, in_context=True, guidance_cond=True, v_head=True),
     "mlp-guidance-cond": lambda: mf.MLP(dim=2, hidden=32, depth=3, num_classes=3, guidance_cond=True),
+    "imf-dit": lambda: tiny_imf(num_classes=3),  # the official iMF network (plain PyTorch layers, RoPE, SwiGLU)
 }
 
 
@@ -1162,3 +1168,256 @@ def test_bf16_autocast_jvp_is_close_to_fp32_on_gpu():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     (u, dudt, loss), (u32, dudt32, loss32) = _jvp_and_loss("cuda", True), _jvp_and_loss("cuda", False)
     assert _rel(u, u32) < 0.02 and _rel(dudt, dudt32) < 0.02 and abs(loss - loss32) / loss32 < 0.01
+
+
+# --- fidelity: the official iMF network, iMF sampling, each dataset's recipe, FID references ---
+def imf_count(depth, D, heads, p=2, C=4, K=1000):
+    """Parameters of the official iMF network at sampling (models/imfDiT.py, v-head blocks left out), counted
+    from its layer list: per block q, k, v, out (D x D, no bias), QK-norm, SwiGLU (3 D F, F = int(D * 8/3)), two
+    RMSNorms, two gates; four scalar embedders (256 -> D -> D), K + 1 label rows, 20 tokens, the patch embedding
+    and two final layers (RMSNorm + linear)."""
+    F = int(D * (8 / 3))
+    block = 4 * D * D + 2 * (D // heads) + 3 * D * F + 4 * D
+    rest = 4 * (256 * D + D + D * D + D) + (K + 1) * D + 20 * D + (p * p * C * D + D) + 2 * (D + D * p * p * C + p * p * C)
+    return depth * block + rest
+
+
+@pytest.mark.parametrize("name,paper", [("B/2", 89e6), ("M/2", None), ("L/2", None), ("XL/2", None)])
+def test_imf_parameter_counts_match_the_official_config(name, paper):
+    with torch.device("meta"):
+        net = mf.iMF_models[name](input_size=32, in_channels=4, num_classes=1000)
+    v_head = {id(p) for m in (net.v_blocks, net.v_final_layer) for p in m.parameters()}
+    n = sum(p.numel() for p in net.parameters() if id(p) not in v_head) + net.v_final_layer.linear.weight.numel() + \
+        sum(p.numel() for p in net.v_final_layer.parameters()) - net.v_final_layer.linear.weight.numel()
+    depth, D, heads, _ = mf.iMF_sizes[name[:-2]]
+    official = imf_count(depth, D, heads)
+    assert abs(n - official) / official < 0.015, (n, official)
+    if paper:
+        assert abs(n - paper) / paper < 0.015, n  # the iMF paper: iMF-B/2 89M
+    assert len(net.blocks) + len(net.u_blocks) == depth and len(net.v_blocks) == 8
+    assert net.u_blocks[0].mlp.w1.out_features == {768: 2048, 1024: 2730}[D]  # 8/3, truncated as the official code
+    assert all(m.bias is None for m in net.u_blocks[0].modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_imf_network_zero_init_conditions_on_h_only_and_branches_the_v_head():
+    net = tiny_imf(num_classes=3)
+    z, t, r, y = inputs_for(net, dtype=torch.float32)
+    u, v = net(z, t, r, y, return_v=True)
+    assert u.abs().max() == 0 and v.abs().max() == 0 and u.shape == z.shape  # zero-initialised outputs
+    net = randomize(net, std=0.3)  # at 0.1 the condition tokens move u by ~1e-5 only
+    assert net.prefix == 20 and net.rope_cos.shape == (20 + 16, 8)  # 8 + 4 + 2 + 2 + 4 tokens, then 16 patches
+    u, v = net(z, t, r, y, return_v=True)
+    assert torch.equal(net(z, t, r, y), u)  # the u path does not depend on whether the v-head runs
+    shift = 0.05 * torch.ones_like(t)
+    assert torch.allclose(net(z, t + shift, r + shift, y), u, atol=1e-6)  # same h = t - r: same u (no t input)
+    assert not torch.allclose(net(z, t, r * 0.5, y), u, atol=1e-3)  # another h: another u
+    with torch.no_grad():
+        net.v_blocks[0].mlp.w2.weight.add_(1.0)  # the v-head's own blocks move v only
+    u2, v2 = net(z, t, r, y, return_v=True)
+    assert torch.equal(u2, u) and not torch.allclose(v2, v, atol=1e-3)
+    with torch.no_grad():
+        net.blocks[0].mlp.w2.weight.add_(1.0)  # the shared blocks move both
+    u3, v3 = net(z, t, r, y, return_v=True)
+    assert not torch.allclose(u3, u, atol=1e-3) and not torch.allclose(v3, v2, atol=1e-3)
+    # omega and the interval are conditions; the null label is a class of its own
+    assert not torch.allclose(net(z, t, r, y, omega=torch.full_like(t, 4.0)), u3, atol=1e-3)
+    assert not torch.allclose(net(z, t, r, None), u3, atol=1e-3)
+
+
+def test_imf_rope_is_the_complex_rotation_of_channel_pairs_and_relative():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 10, 8, generator=g, dtype=torch.float64)  # (B, H, N, d)
+    cos, sin = mf.rope_cos_sin(8, 10)
+    rot = mf.apply_rope(x, cos, sin)
+    # ground truth: pairs (2i, 2i+1) as complex numbers times exp(i * pos * 10000^(-2i/d))
+    angles = torch.arange(10, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    ref = torch.view_as_real(torch.view_as_complex(x.reshape(2, 3, 10, 4, 2).contiguous()) * torch.polar(
+        torch.ones_like(angles), angles)).reshape(x.shape)
+    assert torch.allclose(rot, ref, atol=1e-6)
+    # scores depend on the distance of two positions only: q at i, k at j equals q at i + 3, k at j + 3
+    q, k = torch.randn(8, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64)
+    rq = mf.apply_rope(q.expand(1, 1, 10, 8), cos, sin)[0, 0]
+    rk = mf.apply_rope(k.expand(1, 1, 10, 8), cos, sin)[0, 0]
+    assert abs(rq[2] @ rk[5] - rq[5] @ rk[8]) < 1e-5 and abs(rq[2] @ rk[5] - rq[2] @ rk[6]) > 1e-3
+
+
+@pytest.mark.parametrize("jvp", JVPS)
+def test_imf_network_jvp_of_u_and_v_matches_finite_differences_fp64(jvp):
+    net = randomize(tiny_imf(num_classes=3)).double()
+    z, t, r, y = inputs_for(net)
+    cond = dict(omega=torch.tensor([1.0, 2.5, 7.0], dtype=torch.float64), t_min=torch.tensor([0.0, 0.2, 0.4],
+                dtype=torch.float64), t_max=torch.tensor([1.0, 0.7, 0.6], dtype=torch.float64))
+    dv = torch.randn(z.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    f = lambda z, t, r: net(z, t, r, y, **cond, return_v=True)
+    for backend in ("sdpa-jvp", "math"):
+        net.set_attention(backend)
+        _, (dudt, dvdt) = JVPS[jvp](f, (z, t, r), (dv, torch.ones_like(t), torch.zeros_like(r)))
+        h = 1e-6
+        (up, vp), (um, vm) = f(z + h * dv, t + h, r), f(z - h * dv, t - h, r)
+        assert rel(dudt, (up - um) / (2 * h)) < 1e-7 and rel(dvdt, (vp - vm) / (2 * h)) < 1e-7
+
+
+def test_imf_recipe_trains_the_imf_network_and_samples_guided(tmp_path, capsys, monkeypatch):
+    seen = []
+    sample = mf.MeanFlow.sample
+    monkeypatch.setattr(mf.MeanFlow, "sample", lambda self, net, e, y=None, steps=1, **g: (
+        seen.append((type(net).__name__, g)), sample(self, net, e, y, steps, **g))[1])
+    make_fashion(str(tmp_path / "fm"))
+    common = ["--data", "fashion-mnist", "--data-path", tmp_path / "fm", "--model", "Ti/4", "--batch-size", 4,
+              "--recipe", "imf", "--steps", 1]
+    assert run_main(common + ["--out", tmp_path / "a"], capsys)[0] == 0
+    ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    assert any(k.startswith("u_blocks.") for k in ckpt["model"]) and "tokens.cls" in ckpt["model"]
+    # the training pictures are guided: the official training config's setting for a size without an eval entry
+    assert seen and all(s == ("iMFDiT", train.IMF_PICTURE_GUIDANCE) for s in seen), seen
+    seen.clear()
+    code, _, err = run_main(common + ["--out", tmp_path / "a", "--sample", 2, "--sample-omega", 3.0,
+                                      "--sample-interval", 0.2, 0.7], capsys)
+    assert code == 0, err
+    assert seen == [("iMFDiT", dict(omega=3.0, t_min=0.2, t_max=0.7))]
+    code, _, err = run_main(common + ["--out", tmp_path / "b", "--model", "S/4"], capsys)
+    assert_one_line_error(code, err, "--recipe imf", "S/4")
+
+
+@pytest.mark.parametrize("model,expect", [("B/2", (8.0, 0.4, 0.65)), ("M/2", (10.5, 0.4, 0.6)),
+                                          ("L/2", (10.5, 0.4, 0.6)), ("XL/2", (8.0, 0.42, 0.62))])
+def test_imf_sampling_defaults_per_size_as_the_official_eval_config(model, expect):
+    args = train.get_args(["--data", "imagenet-latents", "--model", model, "--recipe", "imf"])
+    g = train.sample_guidance(args, train.make_method(args))
+    assert (g["omega"], g["t_min"], g["t_max"]) == expect
+    args = train.get_args(["--data", "imagenet-latents", "--model", model, "--recipe", "imf", "--sample-omega", "4",
+                           "--sample-interval", "0.36", "0.64"])
+    assert train.sample_guidance(args, train.make_method(args)) == dict(omega=4.0, t_min=0.36, t_max=0.64)
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--recipe", "meanflow", "--sample-interval", "0.4", "0.6"], ["--sample-interval", "--recipe imf"]),
+    (["--recipe", "imf", "--sample-interval", "0.7", "0.6"], ["--sample-interval", "T_MIN <= T_MAX"]),
+    (["--recipe", "imf", "--sample-omega", "0.5"], ["--sample-omega", ">= 1"]),
+    (["--set", "P_mean"], ["--set", "KEY=VALUE", "P_mean"]),
+    (["--set", "data_proportion=0.75"], ["data_proportion", "ratio_r_neq_t"]),
+    (["--set", "p=high"], ["--set p", "a number"]),
+    (["--set", "dtd_stages=2.5"], ["dtd_stages", "an integer"]),
+    (["--set", "time_sampler=gaussian"], ["time_sampler", "logit_normal or uniform"]),
+    (["--set", "beta_k=nan"], ["beta_k", "or none"]),
+    (["--data", "cifar10", "--omega", "2"], ["--omega", "unconditional"]),
+    (["--data", "cifar10", "--recipe", "imf", "--dropout", "0.2"], ["--dropout", "iMF"]),
+    (["--recipe", "imf", "--set", "beta_k=1"], ["iMF has its own loss", "--set"]),
+])
+def test_sampling_and_recipe_flags_fail_in_one_line(tmp_path, capsys, argv, words):
+    make_fashion(str(tmp_path / "fm"))
+    data = [] if "--data" in argv else ["--data", "fashion-mnist", "--data-path", tmp_path / "fm"]
+    code, _, err = run_main(data + ["--model", "Ti/4", "--steps", 1, "--batch-size", 4, "--out", tmp_path / "run"]
+                            + argv, capsys)
+    assert_one_line_error(code, err, *words)
+    assert not os.path.exists(tmp_path / "run" / "ckpt.pt")
+
+
+def test_cifar10_gets_its_own_recipe_and_never_imagenet_guidance():
+    args = train.get_args(["--data", "cifar10", "--model", "B/2"])
+    assert (args.class_cond, args.dropout, args.lr, args.batch_size, args.recipe) == (False, 0.2, 6e-4, 1024, "meanflow")
+    m = train.make_method(args)
+    assert (m.P_mean, m.P_std, m.p, m.c, m.ratio_r_neq_t) == (-2.0, 2.0, 0.75, 1e-3, 0.75)
+    assert (m.omega, m.kappa, m.t_lo, m.t_hi) == (1.0, 0.0, 0.0, 1.0)  # not paper_guidance["B/2"]
+    # class-conditional CIFAR-10 on request: still no ImageNet table; ImageNet latents do get it
+    args = train.get_args(["--data", "cifar10", "--model", "B/2", "--class-cond", "--lr", "1e-4"])
+    assert args.class_cond and args.lr == 1e-4 and train.make_method(args).omega == 1.0
+    m = train.make_method(train.get_args(["--data", "imagenet-latents", "--model", "B/2"]))
+    assert (m.omega, m.kappa, m.P_mean, m.ratio_r_neq_t) == (1.0, 0.5, -0.4, 0.25)
+    m = train.make_method(train.get_args(["--data", "imagenet-latents", "--model", "L/2"]))
+    assert (m.omega, m.kappa, m.t_hi) == (0.2, 0.92, 0.8)
+    # --set comes last: over the dataset's knobs and the guidance table
+    m = train.make_method(train.get_args(["--data", "cifar10", "--set", "P_mean=-1.5", "--set", "beta_k=none",
+                                          "--set", "dtd_stages=4", "--set", "time_sampler=uniform"]))
+    assert (m.P_mean, m.P_std, m.beta_k, m.dtd_stages, m.time_sampler) == (-1.5, 2.0, None, 4, "uniform")
+    m = train.make_method(train.get_args(["--data", "imagenet-latents", "--model", "XL/2", "--set", "kappa=0.5"]))
+    assert (m.omega, m.kappa) == (0.2, 0.5)
+
+
+def test_b4_guidance_is_the_official_240_epoch_setting():
+    assert mf.paper_guidance["B/4"] == dict(omega=1.0, kappa=0.5, t_lo=0.0, t_hi=1.0)
+    m = train.make_method(train.get_args(["--data", "imagenet-latents", "--model", "B/4"]))
+    assert (m.omega, m.kappa, m.recipe) == (1.0, 0.5, "improved-dtd")
+
+
+def test_cifar10_run_is_unconditional_with_dropout(tmp_path, capsys):
+    make_cifar_tarball(str(tmp_path / "c"))
+    common = ["--data", "cifar10", "--data-path", tmp_path / "c", "--model", "Ti/4", "--batch-size", 4,
+              "--out", tmp_path / "run"]
+    args = train.get_args([str(a) for a in common])
+    data = train.load_data(args, 0)
+    assert train.get_batch(args, data, 0, 0, 1)[1] is None  # no labels reach the loss
+    code, _, err = run_main(common + ["--steps", 2], capsys)
+    assert code == 0, err
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert not any(k.startswith("y_embedder") for k in ckpt["model"]) and ckpt["args"]["dropout"] == 0.2
+    code, out, err = run_main(common + ["--sample", 3], capsys)
+    assert code == 0, err
+    assert np.load(tmp_path / "run" / "samples-3-nfe1.npz").files == ["arr_0"]  # no labels: unconditional
+
+
+def test_dit_dropout_is_training_only_and_the_jvp_sees_the_primal_mask():
+    net = randomize(tiny_dit(num_classes=3, dropout=0.3)).double()
+    assert net.state_dict().keys() == tiny_dit(num_classes=3).state_dict().keys()  # no new parameters
+    z, t, r, y = inputs_for(net)
+    assert not torch.equal(net(z, t, r, y), net(z, t, r, y))  # training: a fresh mask per call
+    net.eval()
+    assert torch.equal(net(z, t, r, y), net(z, t, r, y))
+    net.train()
+    v, h = torch.randn_like(z), 1e-6
+
+    def f(z, t, r):  # the same mask in every call
+        torch.manual_seed(7)
+        return net(z, t, r, y)
+
+    _, dudt = mf.jvp(f, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+    assert rel(dudt, (f(z + h * v, t + h, r) - f(z - h * v, t - h, r)) / (2 * h)) < 1e-7
+
+
+def _stand_in_features(images, device):  # 6 cheap, deterministic features: channel means and stds in [0, 1]
+    x = torch.from_numpy(images).double() / 255
+    return torch.cat([x.mean((1, 2)), x.std((1, 2))], 1).numpy()
+
+
+def test_fid_uses_the_reference_mu_sigma_when_the_file_has_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "inception_features", _stand_in_features)
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (400, 8, 8, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (400, 8, 8, 3), dtype=np.uint8)
+    fb = _stand_in_features(b // 2, "cpu")  # mu/sigma of other images than arr_0, as the ADM reference batch
+    np.savez(tmp_path / "ref.npz", arr_0=b, mu=fb.mean(0), sigma=np.cov(fb, rowvar=False))
+    ref, what = train.fid_reference(str(tmp_path / "ref.npz"))
+    assert isinstance(ref, tuple) and "mu/sigma" in what
+    with_stats = train.fid(a, ref, "cpu")
+    assert abs(with_stats - train.frechet_distance(_stand_in_features(a, "cpu"), fb)) < 1e-9
+    assert train.fid(a, b, "cpu") < 1e-3 < with_stats  # from arr_0 the same law scores ~0: not what ADM reports
+    np.savez(tmp_path / "images.npz", arr_0=b)  # no mu/sigma: the images
+    ref, what = train.fid_reference(str(tmp_path / "images.npz"))
+    assert ref.shape == b.shape and "400 images arr_0" in what
+    np.savez(tmp_path / "bad.npz", arr_0=b.astype(np.float32))
+    with pytest.raises(train.Fail, match="uint8"):
+        train.fid_reference(str(tmp_path / "bad.npz"))
+    with pytest.raises(train.Fail, match="2048-d"):
+        train.fid(a, (np.zeros(5), np.eye(5)), "cpu")
+    # end to end: --sample --fid-ref says what it compared against and which number to compare with papers
+    make_fashion(str(tmp_path / "fm"))
+    common = ["--data", "fashion-mnist", "--data-path", tmp_path / "fm", "--model", "Ti/4", "--batch-size", 4,
+              "--out", tmp_path / "run"]
+    assert run_main(common + ["--steps", 1], capsys)[0] == 0
+    np.savez(tmp_path / "ref32.npz", arr_0=np.zeros((2, 32, 32, 3), np.uint8), mu=fb.mean(0), sigma=np.cov(fb, rowvar=False))
+    code, out, err = run_main(common + ["--sample", 20, "--fid-ref", tmp_path / "ref32.npz"], capsys)
+    assert code == 0, err
+    assert "the mu/sigma stored in" in out and "pytorch-fid's Inception" in out and "ADM evaluator" in out
+    assert "labels balanced over 10 classes" in out
+
+
+def test_center_crop_converts_to_rgb_before_resizing():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pal = Image.fromarray(rng.integers(0, 256, (300, 520), dtype=np.uint8), mode="L").convert("P")  # palette image
+    crop = train.center_crop(pal)
+    assert crop.shape == (256, 256, 3) and crop.dtype == np.uint8
+    # as if it had been RGB from the start (PIL resizes a palette image by nearest neighbour: converting after
+    # the resize gave another image)
+    assert np.array_equal(crop, train.center_crop(pal.convert("RGB")))

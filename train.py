@@ -51,6 +51,14 @@ PAPER = dict(recipe="improved-dtd", batch_size=256, lr=1e-4, ema=0.9999, log_eve
 # checkerboard, 5000 steps: 1-NFE energy distance 0.0046 with improved-dtd, 0.0027 with meanflow).
 TOY = dict(recipe="meanflow", batch_size=256, lr=2e-3, ema=0.995, log_every=100, steps=3000)  # eval, save at the end
 LOG_KEYS = ("loss", "v_loss", "u_loss", "beta", "dtd_stage")
+# Each image dataset's own recipe where it differs from ImageNet's. CIFAR-10 as py-meanflow trains it (MeanFlow's
+# CIFAR-10 result, 1-NFE FID 2.92, scripts/cifar10_v0.sh): unconditional, logit-normal(-2, 2), adaptive weight
+# p = 0.75, c = 1e-3, 75% of the rows r != t, dropout 0.2, lr 6e-4, batch 1024. Our DiT stands in for their U-Net
+# and EDM's augmentation pipeline is not implemented (README: "CIFAR-10").
+DATA_RECIPES = {"cifar10": dict(recipe="meanflow", class_cond=False, dropout=0.2, lr=6e-4, batch_size=1024,
+                                knobs=dict(P_mean=-2.0, P_std=2.0, p=0.75, c=1e-3, ratio_r_neq_t=0.75))}
+# iMF's sample pictures for sizes without an entry in meanflow.imf_guidance: the official training config's setting.
+IMF_PICTURE_GUIDANCE = dict(omega=7.5, t_min=0.4, t_max=0.65)
 
 
 class Fail(Exception):
@@ -62,7 +70,8 @@ def get_args(argv=None):
     a = p.add_argument
     a("--data", default="checkerboard", help=f"{', '.join(toy_data.DATASETS)} (2-D) or {', '.join(IMAGE_DATA)}")
     a("--data-path", help="data folder (default " + ", ".join(f"{p} for {d}" for d, p in DATA_PATHS.items()) + ")")
-    a("--model", help="'mlp' for 2-D data (default there), else a DiT size of meanflow.DiT_models (default B/4)")
+    a("--model", help="'mlp' for 2-D data (default there), else a DiT size of meanflow.DiT_models (default B/4); "
+      "--recipe imf: a size of meanflow.iMF_models, the official iMF network (B/2 M/2 L/2 XL/2; Ti/2, Ti/4 for CPU)")
     a("--recipe", help=f"{', '.join(mf.RECIPES)} (default improved-dtd; toy meanflow: DTD outlasts a 1-minute run)")
     a("--steps", type=int, help="optimizer steps (default: 240 epochs, paper; toy 3000)")
     a("--batch-size", type=int, help="global batch, split over processes (default 256, paper and toy)")
@@ -74,6 +83,11 @@ def get_args(argv=None):
     a("--kappa", type=float, help="guidance mixing kappa (default: paper, per size: meanflow.paper_guidance)")
     a("--t-lo", type=float, help="start of the guidance interval (default: paper, per size: meanflow.paper_guidance)")
     a("--t-hi", type=float, help="end of the guidance interval (default: paper, per size: meanflow.paper_guidance)")
+    a("--class-cond", action=argparse.BooleanOptionalAction, help="class-conditional (default yes; cifar10: no, as "
+      "MeanFlow's CIFAR-10 result)")
+    a("--dropout", type=float, help="dropout on the DiT's residual branches (default 0; cifar10 0.2, py-meanflow)")
+    a("--set", action="append", default=[], metavar="KEY=VALUE", help="override a MeanFlow knob of the recipe, any "
+      "key of meanflow.RECIPES (e.g. --set P_mean=-2.0 --set ratio_r_neq_t=0.75); repeatable, applied last")
     a("--seed", type=int, default=0, help="seed; process k of n draws its noise from seed * n + k (default 0)")
     a("--out", help="output folder (default runs/<data>-<model>-<recipe>)")
     a("--log-every", type=int, help="steps between log lines (default 100)")
@@ -86,7 +100,10 @@ def get_args(argv=None):
       "eagerly (Dynamo would drop meanflow.py's jvp rules); the guidance forwards and the rest compile")
     a("--sample", type=int, metavar="N", help="write N samples of the EMA model in <out>/ckpt.pt to an .npz, exit")
     a("--sample-steps", type=int, default=1, help="NFE of --sample (default 1)")
-    a("--sample-omega", type=float, help="guidance scale at sampling for iMF, which takes it as input (default 1)")
+    a("--sample-omega", type=float, help="iMF: guidance scale at sampling, an input of the network (default: per "
+      "size, meanflow.imf_guidance; also for the training pictures)")
+    a("--sample-interval", type=float, nargs=2, metavar=("T_MIN", "T_MAX"), help="iMF: the guidance interval at "
+      "sampling (default: per size, meanflow.imf_guidance)")
     a("--fid-ref", help="reference .npz (arr_0 uint8 NxHxWx3) for FID (default: the training images)")
     a("--prepare-imagenet", metavar="DIR", help="encode a class-per-folder image tree to latents in --data-path")
     a("--shard", type=int, help="--prepare-imagenet: the shard to encode (default RANK under torchrun, else 0)")
@@ -103,16 +120,56 @@ def get_args(argv=None):
         raise Fail(f"unknown --model {args.model!r}; choose 'mlp' or one of: {', '.join(mf.DiT_models)}")
     if (args.model == "mlp") != toy:
         raise Fail(f"--model {args.model} does not fit --data {args.data}: 'mlp' is for 2-D data, a DiT for images")
-    for k, v in (TOY if toy else PAPER).items():
-        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    own = DATA_RECIPES.get(args.data, {})  # the dataset's own recipe, then the papers' ImageNet settings
+    for k, v in {**(TOY if toy else PAPER), **{k: v for k, v in own.items() if k not in ("knobs", "dropout")}}.items():
+        setattr(args, k, v if getattr(args, k, None) is None else getattr(args, k))
     if args.recipe not in mf.RECIPES:
         raise Fail(f"unknown --recipe {args.recipe!r}; choose one of: {', '.join(mf.RECIPES)}")
+    args.class_cond = not toy and args.class_cond is not False
+    imf = mf.RECIPES[args.recipe]["imf"]
+    if imf and not toy and args.model not in mf.iMF_models:
+        raise Fail(f"--recipe imf trains the iMF network; --model {args.model} is not one of its sizes: "
+                   f"{', '.join(mf.iMF_models)}")
+    args.dropout = (0.0 if imf or toy else own.get("dropout", 0.0)) if args.dropout is None else args.dropout
+    if args.dropout and (imf or toy):
+        raise Fail(f"--dropout is an option of the MeanFlow DiT, not of the {'iMF network' if imf else 'toy MLP'}")
+    if not 0 <= args.dropout < 1:
+        raise Fail(f"--dropout {args.dropout} is not a probability in [0, 1)")
+    args.knobs, args.set_knobs = own.get("knobs", {}), parse_sets(args.set, args.recipe)
     args.data_path = args.data_path or DATA_PATHS.get("imagenet-latents" if args.prepare_imagenet else args.data)
     args.out = args.out or os.path.join("runs", f"{args.data}-{args.model.replace('/', '')}-{args.recipe}")
     world = int(os.environ.get("WORLD_SIZE", 1))  # checked before any process group exists: all fail alike
     if args.batch_size % world and not args.prepare_imagenet:
         raise Fail(f"--batch-size {args.batch_size} does not split over {world} processes; pass a multiple of {world}")
     return args
+
+
+def parse_sets(items, recipe):
+    """--set KEY=VALUE items -> {knob: value}, each value read as the type of the recipe's default."""
+    knobs, out = mf.RECIPES[recipe], {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not eq or key not in knobs:
+            raise Fail(f"--set {item!r}: not KEY=VALUE with KEY a knob of --recipe {recipe}: {', '.join(knobs)}")
+        default, low = knobs[key], text.lower()
+        nullable = any(r[key] is None for r in mf.RECIPES.values())  # beta_k, minsnr_gamma: None turns them off
+        try:
+            if isinstance(default, bool):
+                value = {"true": True, "1": True, "false": False, "0": False}[low]
+            elif isinstance(default, int):
+                value = int(text)
+            elif isinstance(default, str):
+                value = {"logit_normal": text, "uniform": text}[text]  # time_sampler, the one text knob
+            else:  # float, or None for a component that can be off
+                value = None if low == "none" and nullable else float(text)
+                if value is not None and not math.isfinite(value):
+                    raise ValueError
+        except (KeyError, ValueError):
+            kind = {bool: "true or false", int: "an integer", str: "logit_normal or uniform"}.get(type(default), "a number")
+            raise Fail(f"--set {key}={text!r}: the value must be {kind}{' or none' if nullable else ''}")
+        out[key] = value
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -238,7 +295,7 @@ def load_data(args, rank):
 
 
 def get_batch(args, data, step, rank, world):
-    """This process's slice of the global batch of `step`: (x, y), y None for the 2-D toys."""
+    """This process's slice of the global batch of `step`: (x, y), y None for the 2-D toys and unconditional runs."""
     B, g = args.batch_size, torch.Generator().manual_seed(args.seed * 1_000_003 + step)
     mine = slice(rank * B // world, (rank + 1) * B // world)
     if data is None:  # fresh toy samples every step
@@ -249,7 +306,7 @@ def get_batch(args, data, step, rank, world):
         perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
         idx[pos // len(data) == epoch] = perm[pos[pos // len(data) == epoch] % len(data)]
     x, y = data.get(idx, g)
-    return x[mine], y[mine]
+    return x[mine], y[mine] if args.class_cond else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -261,11 +318,12 @@ def get_batch(args, data, step, rank, world):
 def center_crop(img, size=256):
     from PIL import Image
 
+    img = img.convert("RGB")  # first, as ADM: PIL resizes palette images by nearest neighbour, whatever resample says
     while min(img.size) >= 2 * size:  # ADM's center_crop_arr: halve with a box filter, then bicubic to size
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(img.size)
     img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
-    arr = np.asarray(img.convert("RGB"))
+    arr = np.asarray(img)
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[top: top + size, left: left + size]  # (size, size, 3) uint8
 
@@ -401,19 +459,42 @@ def load_vae(args, device):
 @torch.no_grad()
 def generate(args, method, net, numbers, steps, device, vae=None, batch=256):
     """Samples number `numbers` of one fixed stream (noise and class depend on the number alone, so any split
-    over processes gives the same set): (points (n, 2) float, None) or (images (n, H, W, 3) uint8, labels)."""
+    over processes gives the same set): (points (n, 2) float, None) or (images (n, H, W, 3) uint8, labels).
+    Labels are balanced, the classes in turn (sample i has class i mod K), not drawn at random as the official
+    evaluations draw them; iMF samples at args.sample_guidance (omega, interval)."""
     C, H, K = IMAGE_DATA.get(args.data, (2, None, 0))
+    K = K if args.class_cond else 0
     xs, ys = [], []
     for chunk in torch.as_tensor(numbers, dtype=torch.long).split(batch):
         e = torch.stack([torch.randn((C, H, H) if H else (C,), generator=torch.Generator().manual_seed(int(i)))
                          for i in chunk + args.seed * 1_000_003]).to(device)
         y = (chunk % K).to(device) if K else None  # the classes in turn
-        x = method.sample(net, e, y, steps=steps, **({} if args.sample_omega is None else {"omega": args.sample_omega}))
+        x = method.sample(net, e, y, steps=steps, **getattr(args, "sample_guidance", {}))
         if args.data == "imagenet-latents":
             x = vae.decode(x / LATENT_SCALE).sample if vae is not None else x[:, :3]
-        xs.append(to_uint8(x) if K else x.float().cpu().numpy())
+        xs.append(to_uint8(x) if H else x.float().cpu().numpy())
         ys.append(y.cpu().numpy() if K else None)
     return np.concatenate(xs), np.concatenate(ys) if K else None
+
+
+def sample_guidance(args, method):
+    """iMF's guidance at sampling (pictures and --sample): --sample-omega / --sample-interval, else the official
+    setting of this size (meanflow.imf_guidance, or IMF_PICTURE_GUIDANCE); none without labels. {} for MeanFlow."""
+    if not method.imf:
+        if args.sample_omega is not None or args.sample_interval:
+            raise Fail(f"--sample-omega and --sample-interval need --recipe imf; {args.recipe} bakes guidance in at "
+                       "training (--omega, --kappa, --t-lo, --t-hi)")
+        return {}
+    g = dict(mf.imf_guidance.get(args.model, IMF_PICTURE_GUIDANCE)) if args.class_cond else {}
+    if args.sample_omega is not None:
+        g["omega"] = args.sample_omega
+    if args.sample_interval:
+        g["t_min"], g["t_max"] = args.sample_interval
+    if not g.get("omega", 1.0) >= 1.0:
+        raise Fail(f"--sample-omega {g['omega']} is below 1; iMF takes omega >= 1 (1 = no guidance)")
+    if not 0.0 <= g.get("t_min", 0.0) <= g.get("t_max", 1.0) <= 1.0:
+        raise Fail(f"--sample-interval {g['t_min']} {g['t_max']} is not an interval in [0, 1]; pass 0 <= T_MIN <= T_MAX <= 1")
+    return g
 
 
 def save_figure(path, panels, history):
@@ -457,16 +538,17 @@ def toy_distances(args, points):
 
 
 def frechet_distance(f1, f2):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two sets of features (rows)."""
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two sets of features (rows), or (mu, sigma) pairs."""
     import scipy.linalg
 
-    mu1, mu2, s1, s2 = f1.mean(0), f2.mean(0), np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    (mu1, s1), (mu2, s2) = (f if isinstance(f, tuple) else (f.mean(0), np.cov(f, rowvar=False)) for f in (f1, f2))
     covmean = scipy.linalg.sqrtm(s1 @ s2).real  # the imaginary part is numerical noise
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
-def fid(images, ref, device):
-    """FID on the pool features of pytorch_fid's Inception (optional); None, with a note, without it."""
+def inception_features(images, device):
+    """Pool features (N, 2048) of pytorch-fid's Inception for uint8 (N, H, W, 3) images; None if it is missing.
+    It resizes slightly differently from the ADM evaluator's TensorFlow graph: close, not identical numbers."""
     try:
         from pytorch_fid.inception import InceptionV3
 
@@ -475,9 +557,37 @@ def fid(images, ref, device):
         print(f"FID skipped: no Inception network ({type(err).__name__}); pip install pytorch-fid", file=sys.stderr)
         return None
     with torch.no_grad():
-        feats = [torch.cat([inception(torch.from_numpy(a[i: i + 200]).to(device).permute(0, 3, 1, 2) / 255)[0]
-                            .flatten(1).double().cpu() for i in range(0, len(a), 200)]).numpy() for a in (images, ref)]
-    return frechet_distance(*feats)
+        return torch.cat([inception(torch.from_numpy(images[i: i + 200]).to(device).permute(0, 3, 1, 2) / 255)[0]
+                          .flatten(1).double().cpu() for i in range(0, len(images), 200)]).numpy()
+
+
+def fid(images, ref, device):
+    """FID of uint8 images against ref: uint8 images, or the (mu, sigma) of the reference's features (as the ADM
+    reference batch stores those of the whole ImageNet training set). None without the Inception network."""
+    feats = inception_features(images, device)
+    if feats is None:
+        return None
+    if isinstance(ref, tuple):
+        if ref[0].shape != feats.shape[1:] or ref[1].shape != 2 * feats.shape[1:]:
+            raise Fail(f"the reference mu/sigma have shapes {ref[0].shape}, {ref[1].shape}; the Inception features "
+                       f"{feats.shape[1]} dims: pass a reference made with 2048-d pool features")
+        return frechet_distance(feats, ref)
+    ref_feats = inception_features(ref, device)
+    return None if ref_feats is None else frechet_distance(feats, ref_feats)
+
+
+def fid_reference(path):
+    """--fid-ref as the ADM evaluator reads it: its mu/sigma when present, else its images arr_0 (and a label)."""
+    try:
+        with np.load(path) as f:
+            if "mu" in f.files and "sigma" in f.files:
+                return (f["mu"].astype(np.float64), f["sigma"].astype(np.float64)), f"the mu/sigma stored in {path}"
+            ref = f["arr_0"]
+    except (OSError, ValueError, KeyError) as err:
+        raise Fail(f"--fid-ref {path} is not a reference .npz with mu/sigma or arr_0 images ({type(err).__name__})")
+    if ref.dtype != np.uint8 or ref.ndim != 4 or ref.shape[3] != 3:
+        raise Fail(f"--fid-ref {path}: arr_0 is {ref.dtype} {ref.shape}, not uint8 N x H x W x 3 images")
+    return ref, f"the {len(ref)} images arr_0 of {path}"
 
 
 def sample_to_npz(args, method, net, data, rank, world, device):
@@ -493,7 +603,7 @@ def sample_to_npz(args, method, net, data, rank, world, device):
         if rank == 0:
             parts = [dict(np.load(f"{path}.part{r}")) for r in range(world)]
             x, y = (np.concatenate([p[key] for p in parts]) for key in "xy")
-            y = y if args.data in IMAGE_DATA else None
+            y = y if args.data in IMAGE_DATA and args.class_cond else None
             for r in range(world):
                 os.remove(f"{path}.part{r}")
     if rank == 0:
@@ -502,15 +612,35 @@ def sample_to_npz(args, method, net, data, rank, world, device):
         if args.data not in IMAGE_DATA:
             print("energy distance {:.5f}, sliced Wasserstein {:.5f} to {}".format(*toy_distances(args, x), args.data))
         elif args.fid_ref or isinstance(data, Pixels):
-            ref = np.load(args.fid_ref)["arr_0"] if args.fid_ref else to_uint8(data.x.float() / 127.5 - 1)
+            ref, what = fid_reference(args.fid_ref) if args.fid_ref else \
+                (to_uint8(data.x.float() / 127.5 - 1), f"the {len(data)} training images")
             if (score := fid(x, ref, device)) is not None:
-                print(f"FID {score:.2f} against {args.fid_ref or 'the training images'} ({len(ref)} images)")
+                labels = f"labels balanced over {len(np.unique(y))} classes" if y is not None else "unconditional"
+                print(f"FID {score:.2f} of {N} samples ({labels}) against {what}, with pytorch-fid's Inception. "
+                      f"The number to compare with papers: the ADM evaluator (guided-diffusion evaluations/"
+                      f"evaluator.py) on {path} and the same reference")
         else:
             print("FID skipped: pass --fid-ref VIRTUAL_imagenet256_labeled.npz (the ADM reference batch)")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Training
+
+
+def make_method(args):
+    """This run's MeanFlow: the recipe, then the dataset's own knobs (DATA_RECIPES), MeanFlow's per-size guidance
+    (paper_guidance: ImageNet latents only, never pixels), --omega/--kappa/--t-lo/--t-hi, and --set last."""
+    toy = args.data in toy_data.DATASETS
+    imagenet = args.data == "imagenet-latents" and not mf.RECIPES[args.recipe]["imf"]
+    guidance = dict(mf.paper_guidance.get(args.model, {})) if imagenet and args.class_cond else {}
+    guidance.update({k: getattr(args, k) for k in ("omega", "kappa", "t_lo", "t_hi") if getattr(args, k) is not None})
+    if guidance and not args.class_cond:
+        raise Fail("--omega, --kappa, --t-lo and --t-hi guide with labels; this run is unconditional (see --class-cond)")
+    try:
+        return mf.MeanFlow(recipe=args.recipe, **{**(mf.TOY_OVERRIDES if toy else {}), **args.knobs, **guidance,
+                                                  **args.set_knobs})
+    except ValueError as err:
+        raise Fail(f"{err} (from --recipe {args.recipe} and --set)")
 
 
 def get_lr(step, args):  # a pure function of the step, so that resuming needs no scheduler state
@@ -531,22 +661,20 @@ def run(args):
     bf16 = (args.precision or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
     autocast = torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext()
 
+    method = make_method(args)  # bad knobs fail here, before any data is read
+    args.sample_guidance = sample_guidance(args, method)
     data = load_data(args, rank)
     args.steps = args.steps or math.ceil(240 * len(data) / args.batch_size)  # 240 epochs (paper)
     args.eval_every, args.ckpt_every = args.eval_every or args.steps, args.ckpt_every or args.steps
-    K = IMAGE_DATA[args.data][2] if data is not None else 0
-    guidance = dict(mf.paper_guidance.get(args.model, {})) if K else {}  # omega, kappa, interval per size (paper)
-    guidance.update({k: getattr(args, k) for k in ("omega", "kappa", "t_lo", "t_hi") if getattr(args, k) is not None})
-    toy = mf.TOY_OVERRIDES if data is None else {}  # 2-D data: meanflow.py's own settings for toys
-    method = mf.MeanFlow(recipe=args.recipe, **{**toy, **guidance})
-    if args.sample_omega is not None and not method.imf:
-        raise Fail(f"--sample-omega needs --recipe imf; {args.recipe} bakes guidance in at training (--omega, --kappa)")
+    K = IMAGE_DATA[args.data][2] if data is not None and args.class_cond else 0
     torch.manual_seed(args.seed)  # the same initial weights in every process
     if args.model == "mlp":
         net = mf.MLP(dim=2, **method.net_kwargs).to(device)
     else:
         C, H, _ = IMAGE_DATA[args.data]
-        net = mf.DiT_models[args.model](input_size=H, in_channels=C, num_classes=K, **method.net_kwargs).to(device)
+        net = (mf.iMF_models[args.model](input_size=H, in_channels=C, num_classes=K) if method.imf else
+               mf.DiT_models[args.model](input_size=H, in_channels=C, num_classes=K, dropout=args.dropout,
+                                         **method.net_kwargs)).to(device)
     ema = copy.deepcopy(net).requires_grad_(False).eval()  # the weights that make the samples
     adamw = dict(lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)  # (paper)
     try:
