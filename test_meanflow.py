@@ -1186,9 +1186,8 @@ def imf_count(depth, D, heads, p=2, C=4, K=1000):
 def test_imf_parameter_counts_match_the_official_config(name, paper):
     with torch.device("meta"):
         net = mf.iMF_models[name](input_size=32, in_channels=4, num_classes=1000)
-    v_head = {id(p) for m in (net.v_blocks, net.v_final_layer) for p in m.parameters()}
-    n = sum(p.numel() for p in net.parameters() if id(p) not in v_head) + net.v_final_layer.linear.weight.numel() + \
-        sum(p.numel() for p in net.v_final_layer.parameters()) - net.v_final_layer.linear.weight.numel()
+    v_blocks = {id(p) for p in net.v_blocks.parameters()}
+    n = sum(p.numel() for p in net.parameters() if id(p) not in v_blocks)
     depth, D, heads, _ = mf.iMF_sizes[name[:-2]]
     official = imf_count(depth, D, heads)
     assert abs(n - official) / official < 0.015, (n, official)
@@ -1285,6 +1284,7 @@ def test_imf_sampling_defaults_per_size_as_the_official_eval_config(model, expec
     args = train.get_args(["--data", "imagenet-latents", "--model", model, "--recipe", "imf"])
     g = train.sample_guidance(args, train.make_method(args))
     assert (g["omega"], g["t_min"], g["t_max"]) == expect
+    assert (args.batch_size, args.epochs, args.lr) == (1024, 640, 1e-4)  # iMF's training budget (official config)
     args = train.get_args(["--data", "imagenet-latents", "--model", model, "--recipe", "imf", "--sample-omega", "4",
                            "--sample-interval", "0.36", "0.64"])
     assert train.sample_guidance(args, train.make_method(args)) == dict(omega=4.0, t_min=0.36, t_max=0.64)

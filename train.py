@@ -4,10 +4,13 @@
   python train.py --data moons --recipe meanflow                 # any toy_data set, any recipe
   python train.py --data fashion-mnist --model Ti/4 --recipe improved-minsnr --batch-size 32 --lr 1e-3 \\
       --ema 0.99 --steps 600 --eval-every 200                    # CPU: 15-40 min, garments recognisable
-  torchrun --nproc_per_node=8 train.py --data cifar10 --model B/2          # downloads CIFAR-10 into data/cifar10
+  torchrun --nproc_per_node=8 train.py --data cifar10 --model B/2          # downloads CIFAR-10 into data/cifar10;
+                                                 # its own recipe (DATA_RECIPES): unconditional, py-meanflow's knobs
   torchrun --nproc_per_node=8 train.py --prepare-imagenet /data/imagenet/train --data-path data/imagenet-latents
   torchrun --nproc_per_node=8 train.py --data imagenet-latents --model XL/2 --recipe improved-dtd
   torchrun --nproc_per_node=8 train.py --data imagenet-latents --model XL/2 --sample 50000   # ADM-format .npz
+  torchrun --nproc_per_node=8 train.py --data imagenet-latents --model B/2 --recipe imf   # the iMF network, 640 epochs
+  torchrun --nproc_per_node=8 train.py --data imagenet-latents --model B/2 --recipe imf --sample 50000  # omega 8, [0.4, 0.65]
 The same command with --resume continues from <out>/ckpt.pt (on CPU bitwise as if never stopped).
 
 Output in --out: log.jsonl (a line per --log-every steps), step-XXXXXXX.png (1-NFE and 2-NFE samples of the EMA
@@ -57,6 +60,9 @@ LOG_KEYS = ("loss", "v_loss", "u_loss", "beta", "dtd_stage")
 # and EDM's augmentation pipeline is not implemented (README: "CIFAR-10").
 DATA_RECIPES = {"cifar10": dict(recipe="meanflow", class_cond=False, dropout=0.2, lr=6e-4, batch_size=1024,
                                 knobs=dict(P_mean=-2.0, P_std=2.0, p=0.75, c=1e-3, ratio_r_neq_t=0.75))}
+# iMF's own training budget (official configs/train_config.yml, B/2; the same for every size there). Its 10 warm-up
+# epochs are not a default here: pass --warmup (12,510 steps on ImageNet at batch 1024).
+IMF_TRAINING = dict(batch_size=1024, epochs=640)
 # iMF's sample pictures for sizes without an entry in meanflow.imf_guidance: the official training config's setting.
 IMF_PICTURE_GUIDANCE = dict(omega=7.5, t_min=0.4, t_max=0.65)
 
@@ -73,9 +79,10 @@ def get_args(argv=None):
     a("--model", help="'mlp' for 2-D data (default there), else a DiT size of meanflow.DiT_models (default B/4); "
       "--recipe imf: a size of meanflow.iMF_models, the official iMF network (B/2 M/2 L/2 XL/2; Ti/2, Ti/4 for CPU)")
     a("--recipe", help=f"{', '.join(mf.RECIPES)} (default improved-dtd; toy meanflow: DTD outlasts a 1-minute run)")
-    a("--steps", type=int, help="optimizer steps (default: 240 epochs, paper; toy 3000)")
-    a("--batch-size", type=int, help="global batch, split over processes (default 256, paper and toy)")
-    a("--lr", type=float, help="AdamW learning rate, constant after warmup (default 1e-4, paper; toy 2e-3)")
+    a("--steps", type=int, help="optimizer steps (default: 240 epochs, paper; iMF 640; toy 3000)")
+    a("--batch-size", type=int, help="global batch, split over processes (default 256, paper and toy; iMF and "
+      "cifar10 1024)")
+    a("--lr", type=float, help="AdamW learning rate, constant after warmup (default 1e-4, paper; cifar10 6e-4; toy 2e-3)")
     a("--warmup", type=int, default=0, help="linear learning-rate warmup steps (default 0, paper)")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0, paper); betas (0.9, 0.95)")
     a("--ema", type=float, help="EMA decay of the weights that make samples (default 0.9999, paper; toy 0.995)")
@@ -121,12 +128,16 @@ def get_args(argv=None):
     if (args.model == "mlp") != toy:
         raise Fail(f"--model {args.model} does not fit --data {args.data}: 'mlp' is for 2-D data, a DiT for images")
     own = DATA_RECIPES.get(args.data, {})  # the dataset's own recipe, then the papers' ImageNet settings
-    for k, v in {**(TOY if toy else PAPER), **{k: v for k, v in own.items() if k not in ("knobs", "dropout")}}.items():
-        setattr(args, k, v if getattr(args, k, None) is None else getattr(args, k))
+    args.recipe = args.recipe or own.get("recipe") or (TOY if toy else PAPER)["recipe"]
     if args.recipe not in mf.RECIPES:
         raise Fail(f"unknown --recipe {args.recipe!r}; choose one of: {', '.join(mf.RECIPES)}")
-    args.class_cond = not toy and args.class_cond is not False
     imf = mf.RECIPES[args.recipe]["imf"]
+    defaults = {**(TOY if toy else PAPER), **(IMF_TRAINING if imf and not toy else {}),
+                **{k: v for k, v in own.items() if k not in ("knobs", "dropout")}}
+    for k, v in defaults.items():
+        setattr(args, k, v if getattr(args, k, None) is None else getattr(args, k))
+    args.epochs = defaults.get("epochs", 240)  # (paper)
+    args.class_cond = not toy and args.class_cond is not False
     if imf and not toy and args.model not in mf.iMF_models:
         raise Fail(f"--recipe imf trains the iMF network; --model {args.model} is not one of its sizes: "
                    f"{', '.join(mf.iMF_models)}")
@@ -664,7 +675,7 @@ def run(args):
     method = make_method(args)  # bad knobs fail here, before any data is read
     args.sample_guidance = sample_guidance(args, method)
     data = load_data(args, rank)
-    args.steps = args.steps or math.ceil(240 * len(data) / args.batch_size)  # 240 epochs (paper)
+    args.steps = args.steps or math.ceil(args.epochs * len(data) / args.batch_size)  # 240 epochs (paper), iMF 640
     args.eval_every, args.ckpt_every = args.eval_every or args.steps, args.ckpt_every or args.steps
     K = IMAGE_DATA[args.data][2] if data is not None and args.class_cond else 0
     torch.manual_seed(args.seed)  # the same initial weights in every process
