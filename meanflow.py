@@ -581,6 +581,19 @@ def apply_rope(x, cos, sin):
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
 
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, normalised in fp32 at least (under bf16 autocast
+    torch's fused rms_norm refuses bf16 input with an fp32 weight and warns)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.to(_at_least_fp32(x))
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
 class iMFAttention(nn.Module):
     """Bias-free q, k, v (one fused matrix, as many parameters as three) and output projections; RMSNorm
     on each head's queries and keys (QK-norm), then RoPE."""
@@ -590,7 +603,7 @@ class iMFAttention(nn.Module):
         self.num_heads, self.backend = num_heads, backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
-        self.q_norm, self.k_norm = nn.RMSNorm(dim // num_heads, eps=1e-6), nn.RMSNorm(dim // num_heads, eps=1e-6)
+        self.q_norm, self.k_norm = RMSNorm(dim // num_heads), RMSNorm(dim // num_heads)
 
     def forward(self, x, cos, sin):  # x: (B, N, D)
         B, N, D = x.shape
@@ -617,7 +630,7 @@ class iMFBlock(nn.Module):
 
     def __init__(self, dim, num_heads, mlp_ratio=8 / 3, attention="sdpa-jvp"):
         super().__init__()
-        self.norm1, self.norm2 = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
+        self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
         self.attn = iMFAttention(dim, num_heads, attention)
         self.mlp = SwiGLU(dim, int(dim * mlp_ratio))  # truncated as the official code: 768 -> 2048, 1024 -> 2730
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
@@ -630,7 +643,7 @@ class iMFBlock(nn.Module):
 class iMFFinalLayer(nn.Module):
     def __init__(self, dim, out_dim):
         super().__init__()
-        self.norm, self.linear = nn.RMSNorm(dim, eps=1e-6), nn.Linear(dim, out_dim)
+        self.norm, self.linear = RMSNorm(dim), nn.Linear(dim, out_dim)
 
     def forward(self, x):
         return self.linear(self.norm(x))
