@@ -1296,6 +1296,7 @@ def test_imf_sampling_defaults_per_size_as_the_official_eval_config(model, expec
     (["--recipe", "imf", "--sample-omega", "0.5"], ["--sample-omega", ">= 1"]),
     (["--set", "P_mean"], ["--set", "KEY=VALUE", "P_mean"]),
     (["--set", "data_proportion=0.75"], ["data_proportion", "ratio_r_neq_t"]),
+    (["--set", "imf=true"], ["imf=true", "KEY=VALUE"]),  # iMF is chosen with --recipe imf (its own network)
     (["--set", "p=high"], ["--set p", "a number"]),
     (["--set", "dtd_stages=2.5"], ["dtd_stages", "an integer"]),
     (["--set", "time_sampler=gaussian"], ["time_sampler", "logit_normal or uniform"]),

@@ -92,7 +92,7 @@ def get_args(argv=None):
     a("--t-hi", type=float, help="end of the guidance interval (default: paper, per size: meanflow.paper_guidance)")
     a("--class-cond", action=argparse.BooleanOptionalAction, help="class-conditional (default yes; cifar10: no, as "
       "MeanFlow's CIFAR-10 result)")
-    a("--dropout", type=float, help="dropout on the DiT's residual branches (default 0; cifar10 0.2, py-meanflow)")
+    a("--dropout", type=float, help="dropout on the MLP branch of each DiT block (default 0; cifar10 0.2, py-meanflow)")
     a("--set", action="append", default=[], metavar="KEY=VALUE", help="override a MeanFlow knob of the recipe, any "
       "key of meanflow.RECIPES (e.g. --set P_mean=-2.0 --set ratio_r_neq_t=0.75); repeatable, applied last")
     a("--seed", type=int, default=0, help="seed; process k of n draws its noise from seed * n + k (default 0)")
@@ -111,7 +111,8 @@ def get_args(argv=None):
       "size, meanflow.imf_guidance; also for the training pictures)")
     a("--sample-interval", type=float, nargs=2, metavar=("T_MIN", "T_MAX"), help="iMF: the guidance interval at "
       "sampling (default: per size, meanflow.imf_guidance)")
-    a("--fid-ref", help="reference .npz (arr_0 uint8 NxHxWx3) for FID (default: the training images)")
+    a("--fid-ref", help="reference .npz for FID: its mu/sigma when present, as the ADM evaluator, else its images "
+      "arr_0 (uint8 NxHxWx3) (default: the training images)")
     a("--prepare-imagenet", metavar="DIR", help="encode a class-per-folder image tree to latents in --data-path")
     a("--shard", type=int, help="--prepare-imagenet: the shard to encode (default RANK under torchrun, else 0)")
     a("--num-shards", type=int, help="--prepare-imagenet: number of shards (default WORLD_SIZE, else 1)")
@@ -161,8 +162,9 @@ def parse_sets(items, recipe):
     for item in items:
         key, eq, text = item.partition("=")
         key, text = key.strip(), text.strip()
-        if not eq or key not in knobs:
-            raise Fail(f"--set {item!r}: not KEY=VALUE with KEY a knob of --recipe {recipe}: {', '.join(knobs)}")
+        if not eq or key not in knobs or key == "imf":  # iMF is a recipe with its own network: --recipe imf
+            raise Fail(f"--set {item!r}: not KEY=VALUE with KEY a knob of --recipe {recipe}: "
+                       f"{', '.join(k for k in knobs if k != 'imf')}")
         default, low = knobs[key], text.lower()
         nullable = any(r[key] is None for r in mf.RECIPES.values())  # beta_k, minsnr_gamma: None turns them off
         try:
