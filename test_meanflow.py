@@ -1302,6 +1302,7 @@ def test_imf_sampling_defaults_per_size_as_the_official_eval_config(model, expec
     (["--set", "time_sampler=gaussian"], ["time_sampler", "logit_normal or uniform"]),
     (["--set", "beta_k=nan"], ["beta_k", "or none"]),
     (["--data", "cifar10", "--omega", "2"], ["--omega", "unconditional"]),
+    (["--recipe", "imf", "--omega", "2"], ["--omega", "--sample-omega"]),
     (["--data", "cifar10", "--recipe", "imf", "--dropout", "0.2"], ["--dropout", "iMF"]),
     (["--recipe", "imf", "--set", "beta_k=1"], ["iMF has its own loss", "--set"]),
 ])

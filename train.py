@@ -649,6 +649,9 @@ def make_method(args):
     guidance.update({k: getattr(args, k) for k in ("omega", "kappa", "t_lo", "t_hi") if getattr(args, k) is not None})
     if guidance and not args.class_cond:
         raise Fail("--omega, --kappa, --t-lo and --t-hi guide with labels; this run is unconditional (see --class-cond)")
+    if guidance and mf.RECIPES[args.recipe]["imf"]:
+        raise Fail("--omega, --kappa, --t-lo and --t-hi set MeanFlow's guidance in the target; iMF draws omega and "
+                   "the interval in training and takes them at sampling: --sample-omega, --sample-interval")
     try:
         return mf.MeanFlow(recipe=args.recipe, **{**(mf.TOY_OVERRIDES if toy else {}), **args.knobs, **guidance,
                                                   **args.set_knobs})
