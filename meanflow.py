@@ -18,7 +18,8 @@ Conventions (fixed once; every function below uses them)
 - MeanFlow identity: u = v - (t - r) du/dt, with du/dt = v . d_z u + d_t u (r held fixed), i.e. the
   JVP of u along the tangent (dz, dt, dr) = (v, 1, 0).
 - every network is called as net(z, t, r, y=None) -> u, with t, r of shape (B,) and t >= r. Inside it
-  embeds (t, t - r) (MeanFlow Table 1c), t raw in [0, 1]. y = num_classes means "no label".
+  embeds (t, t - r) (MeanFlow Table 1c), t raw in [0, 1]; the iMF network embeds t - r only (official).
+  y = num_classes means "no label".
 
 How to run it
     python train.py                                          # 2-D toy on CPU, about a minute
@@ -557,7 +558,7 @@ class DiT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# The iMF network (Geng et al., iMF Sec. 5; official models/imfDiT.py): a plain pre-norm transformer
+# The iMF network (Geng et al., iMF; official models/imfDiT.py): a plain pre-norm transformer
 # conditioned in context. Unlike the DiT above it sees h = t - r only (no t), has no adaLN and no
 # absolute positions: RMSNorm, QK-norm, rotary positions (RoPE) over the whole sequence (condition
 # tokens included), a bias-free SwiGLU MLP, zero-initialised residual gates, and an auxiliary v-head
