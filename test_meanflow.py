@@ -1324,6 +1324,8 @@ def test_cifar10_gets_its_own_recipe_and_never_imagenet_guidance():
     # class-conditional CIFAR-10 on request: still no ImageNet table; ImageNet latents do get it
     args = train.get_args(["--data", "cifar10", "--model", "B/2", "--class-cond", "--lr", "1e-4"])
     assert args.class_cond and args.lr == 1e-4 and train.make_method(args).omega == 1.0
+    m = train.make_method(train.get_args(["--data", "fashion-mnist", "--model", "L/2"]))  # pixels: no table either
+    assert (m.omega, m.kappa, m.t_hi, m.P_mean) == (1.0, 0.0, 1.0, -0.4)
     m = train.make_method(train.get_args(["--data", "imagenet-latents", "--model", "B/2"]))
     assert (m.omega, m.kappa, m.P_mean, m.ratio_r_neq_t) == (1.0, 0.5, -0.4, 0.25)
     m = train.make_method(train.get_args(["--data", "imagenet-latents", "--model", "L/2"]))
