@@ -1439,3 +1439,79 @@ def test_imf_network_under_bf16_autocast_is_close_to_fp32(recwarn):
     # measured: 0.4% on u, 0.6% on du/dt, 0.5% on dv/dt
     assert rel(ub.float(), u) < 0.02 and rel(dudt_b.float(), dudt) < 0.02 and rel(dvdt_b.float(), dvdt) < 0.02
     assert not [w for w in recwarn if "dtype" in str(w.message)]  # no fused-kernel dtype fallback warnings
+
+# --- Fashion-MNIST download ---
+# Without Debian's package the default path downloads the official files; offline, urllib is replaced by a
+# stand-in that serves files the test writes.
+import hashlib  # noqa: E402  (here, with the only tests that use it)
+
+
+def fake_urlopen(served, requested):
+    """A urllib.request.urlopen that serves served[url] (bytes) and fails like a dead network otherwise."""
+    import urllib.error
+
+    def urlopen(url, timeout=None):
+        requested.append(url)
+        if url not in served:
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+        return io.BytesIO(served[url])
+    return urlopen
+
+
+def fashion_default_path(tmp_path, monkeypatch):
+    """Point the default data path into tmp_path and hide Debian's copy; returns the default folder."""
+    folder = str(tmp_path / "data" / "fashion-mnist")
+    monkeypatch.setitem(train.DATA_PATHS, "fashion-mnist", folder)
+    monkeypatch.setattr(train, "FASHION_DEBIAN", str(tmp_path / "no-debian"))
+    return folder
+
+
+def test_fashion_mnist_downloads_official_files_md5_checked(tmp_path, monkeypatch):
+    folder = fashion_default_path(tmp_path, monkeypatch)
+    x, y = make_fashion(str(tmp_path / "server"))  # what the server holds: gzipped IDX, as Zalando ships it
+    files = {n: (tmp_path / "server" / n).read_bytes() for n in train.FASHION_MD5}
+    monkeypatch.setattr(train, "FASHION_MD5", {n: hashlib.md5(raw).hexdigest() for n, raw in files.items()})
+    main, mirror = train.FASHION_URLS
+    # the first URL serves a corrupted image file: its md5 fails and the mirror's copy is taken
+    served = {main + n: raw for n, raw in files.items()}
+    bad = bytearray(files["train-images-idx3-ubyte.gz"])
+    bad[len(bad) // 2] ^= 0xFF
+    served[main + "train-images-idx3-ubyte.gz"] = bytes(bad)
+    served[mirror + "train-images-idx3-ubyte.gz"] = files["train-images-idx3-ubyte.gz"]
+    requested = []
+    monkeypatch.setattr(train.urllib.request, "urlopen", fake_urlopen(served, requested))
+    data = train.load_data(train.get_args(["--data", "fashion-mnist", "--model", "Ti/4"]), 0)
+    assert torch.equal(data.x[:, 0, 2:30, 2:30], torch.from_numpy(x)) and torch.equal(data.labels, torch.from_numpy(y))
+    assert sorted(requested) == sorted([main + "train-images-idx3-ubyte.gz", mirror + "train-images-idx3-ubyte.gz",
+                                        main + "train-labels-idx1-ubyte.gz"])
+    assert sorted(os.listdir(folder)) == sorted(files) and leftovers(folder) == []
+    for n, raw in files.items():
+        assert (tmp_path / "data" / "fashion-mnist" / n).read_bytes() == raw
+    requested.clear()  # a second run reads the saved files and downloads nothing
+    train.load_fashion_mnist(folder, 0)
+    assert requested == []
+
+
+def test_fashion_mnist_default_path_prefers_debian_copy(tmp_path, monkeypatch):
+    folder = fashion_default_path(tmp_path, monkeypatch)
+    x, _ = make_fashion(str(tmp_path / "no-debian"), n=20, gz=False)  # stands in for Debian's copy
+    requested = []
+    monkeypatch.setattr(train.urllib.request, "urlopen", fake_urlopen({}, requested))
+    images, _ = train.load_fashion_mnist(folder, 0)
+    assert images.shape == (20, 1, 32, 32) and requested == [] and not os.path.exists(folder)
+
+
+@pytest.mark.parametrize("network", ["offline", "wrong md5"])
+def test_fashion_mnist_failed_download_is_one_line(tmp_path, capsys, monkeypatch, network):
+    folder = fashion_default_path(tmp_path, monkeypatch)
+    served = {}
+    if network == "wrong md5":  # every URL answers, with bytes that are not the official files
+        served = {u + n: b"not the file" for u in train.FASHION_URLS for n in train.FASHION_MD5}
+    monkeypatch.setattr(train.urllib.request, "urlopen", fake_urlopen(served, []))
+    code, _, err = run_main(["--data", "fashion-mnist", "--model", "Ti/4", "--out", tmp_path / "run"], capsys)
+    words = ["name resolution"] if network == "offline" else ["md5 mismatch"]
+    assert_one_line_error(code, err, "could not download Fashion-MNIST", "train-images-idx3-ubyte.gz",
+                          train.FASHION_URLS[0], "apt-get install dataset-fashion-mnist", *words)
+    assert leftovers(folder) == [] and not os.path.exists(os.path.join(folder, "train-images-idx3-ubyte.gz"))
+    assert not os.path.exists(tmp_path / "run")
+

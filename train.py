@@ -44,8 +44,14 @@ import meanflow as mf
 import toy_data
 
 IMAGE_DATA = {"fashion-mnist": (1, 32, 10), "cifar10": (3, 32, 10), "imagenet-latents": (4, 32, 1000)}  # C, H, K
-DATA_PATHS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist",  # Debian package dataset-fashion-mnist
+DATA_PATHS = {"fashion-mnist": "data/fashion-mnist",  # Debian's copy when installed, else downloaded here
               "cifar10": "data/cifar10", "imagenet-latents": "data/imagenet-latents"}
+FASHION_DEBIAN = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist (Debian, Ubuntu)
+# The official training split as Zalando's repository (zalandoresearch/fashion-mnist) links it, with its md5s.
+FASHION_URLS = ("https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/",
+                "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/")
+FASHION_MD5 = {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+               "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe"}
 CIFAR_URL, CIFAR_MD5 = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"
 LATENT_SCALE = 0.18215  # SD-VAE latents times this have about unit variance (as DiT, MeanFlow)
 PAPER = dict(recipe="improved-dtd", batch_size=256, lr=1e-4, ema=0.9999, log_every=100, eval_every=10_000,
@@ -204,13 +210,51 @@ def read_idx(path):
     return data.reshape(dims)
 
 
-def load_fashion_mnist(path):
+def download_fashion_mnist(path):
+    """The official training files into path (those already there are kept), each md5-checked before it is saved."""
+    for name, md5 in FASHION_MD5.items():
+        if os.path.exists(os.path.join(path, name)):
+            continue
+        errors = []
+        for url in FASHION_URLS:  # Zalando's repository first, its S3 mirror second
+            try:
+                with urllib.request.urlopen(url + name, timeout=30) as r:
+                    raw = r.read()
+                if hashlib.md5(raw).hexdigest() == md5:
+                    break
+                errors.append("md5 mismatch")
+            except OSError as err:
+                errors.append(str(err))
+        else:
+            raise Fail(f"could not download Fashion-MNIST ({errors[0]}); put {name} from {FASHION_URLS[0]} "
+                       f"in {path}, or apt-get install dataset-fashion-mnist")
+        save_atomic(os.path.join(path, name), lambda f: f.write(raw))
+
+
+def load_fashion_mnist(path, rank=0):
+    """The training split as (N, 1, 32, 32) uint8 images and (N,) labels. The default path (DATA_PATHS) reads
+    Debian's copy when installed, else downloads the official files once (process 0); another path must hold them."""
+    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+
+    def find(folder):  # the two files, plain or gzipped; None where one is missing
+        return [next((f for f in (os.path.join(folder, n), os.path.join(folder, n + ".gz")) if os.path.exists(f)),
+                     None) for n in names]
+
+    if path == DATA_PATHS["fashion-mnist"]:
+        if None not in find(FASHION_DEBIAN):
+            path = FASHION_DEBIAN
+        else:
+            if rank == 0 and None in find(path):
+                print(f"downloading Fashion-MNIST ({FASHION_URLS[0]}) into {path}")
+                download_fashion_mnist(path)
+            if dist.is_initialized():
+                dist.barrier()
     found = []
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
-        files = [f for f in (os.path.join(path, name), os.path.join(path, name + ".gz")) if os.path.exists(f)]
-        if not files:
-            raise Fail(f"no {name}[.gz] in {path}: apt-get install dataset-fashion-mnist, or pass --data-path")
-        found.append(read_idx(files[0]))
+    for name, f in zip(names, find(path)):
+        if f is None:
+            raise Fail(f"no {name}[.gz] in {path}: apt-get install dataset-fashion-mnist, or pass --data-path, "
+                       f"or leave --data-path out to download it into {DATA_PATHS['fashion-mnist']}")
+        found.append(read_idx(f))
     x, y = found
     if x.ndim != 3 or x.shape[1:] != (28, 28) or y.shape != (len(x),):
         raise Fail(f"Fashion-MNIST in {path} has images {x.shape} and labels {y.shape}, not (N, 28, 28) and (N,)")
@@ -298,10 +342,11 @@ class ImageNetLatents:
 def load_data(args, rank):
     if args.data in toy_data.DATASETS:
         return None
-    if args.data != "cifar10" and not os.path.isdir(args.data_path):
+    downloads = args.data == "cifar10" or (args.data, args.data_path) == ("fashion-mnist", DATA_PATHS["fashion-mnist"])
+    if not downloads and not os.path.isdir(args.data_path):
         raise Fail(f"--data-path {args.data_path} does not exist; pass the folder that holds {args.data}")
     if args.data == "fashion-mnist":
-        return Pixels(*load_fashion_mnist(args.data_path), flip=False)
+        return Pixels(*load_fashion_mnist(args.data_path, rank), flip=False)
     if args.data == "cifar10":
         return Pixels(*load_cifar10(args.data_path, rank), flip=True)
     return ImageNetLatents(args.data_path)
