@@ -8,7 +8,8 @@
   torchrun --nproc_per_node=8 train.py --prepare-imagenet /data/imagenet/train --data-path data/imagenet-latents
   torchrun --nproc_per_node=8 train.py --data imagenet-latents --model XL/2 --recipe improved-dtd
   torchrun --nproc_per_node=8 train.py --data imagenet-latents --model XL/2 --sample 50000   # ADM-format .npz
-The same command with --resume continues from <out>/ckpt.pt (on CPU bitwise as if never stopped).
+The same command with --resume continues from <out>/ckpt.pt (on CPU bitwise as if never stopped); Ctrl-C or
+SIGTERM ends the step, writes the checkpoint and prints that command. --overwrite starts over in a used --out.
 
 Output in --out: log.jsonl (a line per --log-every steps), step-XXXXXXX.png (1-NFE and 2-NFE samples of the EMA
 model; beside the data and the loss curves for 2-D toys, with loss.png for images), ckpt.pt (written atomically).
@@ -138,7 +139,8 @@ def get_args(argv=None):
     for k, (ok, must) in NUMBERS.items():
         v = getattr(args, k)
         if v is not None and not (math.isfinite(v) and ok(v)):
-            raise Fail(f"--{k.replace('_', '-')} {v} is out of range: pass a {'finite ' * isinstance(v, float)}value {must}")
+            finite = "finite " if isinstance(v, float) else ""
+            raise Fail(f"--{k.replace('_', '-')} {v} is out of range: pass a {finite}value {must}")
     world = int(os.environ.get("WORLD_SIZE", 1))  # checked before any process group exists: all fail alike
     if args.batch_size % world and not args.prepare_imagenet:
         raise Fail(f"--batch-size {args.batch_size} does not split over {world} processes; pass a multiple of {world}")
@@ -911,14 +913,17 @@ def resume_command(argv):
     return shlex.join(launch + [script] + argv)
 
 
-def interrupt(signum, frame):  # SIGTERM outside the training loop: unwind as Ctrl-C does, with every cleanup
+def interrupt(signum, frame):
     raise KeyboardInterrupt(signum)
 
 
 def main(argv=None):
     release, rank = None, int(os.environ.get("RANK", 0))
-    main_thread = threading.current_thread() is threading.main_thread()  # only there can handlers be set
-    old_term = signal.signal(signal.SIGTERM, interrupt) if main_thread else None
+    # SIGTERM outside the training loop unwinds as Ctrl-C does (lock, temporaries removed). Not under torchrun: a
+    # Python handler cannot run while a process waits in a collective for a failed peer, and torchrun's SIGTERM
+    # must end such a process at once, as the default action does.
+    single = threading.current_thread() is threading.main_thread() and "RANK" not in os.environ
+    old_term = signal.signal(signal.SIGTERM, interrupt) if single else None
     try:
         args = get_args(argv)
         if args.prepare_imagenet:
@@ -937,8 +942,8 @@ def main(argv=None):
     except KeyboardInterrupt as err:  # a signal before training started, or while sampling: every file is whole
         signum = err.args[0] if err.args else signal.SIGINT
         if rank == 0:
-            print(f"train.py: stopped by {signal.Signals(signum).name} outside the training loop; nothing was saved "
-                  "and no file was left half-written", file=sys.stderr)
+            print(f"train.py: stopped by {signal.Signals(signum).name} outside the training loop (no checkpoint to "
+                  "write); every output is whole or absent; run the command again", file=sys.stderr)
         return 128 + signum
     finally:
         if release is not None:
