@@ -544,6 +544,9 @@ def claim_out(args):
             except OSError:  # not empty: the run wrote something
                 break
 
+    for f in os.listdir(out):  # temporaries left by a kill -9 (not --sample's: it takes no lock, may be writing)
+        if (f.endswith(".tmp") or ".tmp-" in f) and not f.startswith("samples-"):
+            os.remove(os.path.join(out, f))
     held = [f for f in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(out, f))]
     if held and args.overwrite:  # asked for: the old run's files go
         pictures = [os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(out), "step-*.png"))]
