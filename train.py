@@ -523,11 +523,13 @@ def claim_out(args):
             except BlockingIOError:
                 holder = os.read(fd, 200).decode(errors="replace").strip()
                 os.close(fd)
-                raise Fail(f"another run ({holder or 'starting'}) is training in --out {out}; wait for it, stop it "
+                raise Fail(f"another run ({holder or 'just starting'}) is training in --out {out}; wait for it, stop it "
                            f"(Ctrl-C saves its checkpoint), or pass another --out")
-            if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
-                lock = fd
-            else:  # its holder removed the file between our open and flock: take the new one
+            try:  # its holder may have removed the file between our open and flock: then take a new one
+                lock = fd if os.stat(path).st_ino == os.fstat(fd).st_ino else None
+            except FileNotFoundError:
+                pass
+            if lock is None:
                 os.close(fd)
         os.ftruncate(lock, 0)
         os.write(lock, f"pid {os.getpid()} on {socket.gethostname()}".encode())
