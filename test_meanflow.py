@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q test_meanflow.py      (CPU; a few minutes on 2 cores)
 """
+import argparse
 import copy
 import gzip
 import importlib.util
@@ -10,10 +11,14 @@ import json
 import math
 import os
 import pickle
+import shlex
+import signal
 import socket
 import subprocess
 import sys
 import tarfile
+import time
+import zlib
 
 import numpy as np
 import pytest
@@ -1515,3 +1520,386 @@ def test_fashion_mnist_failed_download_is_one_line(tmp_path, capsys, monkeypatch
     assert leftovers(folder) == [] and not os.path.exists(os.path.join(folder, "train-images-idx3-ubyte.gz"))
     assert not os.path.exists(tmp_path / "run")
 
+
+# --- robustness: no run is ever lost (reruns, concurrent runs, signals, bad numbers, bad files, full disks) ---
+TOY_RUN = ["--batch-size", 16, "--log-every", 1]  # a toy step takes milliseconds; a log line every step
+
+
+def strict_json(line):
+    """json.loads that refuses NaN and Infinity, which are not JSON."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+def ckpt_step(folder):
+    return torch.load(os.path.join(folder, "ckpt.pt"), weights_only=True)["step"]
+
+
+def test_every_numeric_argument_has_a_range(monkeypatch):
+    """train.NUMBERS is the one place of the numeric checks: no int or float argument may be missing from it."""
+    parsers = []
+    parse = argparse.ArgumentParser.parse_args
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
+                        lambda p, *a, **k: parsers.append(p) or parse(p, *a, **k))
+    train.get_args([])
+    numeric = {a.dest for a in parsers[0]._actions if a.type in (int, float)}
+    assert numeric and numeric <= set(train.NUMBERS), numeric - set(train.NUMBERS)
+
+
+BAD_NUMBERS = [
+    (["--steps", 0], ["--steps 0", "1 or more"]), (["--steps", -5], ["--steps -5"]),
+    (["--batch-size", 0], ["--batch-size 0"]), (["--batch-size", -8], ["--batch-size -8"]),
+    (["--lr", "nan"], ["--lr nan", "finite"]), (["--lr", -1], ["--lr -1.0", "> 0"]), (["--lr", "inf"], ["--lr inf"]),
+    (["--weight-decay", "nan"], ["--weight-decay nan"]), (["--seed", -1], ["--seed -1"]),
+    (["--log-every", 0], ["--log-every 0"]), (["--sample", -3], ["--sample -3"]), (["--sample", 0], ["--sample 0"]),
+    (["--sample-steps", -2], ["--sample-steps -2"]), (["--sample-steps", 0], ["--sample-steps 0"]),
+    (["--ema", "nan"], ["--ema nan"]), (["--ema", 2], ["--ema 2.0", "[0, 1)"]), (["--warmup", -1], ["--warmup -1"]),
+    (["--stop-at", 0], ["--stop-at 0"]), (["--stop-at", 3001], ["--stop-at 3001", "--steps 3000"]),
+    (["--stop-at", 5, "--steps", 4], ["--stop-at 5", "--steps 4"]), (["--kappa", 1], ["--kappa 1.0"]),
+    (["--t-lo", 0.8, "--t-hi", 0.2], ["--t-lo 0.8"]), (["--resume", "--overwrite"], ["--overwrite"]),
+    (["--data", "fashion-mnist", "--model", "Ti/4", "--steps", 0], ["--steps 0"]),
+]
+
+
+@pytest.mark.parametrize("argv, words", BAD_NUMBERS, ids=[" ".join(map(str, a)) for a, _ in BAD_NUMBERS])
+def test_bad_numbers_are_one_line_errors_before_any_work(tmp_path, capsys, argv, words):
+    assert_one_line_error(*run_main(argv + ["--out", tmp_path / "run"], capsys)[::2], *words)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_stop_at_beyond_the_default_epochs_of_an_image_run(tmp_path, capsys):
+    make_fashion(str(tmp_path / "fm"))  # 40 images, batch 8: 240 epochs are 1200 steps
+    code, _, err = run_main(["--data", "fashion-mnist", "--data-path", tmp_path / "fm", "--model", "Ti/4",
+                             "--batch-size", 8, "--stop-at", 1201, "--out", tmp_path / "run"], capsys)
+    assert_one_line_error(code, err, "--stop-at 1201", "1200 steps")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_rerun_refuses_a_folder_holding_a_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(TOY_RUN + ["--steps", 4, "--out", out], capsys)[0] == 0
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    for argv in (["--steps", 2], ["--steps", 2, "--recipe", "improved-dtd"]):
+        code, _, err = run_main(TOY_RUN + argv + ["--out", out], capsys)
+        assert_one_line_error(code, err, "already holds a run", "--resume", "--overwrite")
+    code, _, err = run_main(TOY_RUN + ["--steps", 2, "--resume", "--out", out], capsys)  # behind the checkpoint
+    assert_one_line_error(code, err, "step 4", "--steps 2")
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before  # nothing touched
+    code, _, err = run_main(TOY_RUN + ["--steps", 2, "--overwrite", "--out", out], capsys)  # on purpose
+    assert code == 0, err
+    assert ckpt_step(out) == 2 and [strict_json(s)["step"] for s in open(out / "log.jsonl")] == [1, 2]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl", "step-0000002.png"]  # the old picture went too
+
+
+def wait_for_log(proc, folder, lines, timeout=120):
+    """Wait until the run in `folder` has logged `lines` lines (or fail if it ended first)."""
+    path, end = os.path.join(folder, "log.jsonl"), time.time() + timeout
+    while not (os.path.exists(path) and open(path).read().count("\n") >= lines):
+        ended = proc.poll() is not None
+        assert not ended and time.time() < end, proc.communicate()[1][-3000:] if ended else "timeout"
+        time.sleep(0.02)
+
+
+def start(argv):
+    """python train.py argv in a process of its own."""
+    return subprocess.Popen([str(a) for a in argv], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def start_toy_run(folder, *extra, steps=100_000):
+    return start([sys.executable, os.path.join(HERE, "train.py"), "--steps", steps, *TOY_RUN, "--out", folder, *extra])
+
+
+def test_sigint_and_sigterm_checkpoint_and_resume_continues_bitwise(tmp_path, capsys):
+    """A real Ctrl-C, then SIGTERM to the printed resume command: each ends after a whole step with a checkpoint of
+    that step, one line with the exact resume command, exit 128 + signal; the log runs on without a gap, `time`
+    without a jump back; resumed to the end, the weights equal an uninterrupted run's bit for bit."""
+    out = str(tmp_path / "run")
+    proc, steps = start_toy_run(out), []
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        wait_for_log(proc, out, (steps[-1] if steps else 0) + 3)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        last = err.replace("\r", "\n").strip().splitlines()[-1]
+        assert proc.returncode == code and "Traceback" not in err, err[-3000:]
+        assert last.startswith(f"train.py: stopped by {sig.name} after step "), last
+        steps.append(int(last.split("after step ")[1].split()[0]))
+        assert ckpt_step(out) == steps[-1] and leftovers(out) == [] and sorted(os.listdir(out)) == ["ckpt.pt",
+                                                                                                     "log.jsonl"]
+        command = shlex.split(last.split("resume with: ")[1])
+        assert command[1:3] == [os.path.join(HERE, "train.py"), "--steps"] and command.count("--resume") == 1
+        if sig == signal.SIGINT:
+            proc = start(command)  # the printed command itself
+    assert steps[0] < steps[1]
+    end = steps[1] + 2  # the printed command once more (in this process), to a clean end two steps on
+    assert run_main(command[2:] + ["--stop-at", end], capsys)[0] == 0
+    code, _, err = run_main(["--steps", 100_000, *TOY_RUN, "--stop-at", end, "--out", tmp_path / "whole"], capsys)
+    assert code == 0, err
+    a, b = flat_state(torch.load(tmp_path / "whole" / "ckpt.pt")), flat_state(torch.load(f"{out}/ckpt.pt"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = [strict_json(s) for s in open(f"{out}/log.jsonl")]
+    assert [h["step"] for h in log] == list(range(1, end + 1))
+    assert all(h0["time"] <= h1["time"] for h0, h1 in zip(log, log[1:]))  # no restart at 0 on resume
+
+
+def worker_pids(parent):
+    """Child processes of `parent` (from /proc): torchrun's workers."""
+    pids = []
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1]) == parent:
+                pids.append(int(d))
+        except OSError:
+            pass
+    return sorted(pids)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers in /proc (Linux)")
+def test_sigterm_to_one_torchrun_process_stops_all_after_the_same_step(tmp_path):
+    out = str(tmp_path / "run")
+    proc = start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                  os.path.join(HERE, "train.py"), "--steps", 100_000, *TOY_RUN, "--out", out])
+    wait_for_log(proc, out, 3)
+    workers = worker_pids(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGTERM)  # one process only: the other must learn of it and stop with it
+    _, err = proc.communicate(timeout=120)
+    line = [s for s in err.splitlines() if s.startswith("train.py: ")]
+    assert len(line) == 1 and line[0].startswith("train.py: stopped by SIGTERM after step "), err[-3000:]
+    step = int(line[0].split("after step ")[1].split()[0])
+    assert "resume with: torchrun --nproc_per_node=2 " in line[0] and line[0].endswith("--resume")
+    ckpt = torch.load(f"{out}/ckpt.pt", weights_only=True)
+    assert ckpt["step"] == step == strict_json(open(f"{out}/log.jsonl").readlines()[-1])["step"]
+    assert len(ckpt["rng"]) == 2 and leftovers(out) == []
+
+
+def test_kill_9_then_resume_leaves_no_temporary(tmp_path, capsys):
+    """kill -9 cannot be caught: whatever it leaves (a stale lock file, a temporary of a checkpoint being written),
+    the next run in the folder clears, and the log and checkpoint go on from the last whole checkpoint."""
+    out = str(tmp_path / "run")
+    proc = start_toy_run(out, "--ckpt-every", 1)  # a checkpoint every step: the kill may well land in one
+    wait_for_log(proc, out, 3)
+    proc.kill()
+    proc.wait()
+    open(f"{out}/ckpt.pt.tmp-{proc.pid}-0badf00d", "wb").write(b"half a checkpoint")  # as a kill mid-write leaves
+    end = ckpt_step(out) + 2
+    code, _, err = run_main(["--steps", 100_000, *TOY_RUN, "--out", out, "--stop-at", end, "--resume"], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]
+    assert [strict_json(s)["step"] for s in open(f"{out}/log.jsonl")] == list(range(1, end + 1))
+
+
+def test_a_second_live_run_in_the_same_folder_fails_at_once(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    first = start_toy_run(out)
+    wait_for_log(first, out, 2)
+    for extra in ([], ["--resume"], ["--overwrite"]):
+        t = time.time()
+        code, _, err = run_main(["--steps", 100_000, *TOY_RUN, "--out", out, *extra], capsys)
+        assert_one_line_error(code, err, "another run", f"pid {first.pid}", "--out")
+        assert time.time() - t < 5  # at once: no data, no model, no step
+    first.send_signal(signal.SIGTERM)  # the first run is unharmed: it stops cleanly and its files are whole
+    assert first.wait(timeout=60) == 143
+    log = [strict_json(s)["step"] for s in open(f"{out}/log.jsonl")]
+    assert log == list(range(1, ckpt_step(out) + 1)) and sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]
+
+
+def test_two_runs_started_together_one_wins(tmp_path):
+    out = str(tmp_path / "run")
+    procs = [start_toy_run(out, steps=3) for _ in range(2)]
+    results = sorted((p.communicate(timeout=120)[1], p.returncode)[::-1] for p in procs)
+    assert [code for code, _ in results] == [0, 2], results
+    last = results[1][1].strip().splitlines()[-1]  # depending on timing, the lock or the finished run refuses it
+    assert last.startswith("train.py: error: ") and ("another run" in last or "already holds a run" in last), last
+    assert [strict_json(s)["step"] for s in open(f"{out}/log.jsonl")] == [1, 2, 3] and ckpt_step(out) == 3
+    assert leftovers(out) == []
+
+
+def test_a_cut_off_log_line_is_dropped_on_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--steps", 4, *TOY_RUN, "--out", out]
+    assert run_main(common + ["--stop-at", 2], capsys)[0] == 0
+    with open(out / "log.jsonl", "ab") as f:
+        f.write(b'{"step": 3, "loss": 0.12')  # a kill (or a full disk) during the append of step 3
+    code, _, err = run_main(common + ["--resume"], capsys)
+    assert code == 0, err
+    assert [strict_json(s)["step"] for s in open(out / "log.jsonl")] == [1, 2, 3, 4]
+    # A broken line that is not the last one is not ours to drop: one line, nothing changed.
+    raw = open(out / "log.jsonl", "rb").read().replace(b'{"step": 2,', b'{"step": 2', 1)
+    (out / "log.jsonl").write_bytes(raw)
+    code, _, err = run_main(common[:1] + [6] + common[2:] + ["--resume"], capsys)
+    assert_one_line_error(code, err, "log.jsonl line 2")
+    assert (out / "log.jsonl").read_bytes() == raw and ckpt_step(out) == 4
+
+
+def test_log_is_standard_json_null_for_nan_and_time_runs_on(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--steps", 4, "--batch-size", 1, "--log-every", 1, "--out", out]  # B = 1: no r != t row, u-loss NaN
+    assert run_main(common + ["--stop-at", 2], capsys)[0] == 0
+    time.sleep(0.5)  # a pause between the runs does not count; the time before it does
+    assert run_main(common + ["--resume"], capsys)[0] == 0
+    log = [strict_json(s) for s in open(out / "log.jsonl")]
+    assert [h["u_loss"] for h in log] == [None] * 4 and all(math.isfinite(h["loss"]) for h in log)
+    saved = torch.load(out / "ckpt.pt", weights_only=True)["time"]
+    assert log[1]["time"] <= log[2]["time"] <= log[3]["time"] <= saved < log[3]["time"] + 5
+    assert log[2]["time"] - log[1]["time"] < 0.5  # no restart at 0, no gap for the pause
+    assert strict_json(train.log_line({"step": 1, "a": math.inf, "b": -math.inf, "c": math.nan})) == dict(
+        step=1, a=None, b=None, c=None)
+
+
+def corrupt_gzip(path):
+    raw = bytearray(gzip.compress(gzip.decompress(open(path, "rb").read())))  # a 10-byte header: no file name
+    raw[10:30] = bytes([255]) * 20  # the start of the first deflate block: an invalid block type
+    open(path, "wb").write(bytes(raw))
+
+
+def cifar_tarball(folder, labels):
+    """cifar-10-python.tar.gz with one data batch of these labels."""
+    os.makedirs(folder, exist_ok=True)
+    d = {b"data": np.zeros((len(labels), 3072), np.uint8), b"labels": list(labels)}
+    with tarfile.open(os.path.join(folder, "cifar-10-python.tar.gz"), "w:gz") as tar:
+        raw = pickle.dumps(d, protocol=2)
+        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        info.size = len(raw)
+        tar.addfile(info, io.BytesIO(raw))
+
+
+def test_bad_data_files_are_one_line_errors(tmp_path, capsys):
+    run = ["--model", "Ti/4", "--steps", 1, "--batch-size", 2, "--out", tmp_path / "run"]
+    fm = ["--data", "fashion-mnist", "--data-path"]
+    make_fashion(str(tmp_path / "gz"))
+    corrupt_gzip(str(tmp_path / "gz" / "train-images-idx3-ubyte.gz"))
+    with pytest.raises(zlib.error):  # what used to escape as a traceback
+        gzip.open(tmp_path / "gz" / "train-images-idx3-ubyte.gz").read()
+    assert_one_line_error(*run_main(fm + [tmp_path / "gz"] + run, capsys)[::2], "not a valid IDX file")
+    os.makedirs(tmp_path / "empty")
+    write_idx(str(tmp_path / "empty" / "train-images-idx3-ubyte.gz"), np.zeros((0, 28, 28)))
+    write_idx(str(tmp_path / "empty" / "train-labels-idx1-ubyte.gz"), np.zeros(0))
+    assert_one_line_error(*run_main(fm + [tmp_path / "empty"] + run, capsys)[::2], "holds no images")
+    os.makedirs(tmp_path / "labels")
+    write_idx(str(tmp_path / "labels" / "train-images-idx3-ubyte"), np.zeros((4, 28, 28)))
+    write_idx(str(tmp_path / "labels" / "train-labels-idx1-ubyte"), [0, 3, 10, 9])
+    assert_one_line_error(*run_main(fm + [tmp_path / "labels"] + run, capsys)[::2], "labels 0 to 10, not 0 to 9")
+    cifar_tarball(str(tmp_path / "c1"), [0, 12, 3])
+    code, _, err = run_main(["--data", "cifar10", "--data-path", tmp_path / "c1"] + run, capsys)
+    assert_one_line_error(code, err, "labels 0 to 12, not 0 to 9")
+    cifar_tarball(str(tmp_path / "c2"), [])
+    code, _, err = run_main(["--data", "cifar10", "--data-path", tmp_path / "c2"] + run, capsys)
+    assert_one_line_error(code, err, "holds no images")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_checkpoint_contents_are_checked_before_use(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--steps", 4, *TOY_RUN, "--out", out]
+    os.makedirs(out)
+    for content, words in ((torch.zeros(3), "(a Tensor)"), ({"model": {}, "step": 1}, "(no args, ema, opt")):
+        torch.save(content, out / "ckpt.pt")
+        assert_one_line_error(*run_main(common + ["--resume"], capsys)[::2], "not a train.py checkpoint", *words)
+        assert_one_line_error(*run_main(common + ["--sample", 5], capsys)[::2], "not a train.py checkpoint")
+    os.remove(out / "ckpt.pt")
+    assert run_main(common, capsys)[0] == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    for part in ("model", "ema"):
+        name = next(iter(ckpt[part]))
+        ckpt[part][name] = torch.zeros(3, 3)  # the same args, other shapes: a checkpoint of other code
+    torch.save(ckpt, out / "ckpt.pt")
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    assert_one_line_error(*run_main(common + ["--sample", 5], capsys)[::2], "does not fit", "other shapes")
+    assert_one_line_error(*run_main(common[:1] + [8] + common[2:] + ["--resume"], capsys)[::2], "does not fit")
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+
+
+def test_output_folder_that_is_a_file_or_under_one(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    for out, words in ((tmp_path / "file", ["is a file"]), (tmp_path / "file" / "run", ["cannot write", "writable"])):
+        assert_one_line_error(*run_main(["--steps", 2, *TOY_RUN, "--out", out], capsys)[::2], *words)
+    assert os.listdir(tmp_path) == ["file"] and (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_output_folder_without_write_permission(tmp_path, capsys):
+    """A folder this user cannot write to. Root writes whatever the mode says, so for root the folder is made
+    immutable (chattr +i, which binds root too); skipped where the file system or the user cannot do that."""
+    ro = tmp_path / "ro"
+    os.makedirs(ro)
+    if os.geteuid() != 0:
+        os.chmod(ro, 0o500)
+    elif subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode != 0:
+        pytest.skip("root ignores the folder's mode, and chattr +i is not available here")
+    try:
+        code, _, err = run_main(["--steps", 2, *TOY_RUN, "--out", ro], capsys)
+        assert_one_line_error(code, err, "cannot write to --out", "writable")
+        assert os.listdir(ro) == []
+    finally:
+        subprocess.run(["chattr", "-i", str(ro)], capture_output=True)
+        os.chmod(ro, 0o700)
+
+
+@pytest.fixture
+def file_size_limit():
+    """Set RLIMIT_FSIZE of this process: a write past it fails with EFBIG, as a write to a full disk fails with
+    ENOSPC (Python ignores SIGXFSZ); the limit is lifted afterwards."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    yield lambda n=soft: resource.setrlimit(resource.RLIMIT_FSIZE, (n, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_failed_writes_are_one_line_leave_no_temporary_and_keep_the_old_files(tmp_path, capsys, file_size_limit):
+    out = tmp_path / "run"
+    common = ["--steps", 4, *TOY_RUN, "--out", out]
+    assert run_main(common + ["--stop-at", 2], capsys)[0] == 0
+    two_lines = (out / "log.jsonl").read_bytes()
+    file_size_limit(os.path.getsize(out / "ckpt.pt") // 2)  # the checkpoint of step 3 fails halfway, in torch.save
+    code, _, err = run_main(common + ["--resume", "--stop-at", 3], capsys)
+    file_size_limit()
+    assert_one_line_error(code, err, "could not write", "ckpt.pt", "File too large", "previous file is unchanged")
+    assert ckpt_step(out) == 2 and leftovers(out) == []
+    file_size_limit(len(two_lines) + 100)  # the log line of step 3 fits in part only
+    code, _, err = run_main(common + ["--resume"], capsys)
+    file_size_limit()
+    assert_one_line_error(code, err, "could not append", "log.jsonl", "File too large")
+    assert (out / "log.jsonl").read_bytes() == two_lines and ckpt_step(out) == 2 and leftovers(out) == []
+    assert run_main(common + ["--resume"], capsys)[0] == 0  # room again: the run goes on
+    assert [strict_json(s)["step"] for s in open(out / "log.jsonl")] == [1, 2, 3, 4]
+
+
+def test_disk_full_is_one_line(tmp_path, capsys, monkeypatch):
+    """ENOSPC itself, as a full disk reports it, from the write inside torch.save and from fsync."""
+    import errno
+
+    out = tmp_path / "run"
+    common = ["--steps", 4, *TOY_RUN, "--out", out]
+    assert run_main(common + ["--stop-at", 2], capsys)[0] == 0
+    before = (out / "ckpt.pt").read_bytes()
+    real_open = open
+
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    class FullDisk(io.FileIO):
+        def write(self, b):
+            no_space()
+
+    for patch in ("write", "fsync"):
+        with monkeypatch.context() as m:
+            if patch == "write":  # the checkpoint's temporary is on a full disk
+                m.setattr(train, "open", lambda p, mode="r", *a, **k: FullDisk(p, "x") if "ckpt.pt" in str(p)
+                          else real_open(p, mode, *a, **k), raising=False)
+            else:  # everything is: the log's rewrite at resume fails first
+                m.setattr(os, "fsync", no_space)
+            code, _, err = run_main(common + ["--resume", "--stop-at", 3], capsys)
+        assert_one_line_error(code, err, "could not", "No space left on device")
+        assert (out / "ckpt.pt").read_bytes() == before and leftovers(out) == []
+
+
+def test_sample_refuses_a_checkpoint_of_the_other_class_conditioning(tmp_path, capsys):
+    """A class-conditional checkpoint sampled as unconditional (or the reverse) is one line, not a shape traceback."""
+    ckpt = {"args": {"data": "cifar10", "model": "Ti/4", "recipe": "meanflow", "class_cond": True}, "ema": {}}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    args = train.get_args(["--data", "cifar10", "--model", "Ti/4", "--out", str(tmp_path), "--sample", "4"])
+    assert args.class_cond is False
+    with pytest.raises(train.Fail, match="--class-cond"):
+        train.load_checkpoint(str(tmp_path / "ckpt.pt"), args)

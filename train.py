@@ -11,7 +11,8 @@
   torchrun --nproc_per_node=8 train.py --data imagenet-latents --model XL/2 --sample 50000   # ADM-format .npz
   torchrun --nproc_per_node=8 train.py --data imagenet-latents --model B/2 --recipe imf   # the iMF network, 640 epochs
   torchrun --nproc_per_node=8 train.py --data imagenet-latents --model B/2 --recipe imf --sample 50000  # omega 8, [0.4, 0.65]
-The same command with --resume continues from <out>/ckpt.pt (on CPU bitwise as if never stopped).
+The same command with --resume continues from <out>/ckpt.pt (on CPU bitwise as if never stopped); Ctrl-C or
+SIGTERM ends the step, writes the checkpoint and prints that command. --overwrite starts over in a used --out.
 
 Output in --out: log.jsonl (a line per --log-every steps), step-XXXXXXX.png (1-NFE and 2-NFE samples of the EMA
 model; beside the data and the loss curves for 2-D toys, with loss.png for images), ckpt.pt (written atomically).
@@ -21,6 +22,7 @@ Bad input ends with one line on stderr, exit code 2, and no half-written file.
 
 import argparse
 import copy
+import fcntl
 import glob
 import gzip
 import hashlib
@@ -29,10 +31,17 @@ import math
 import os
 import pickle
 import random
+import shlex
+import shutil
+import signal
+import socket
 import sys
 import tarfile
+import tempfile
+import threading
 import time
 import urllib.request
+import zlib
 from contextlib import nullcontext
 
 import numpy as np
@@ -77,6 +86,23 @@ class Fail(Exception):
     """A problem the user can fix (bad input, diverged run): main prints it as one line and exits with 2."""
 
 
+class Stopped(Exception):
+    """SIGINT or SIGTERM while training: every process saved the checkpoint; main prints how to resume."""
+
+
+# Every numeric argument, checked before any work: what it must be (float ones must also be finite). A new
+# numeric argument gets its line here (a test checks that none is missing).
+COUNT, NONNEG, POSITIVE = (lambda v: v >= 1, "1 or more"), (lambda v: v >= 0, "0 or more"), (lambda v: v > 0, "> 0")
+UNIT, FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: 0 <= v < 1, "in [0, 1)")
+NUMBERS = dict(
+    steps=COUNT, batch_size=COUNT, lr=POSITIVE, warmup=NONNEG, weight_decay=NONNEG, ema=FRACTION, seed=NONNEG,
+    omega=POSITIVE, kappa=FRACTION, t_lo=UNIT, t_hi=UNIT,  # guidance in the target
+    log_every=COUNT, eval_every=COUNT, ckpt_every=COUNT, stop_at=COUNT,
+    sample=COUNT, sample_steps=COUNT, sample_omega=(lambda v: v >= 1, "1 or more (1: no guidance)"),
+    sample_interval=UNIT, dropout=FRACTION,
+    shard=NONNEG, num_shards=COUNT, workers=NONNEG)  # --prepare-imagenet
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
@@ -107,6 +133,8 @@ def get_args(argv=None):
     a("--eval-every", type=int, help="steps between sample grids (default 10000; toy: at the end)")
     a("--ckpt-every", type=int, help="steps between checkpoints (default 10000; toy: at the end)")
     a("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    a("--overwrite", action="store_true", help="start a new run in an --out that holds one, deleting its ckpt.pt, "
+      "log.jsonl and pictures (without it, or --resume, such a folder is refused)")
     a("--stop-at", type=int, help="checkpoint and exit after this step, as a preempted job would (default never)")
     a("--precision", choices=["bf16", "fp32"], help="autocast dtype (default bf16 on GPU, with TF32; fp32 on CPU)")
     a("--compile", action="store_true", help="torch.compile the loss (default off): the forward-mode pass runs "
@@ -156,9 +184,24 @@ def get_args(argv=None):
     args.knobs, args.set_knobs = own.get("knobs", {}), parse_sets(args.set, args.recipe)
     args.data_path = args.data_path or DATA_PATHS.get("imagenet-latents" if args.prepare_imagenet else args.data)
     args.out = args.out or os.path.join("runs", f"{args.data}-{args.model.replace('/', '')}-{args.recipe}")
+    for k, (ok, must) in NUMBERS.items():
+        for v in getattr(args, k) if isinstance(getattr(args, k), list) else [getattr(args, k)]:  # nargs: each
+            if v is not None and not (math.isfinite(v) and ok(v)):
+                finite = "finite " if isinstance(v, float) else ""
+                raise Fail(f"--{k.replace('_', '-')} {v} is out of range: pass a {finite}value {must}")
     world = int(os.environ.get("WORLD_SIZE", 1))  # checked before any process group exists: all fail alike
     if args.batch_size % world and not args.prepare_imagenet:
         raise Fail(f"--batch-size {args.batch_size} does not split over {world} processes; pass a multiple of {world}")
+    if args.seed * world + world > 2**32:  # numpy seeds process k with seed * world + k
+        raise Fail(f"--seed {args.seed} is too large for {world} processes; pass one below {2**32 // world}")
+    if args.stop_at is not None and args.steps is not None and args.stop_at > args.steps:
+        raise Fail(f"--stop-at {args.stop_at} is beyond --steps {args.steps}; pass a step within the run")
+    if args.t_lo is not None and args.t_hi is not None and args.t_lo > args.t_hi:
+        raise Fail(f"--t-lo {args.t_lo} is above --t-hi {args.t_hi}; the guidance interval needs t_lo <= t_hi")
+    if args.shard is not None and args.num_shards is not None and args.shard >= args.num_shards:
+        raise Fail(f"--shard {args.shard} is not among --num-shards {args.num_shards}; pass 0 to {args.num_shards - 1}")
+    if args.overwrite and (args.resume or args.sample is not None):
+        raise Fail("--overwrite starts a new run: it does not go with --resume or --sample")
     return args
 
 
@@ -205,7 +248,7 @@ def read_idx(path):
         data = np.frombuffer(raw, np.uint8, offset=4 + 4 * raw[3])
         if raw[:3] != b"\0\0\x08" or data.size != math.prod(dims):
             raise ValueError
-    except (OSError, ValueError, EOFError, IndexError):
+    except (OSError, ValueError, EOFError, IndexError, zlib.error):  # zlib.error: corrupt compressed bytes
         raise Fail(f"{path} is not a valid IDX file (truncated or not uint8 IDX); re-install or re-download it")
     return data.reshape(dims)
 
@@ -352,6 +395,20 @@ def load_data(args, rank):
     return ImageNetLatents(args.data_path)
 
 
+def check_data(data, args):
+    """A set with no images, or labels outside the classes, would fail later and far away (a division by zero,
+    an IndexError in the label embedding): one line now."""
+    if data is None:
+        return
+    K, where = IMAGE_DATA[args.data][2], f"{args.data} in {args.data_path}"
+    if len(data) == 0:
+        raise Fail(f"{where} holds no images; re-install or re-download it, or pass another --data-path")
+    lo, hi = int(data.labels.min()), int(data.labels.max())
+    if lo < 0 or hi >= K:
+        raise Fail(f"{where} has labels {lo} to {hi}, not 0 to {K - 1}: the files are corrupt or of another data "
+                   f"set; re-download them")
+
+
 def get_batch(args, data, step, rank, world):
     """This process's slice of the global batch of `step`: (x, y), y None for the 2-D toys and unconditional runs."""
     B, g = args.batch_size, torch.Generator().manual_seed(args.seed * 1_000_003 + step)
@@ -472,27 +529,184 @@ def set_rng_state(s):
 
 
 def load_checkpoint(path, args):
+    """<out>/ckpt.pt, checked before use: a train.py checkpoint, with what --resume (or --sample) needs, of this
+    --data, --model and --recipe."""
     if not os.path.exists(path):
-        raise Fail(f"no checkpoint at {path}; train first, or pass the --out of the run")
+        raise Fail(f"no checkpoint at {path}; train first, or pass the --out of the run"
+                   + ("" if args.sample is not None else " (or --overwrite to start over there)"))
     try:  # weights_only: a checkpoint is tensors and plain containers, never code
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise Fail(f"{path} is not a readable checkpoint ({type(err).__name__}); delete it or pass another --out")
+    need = ("args", "ema") if args.sample is not None else ("args", "model", "ema", "opt", "method", "step", "rng")
+    missing = [k for k in need if k not in ckpt] if isinstance(ckpt, dict) else need
+    if missing or not isinstance(ckpt["args"], dict) or not isinstance(ckpt.get("step", 0), int):
+        what = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else f"no {', '.join(missing) or 'valid args'}"
+        raise Fail(f"{path} is not a train.py checkpoint ({what}); pass the --out of a train.py run")
     for k in ("data", "model", "recipe"):
-        if ckpt["args"][k] != getattr(args, k):
-            raise Fail(f"{path} was trained with --{k} {ckpt['args'][k]}, not {getattr(args, k)}: "
-                       f"pass --{k} {ckpt['args'][k]} or another --out")
+        if ckpt["args"].get(k) != getattr(args, k):
+            raise Fail(f"{path} was trained with --{k} {ckpt['args'].get(k)}, not {getattr(args, k)}: "
+                       f"pass --{k} {ckpt['args'].get(k)} or another --out")
+    if ckpt["args"].get("class_cond", args.class_cond) != args.class_cond:  # older checkpoints: no such key
+        flag = "--class-cond" if ckpt["args"]["class_cond"] else "--no-class-cond"
+        raise Fail(f"{path} was trained with {flag}: pass {flag} or another --out")
     return ckpt
 
 
 def save_atomic(path, write):
-    """write(file) into path.tmp, then rename: a kill mid-write never leaves a corrupt or half-written file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    """write(file) into a temporary file of this writer alone, then rename: a kill mid-write never leaves a corrupt
+    or half-written file, and two writers never share a temporary. On any failure the temporary goes; a failed
+    write (disk full) is one line, and the file at path, if any, is unchanged."""
+    tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"  # not the random module: its state is checkpointed
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        cause = err  # torch.save reports a failed write as a RuntimeError whose context is the OSError
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None or not isinstance(err, Exception):
+            raise
+        kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
+        raise Fail(f"could not write {path} ({cause.strerror}); {kept}; make room there (or fix its permissions) "
+                   "and run again, with --resume for a training run") from None
+
+
+def log_line(h):
+    """A log.jsonl line: standard JSON, so a non-finite number (a diverged loss) is written as null."""
+    return json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in h.items()}) + "\n"
+
+
+def append_log(path, h):
+    """Append a line in one write; if it fails (disk full), cut the file back, so that no partial line is left."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    size, data = os.fstat(fd).st_size, log_line(h).encode()
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    except OSError as err:
+        os.ftruncate(fd, size)
+        raise Fail(f"could not append to {path} ({err.strerror}); make room there and run again with --resume")
+    finally:
+        os.close(fd)
+
+
+def read_log(path, step):
+    """The lines of log.jsonl up to `step` (those logged after the checkpoint go), null read back as NaN. A last
+    line without its newline was cut off by a kill or a full disk: it is dropped."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")[:-1]  # the last piece is empty, or the cut-off line
+    history = []
+    for i, s in enumerate(lines):
+        try:
+            h = json.loads(s)
+            if not isinstance(h.get("step"), int):
+                raise ValueError
+        except (ValueError, AttributeError):
+            raise Fail(f"{path} line {i + 1} is not a log line; delete that line and run again")
+        if h["step"] <= step:
+            history.append({k: math.nan if v is None else v for k, v in h.items()})
+    return history
+
+
+def claim_out(args):
+    """--out checked before any work, by process 0. Training: it must be a writable folder not in use by a live
+    run (a lock file, which the system releases when a process dies, even by kill -9), and hold no run unless
+    --resume or --overwrite. Returns a function that releases it."""
+    out, rank = args.out, int(os.environ.get("RANK", 0))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise Fail(f"--out {out} is a file, not a folder; pass a folder")
+    if rank or (args.sample is not None and not os.path.isdir(out)):  # --sample: load_checkpoint says what is amiss
+        return lambda: None
+    new, d = [], os.path.abspath(out)  # the folders this run creates, deepest first: removed again if left empty
+    while not os.path.exists(d):
+        new, d = new + [d], os.path.dirname(d)
+    try:
+        os.makedirs(out, exist_ok=True)
+        if args.sample is not None:  # sampling only adds its .npz; check now that it will be able to
+            tempfile.TemporaryFile(dir=out).close()
+            return lambda: None
+        lock, path = None, os.path.join(out, "train.lock")
+        while lock is None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip()
+                os.close(fd)
+                raise Fail(f"another run ({holder or 'just starting'}) is training in --out {out}; wait for it, stop it "
+                           f"(Ctrl-C saves its checkpoint), or pass another --out")
+            try:  # its holder may have removed the file between our open and flock: then take a new one
+                lock = fd if os.stat(path).st_ino == os.fstat(fd).st_ino else None
+            except FileNotFoundError:
+                pass
+            if lock is None:
+                os.close(fd)
+        os.ftruncate(lock, 0)
+        os.write(lock, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    except OSError as err:
+        raise Fail(f"cannot write to --out {out} ({err.strerror}); pass a writable folder")
+
+    def release():
+        if os.path.exists(path):  # removed before the unlock: a run that opened it meanwhile sees it gone, retries
+            os.remove(path)
+        os.close(lock)
+        for d in new:
+            try:
+                os.rmdir(d)
+            except OSError:  # not empty: the run wrote something
+                break
+
+    for f in os.listdir(out):  # temporaries left by a kill -9 (not --sample's: it takes no lock, may be writing)
+        if (f.endswith(".tmp") or ".tmp-" in f) and not f.startswith("samples-"):
+            os.remove(os.path.join(out, f))
+    held = [f for f in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(out, f))]
+    if held and args.overwrite:  # asked for: the old run's files go
+        pictures = [os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(out), "step-*.png"))]
+        for f in held + pictures + ["loss.png"]:
+            if os.path.exists(os.path.join(out, f)):
+                os.remove(os.path.join(out, f))
+    elif held and not args.resume:
+        release()
+        raise Fail(f"--out {out} already holds a run ({' and '.join(held)}); pass --resume to continue it, "
+                   f"--overwrite to start over (deleting it), or another --out")
+    return release
+
+
+class StopSignals:
+    """While training, SIGINT (Ctrl-C) and SIGTERM (what SLURM, Kubernetes and torchrun send before they stop a
+    job) only take a note: the step finishes, all processes agree, the checkpoint is written, then Stopped.
+    Repeats are ignored: under torchrun each process gets the terminal's Ctrl-C and torchrun's copy of it."""
+
+    def __enter__(self):
+        self.signum, self.old = 0, {}
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self.note) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def note(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+    def agreed(self, device):
+        """The signal any process got (0: none), the same number in every process."""
+        if not dist.is_initialized():
+            return self.signum
+        flag = torch.tensor(float(self.signum), device=device)
+        dist.all_reduce(flag, dist.ReduceOp.MAX)
+        return int(flag.item())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -725,7 +939,11 @@ def run(args):
     method = make_method(args)  # bad knobs fail here, before any data is read
     args.sample_guidance = sample_guidance(args, method)
     data = load_data(args, rank)
-    args.steps = args.steps or math.ceil(args.epochs * len(data) / args.batch_size)  # 240 epochs (paper), iMF 640
+    check_data(data, args)
+    if args.steps is None:
+        args.steps = math.ceil(args.epochs * len(data) / args.batch_size)  # 240 epochs (paper), iMF 640
+        if args.stop_at is not None and args.stop_at > args.steps:
+            raise Fail(f"--stop-at {args.stop_at} is beyond the {args.steps} steps of {args.epochs} epochs; pass a step within")
     args.eval_every, args.ckpt_every = args.eval_every or args.steps, args.ckpt_every or args.steps
     K = IMAGE_DATA[args.data][2] if data is not None and args.class_cond else 0
     torch.manual_seed(args.seed)  # the same initial weights in every process
@@ -743,30 +961,39 @@ def run(args):
     except RuntimeError:  # no fused kernel for this device
         opt = torch.optim.AdamW(net.parameters(), **adamw)
     ckpt_path, log_path, step, history = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl"), 0, []
-    if args.sample:
-        net.load_state_dict(load_checkpoint(ckpt_path, args)["ema"])
+    fits = f"{ckpt_path} does not fit --model {args.model} (other shapes); pass the run's own settings"
+    if args.sample is not None:
+        try:
+            net.load_state_dict(load_checkpoint(ckpt_path, args)["ema"])
+        except RuntimeError:
+            raise Fail(fits)
         return sample_to_npz(args, method, net.eval(), data, rank, world, device)
 
     torch.manual_seed(args.seed * world + rank)  # each process its own noise, (t, r) and label drops
     np.random.seed(args.seed * world + rank)
     random.seed(args.seed * world + rank)
+    elapsed = 0.0  # seconds of the run before this process: `time` in the log goes on across resumes
     if args.resume:
         ckpt = load_checkpoint(ckpt_path, args)
+        step = ckpt["step"]
+        if step > args.steps or (args.stop_at is not None and args.stop_at <= step):
+            bad = f"--stop-at {args.stop_at}" if step <= args.steps else f"--steps {args.steps}"
+            raise Fail(f"{ckpt_path} is at step {step}, not before {bad}; pass a later step to train on")
         try:
             net.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])
-        except RuntimeError:
-            raise Fail(f"{ckpt_path} does not fit --model {args.model} (other shapes); pass the run's own settings")
-        opt.load_state_dict(ckpt["opt"])
-        method.load_state_dict(ckpt["method"])
-        step = ckpt["step"]
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank])
-        elif rank == 0:
-            print(f"resuming a {len(ckpt['rng'])}-process run on {world}: fresh random streams", file=sys.stderr)
-        history = [h for h in map(json.loads, open(log_path)) if h["step"] <= step] if os.path.exists(log_path) else []
+            opt.load_state_dict(ckpt["opt"])
+            method.load_state_dict(ckpt["method"])
+            if len(ckpt["rng"]) == world:
+                set_rng_state(ckpt["rng"][rank])
+            elif rank == 0:
+                print(f"resuming a {len(ckpt['rng'])}-process run on {world}: fresh random streams", file=sys.stderr)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError):
+            raise Fail(fits)
+        history = read_log(log_path, step)
+        elapsed = ckpt.get("time", history[-1]["time"] if history else 0.0)
         if rank == 0:  # drop the lines logged after the checkpoint
-            save_atomic(log_path, lambda f: f.write("".join(json.dumps(h) + "\n" for h in history).encode()))
+            save_atomic(log_path, lambda f: f.write("".join(map(log_line, history)).encode()))
     vae = load_vae(args, device) if args.data == "imagenet-latents" and rank == 0 else None  # for the pictures
 
     def loss_fn(x, y, progress):
@@ -788,7 +1015,7 @@ def run(args):
                 raise Fail(f"the processes' weights differ at step {step}: their gradients were not synchronised")
         if rank == 0:
             state = dict(model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step, rng=rngs,
-                         method=method.state_dict(), recipe=args.recipe, args=vars(args))
+                         method=method.state_dict(), recipe=args.recipe, args=vars(args), time=time.time() - t_start)
             save_atomic(ckpt_path, lambda f: torch.save(state, f))
         if world > 1:
             dist.barrier()
@@ -808,8 +1035,8 @@ def run(args):
             save_figure(os.path.join(args.out, "loss.png"), [], history)
         return path
 
-    acc, t_start, t_log, paused, figure = [], time.time(), time.time(), 0.0, None
-    with tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True) as bar:
+    acc, t_start, t_log, paused, figure = [], time.time() - elapsed, time.time(), 0.0, None
+    with StopSignals() as signals, tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True) as bar:
         while step < args.steps:
             x, y = get_batch(args, data, step, rank, world)
             x, y = x.to(device, non_blocking=True), None if y is None else y.to(device, non_blocking=True)
@@ -848,32 +1075,79 @@ def run(args):
                                 u_loss=f"{line['u_loss']:.3f}", beta=f"{line['beta']:.3f}", dtd=int(line["dtd_stage"]),
                                 img_s=f"{line['img_per_s']:.0f}")
                 if rank == 0:
-                    os.makedirs(args.out, exist_ok=True)
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(line) + "\n")
+                    append_log(log_path, line)
                 acc, t_log, paused = [], time.time(), 0.0
             t_pause = time.time()
-            if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
+            stop = signals.agreed(device) if step not in (args.steps, args.stop_at) else 0  # SIGINT, SIGTERM
+            if rank == 0 and not stop and (step % args.eval_every == 0 or step == args.steps):
                 figure = evaluate()
-            if step % args.ckpt_every == 0 or step in (args.steps, args.stop_at):
+            if step % args.ckpt_every == 0 or step in (args.steps, args.stop_at) or stop:
                 checkpoint()
             paused += time.time() - t_pause  # img/s counts training alone
             if step == args.stop_at:
                 break
+            if stop:
+                raise Stopped(f"stopped by {signal.Signals(stop).name} after step {step} of {args.steps}; "
+                              f"checkpoint {ckpt_path}", stop)
     if rank == 0:
         print(f"{step} steps in {time.time() - t_start:.0f} s; checkpoint {ckpt_path}"
               + (f"; samples and loss curves {figure}" if figure else ""))
 
 
+def resume_command(argv):
+    """The command line that continues this run: its own arguments with --resume, without --overwrite."""
+    script, argv = (sys.argv[0], sys.argv[1:]) if argv is None else ("train.py", [str(a) for a in argv])
+    resume = [] if any(len(a) > 4 and "--resume".startswith(a) for a in argv) else ["--resume"]
+    argv = [a for a in argv if not (len(a) > 3 and "--overwrite".startswith(a))] + resume
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if "RANK" not in os.environ:
+        python = os.path.basename(sys.executable)
+        launch = [python if shutil.which(python) else sys.executable]
+    elif world == local:
+        launch = ["torchrun", f"--nproc_per_node={world}"]
+    else:  # several machines: the rendezvous options are the job's own
+        launch = ["torchrun", f"--nnodes={world // local}", f"--nproc_per_node={local}", "<your rendezvous options>"]
+    return shlex.join(launch + [script] + argv)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
 def main(argv=None):
+    release, rank = None, int(os.environ.get("RANK", 0))
+    # SIGTERM outside the training loop unwinds as Ctrl-C does (lock, temporaries removed). Not under torchrun: a
+    # Python handler cannot run while a process waits in a collective for a failed peer, and torchrun's SIGTERM
+    # must end such a process at once, as the default action does.
+    single = threading.current_thread() is threading.main_thread() and "RANK" not in os.environ
+    old_term = signal.signal(signal.SIGTERM, interrupt) if single else None
     try:
         args = get_args(argv)
-        prepare_imagenet(args) if args.prepare_imagenet else run(args)
+        if args.prepare_imagenet:
+            prepare_imagenet(args)
+        else:
+            release = claim_out(args)
+            run(args)
         return 0
     except Fail as err:
         print("train.py: error: " + " ".join(str(err).split()), file=sys.stderr)  # always one line
         return 2
+    except Stopped as stop:  # SIGINT or SIGTERM while training: checkpoint written
+        if rank == 0:
+            print(f"train.py: {stop.args[0]}; resume with: {resume_command(argv)}", file=sys.stderr)
+        return 128 + stop.args[1]
+    except KeyboardInterrupt as err:  # a signal before training started, or while sampling: every file is whole
+        signum = err.args[0] if err.args else signal.SIGINT
+        if rank == 0:
+            print(f"train.py: stopped by {signal.Signals(signum).name} outside the training loop (no checkpoint to "
+                  "write); every output is whole or absent; run the command again", file=sys.stderr)
+        return 128 + signum
     finally:
+        if release is not None:
+            release()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         if dist.is_initialized():
             dist.destroy_process_group()
 
