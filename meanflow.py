@@ -31,6 +31,7 @@ MeanFlow: (t, r) sampling -> guidance -> improved-training weights (beta, MinSNR
 loss -> samplers.
 """
 import math
+import warnings
 from functools import partial
 
 import torch
@@ -622,7 +623,13 @@ _meanflow = dict(
     class_dropout=0.1,  # labels replaced by the null class, target v instead of v_g
     beta_k=None,  # improved training: progressive u-weight beta(dt, s), s = 1 - progress^k (None: off)
     minsnr_gamma=None,  # improved training: MinSNR-gamma weight alpha(t) on the r = t rows (None: off)
-    dtd_stages=0, dtd_patience=200,  # improved training: DTD curriculum on the r = t rows (0: off)
+    # improved training: DTD curriculum on the r = t rows (0 stages: off). A stage ends when its v-loss has
+    # converged (windows of dtd_window steps), at the latest after dtd_patience = tau steps (paper: 200) or at
+    # progress stage * dtd_share / (stages - 1). dtd_share = 0.25 [ours]: the curriculum never takes more than
+    # a quarter of a run, so the low-noise t of the v-loss train for at least three quarters of it at any run
+    # length, and each of the 19 unlocks gets at least 1.3% of the run (tau alone ends the curriculum within
+    # 3800 steps: 0.3% of an ImageNet run, more than a whole toy run). 0: no deadline.
+    dtd_stages=0, dtd_patience=200, dtd_share=0.25, dtd_window=25,
     imf=False, omega_max=8.0, omega_beta=1.0,  # iMF: omega ~ p(omega) ~ omega^-beta on [1, omega_max]
 )
 RECIPES = {
@@ -644,8 +651,7 @@ class MeanFlow:
     """The method: (t, r) sampling, the MeanFlow loss with its weights, and the samplers.
 
         method = MeanFlow(recipe="improved-dtd", P_mean=-0.4)     # any knob of RECIPES by keyword
-        loss, logs = method.loss(net, x, y, progress=step / total_steps)
-        method.dtd_update(logs["v_loss"])                         # under DDP: the all-reduced value
+        loss, logs = method.loss(net, x, y, progress=step / total_steps)  # also advances DTD
         x0 = method.sample(net, e, y, steps=1)
     """
 
@@ -663,7 +669,10 @@ class MeanFlow:
         self.lam = 1.0 / (1.0 - self._expect(lambda t: t, lambda u: 4 * u - 2))  # E[max - min]
         # MinSNR alpha(t) is normalised to mean 1 under the t of the r = t rows (the max of two draws).
         self.alpha_mean = self._expect(self._alpha_raw, lambda u: 2 * u) if self.minsnr_gamma else 1.0
-        self.dtd_stage, self._dtd_best, self._dtd_wait, self._dtd_ema = 0, math.inf, 0, None
+        if self.dtd_stages and not (self.dtd_patience >= 1 and self.dtd_window >= 1 and 0 <= self.dtd_share <= 1):
+            raise ValueError("DTD needs dtd_patience >= 1, dtd_window >= 1 and dtd_share in [0, 1] (0: no deadline)")
+        self.dtd_stage = 0
+        self._dtd_reset()
 
     @property
     def net_kwargs(self):
@@ -742,28 +751,67 @@ class MeanFlow:
             w = torch.where(fm, self._alpha_raw(t) / self.alpha_mean, w)
         return w
 
-    def dtd_update(self, v_loss):
-        """Advance the DTD curriculum: unlock the next lower-noise cluster once the (smoothed) v-loss has
-        not improved for dtd_patience calls. Call once per step with the v-loss (all-reduced under DDP)."""
-        v_loss = float(v_loss)  # a float or a 0-d tensor (one host sync)
-        if not self.dtd_stages or self.dtd_stage >= self.dtd_stages - 1 or not math.isfinite(v_loss):
+    # ---- DTD: the curriculum advances inside loss(), from the v-loss it computes ------------------
+    # Pacing [ours, our reading of the DTD paper]: a stage ends when its v-loss has converged, and at the latest
+    # (a) after dtd_patience = tau steps (the paper's "maximum patience"), or (b) when progress reaches its
+    # share of the run: stage s by progress s * dtd_share / (N - 1), so the full range is reached by
+    # progress = dtd_share at any run length. (Reading tau as "steps without a new best loss" never ends a
+    # stage while the loss keeps improving.) "Converged": the mean v-loss of the last dtd_window steps is not
+    # below that of the window before by more than 2 standard errors. Each window costs one host sync and,
+    # under torch.distributed, one all-reduce of three numbers; every process then decides on the same
+    # global values at the same step, so all are at the same stage.
+    @torch.compiler.disable  # Python state and a host sync: never traced
+    def dtd_step(self, v_loss, progress=0.0):
+        """One training step of the curriculum; loss() calls it (calls under torch.no_grad() do not count).
+        v_loss: this process's 0-d mean squared error on its r = t rows (nan if it had none)."""
+        N = self.dtd_stages
+        if not N or self.dtd_stage >= N - 1 or not torch.is_grad_enabled():
             return
-        # EMA smoothing of the per-step loss so that noise alone does not count as progress [ours]
-        self._dtd_ema = v_loss if self._dtd_ema is None else 0.9 * self._dtd_ema + 0.1 * v_loss
-        if self._dtd_ema < self._dtd_best:
-            self._dtd_best, self._dtd_wait = self._dtd_ema, 0
-        else:
-            self._dtd_wait += 1
-        if self._dtd_wait >= self.dtd_patience:
-            self.dtd_stage, self._dtd_best, self._dtd_wait, self._dtd_ema = self.dtd_stage + 1, math.inf, 0, None
+        v = v_loss.detach().float().reshape(())
+        ok = torch.isfinite(v)
+        acc = self._dtd_acc.to(v.device)  # window sums: v, v^2, count (on the device: no sync per step)
+        self._dtd_acc = acc + torch.stack([torch.where(ok, v, 0.0), torch.where(ok, v * v, 0.0), ok.float()])
+        self._dtd_steps += 1
+        done = self._dtd_steps >= self.dtd_patience
+        if self.dtd_share and progress * (N - 1) >= (self.dtd_stage + 1) * self.dtd_share:
+            done = True
+        if not done and self._dtd_steps % self.dtd_window == 0:
+            sums = self._dtd_acc.clone()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(sums)  # sums over processes and steps of the window
+            S, Q, n = sums.tolist()
+            self._dtd_acc = torch.zeros_like(sums)
+            if n > 0:
+                mean, var = S / n, max(Q / n - (S / n) ** 2, 0.0)
+                se2 = var / n  # squared standard error of the window mean
+                if self._dtd_prev is not None:
+                    prev_mean, prev_se2 = self._dtd_prev
+                    done = mean > prev_mean - 2 * math.sqrt(se2 + prev_se2)  # no significant improvement
+                self._dtd_prev = (mean, se2)
+        if done:
+            stage = self.dtd_stage + 1
+            if self.dtd_share:  # a deadline missed by more than a stage (e.g. a resumed run): catch up at once
+                stage = max(stage, min(N - 1, math.floor(progress * (N - 1) / self.dtd_share)))
+            self.dtd_stage = min(N - 1, stage)
+            self._dtd_reset()
+
+    def _dtd_reset(self):
+        self._dtd_steps, self._dtd_prev, self._dtd_acc = 0, None, torch.zeros(3)
+
+    def dtd_update(self, v_loss=None):
+        """Obsolete: the curriculum advances inside loss(). Kept so that old loops run; does nothing."""
+        warnings.warn("MeanFlow.dtd_update is no longer needed and does nothing: DTD advances inside loss()",
+                      FutureWarning, stacklevel=2)
 
     def state_dict(self):
-        return dict(dtd_stage=self.dtd_stage, dtd_best=self._dtd_best, dtd_wait=self._dtd_wait,
-                    dtd_ema=-1.0 if self._dtd_ema is None else self._dtd_ema)
+        """The curriculum's state (train.py checkpoints it) as plain numbers: resuming continues bitwise."""
+        return dict(dtd_stage=self.dtd_stage, dtd_steps=self._dtd_steps, dtd_acc=self._dtd_acc.tolist(),
+                    dtd_prev=None if self._dtd_prev is None else list(self._dtd_prev))
 
     def load_state_dict(self, d):
-        self.dtd_stage, self._dtd_best, self._dtd_wait = int(d["dtd_stage"]), float(d["dtd_best"]), int(d["dtd_wait"])
-        self._dtd_ema = None if d["dtd_ema"] < 0 else float(d["dtd_ema"])
+        self.dtd_stage, self._dtd_steps = int(d["dtd_stage"]), int(d["dtd_steps"])
+        self._dtd_acc = torch.tensor(d["dtd_acc"], dtype=torch.float32)  # float32 -> float -> float32: exact
+        self._dtd_prev = None if d["dtd_prev"] is None else tuple(d["dtd_prev"])
 
     # ---- the MeanFlow loss ------------------------------------------------------------------
     def adaptive(self, l):
@@ -773,10 +821,11 @@ class MeanFlow:
     def loss(self, net, x, y=None, progress=0.0, t=None, r=None, e=None):
         """Scalar loss to backpropagate and a dict of detached diagnostics.
 
-        x: (B, ...) data; y: (B,) labels or None; progress = step / total steps in [0, 1] (for beta).
+        x: (B, ...) data; y: (B,) labels or None; progress = step / total steps in [0, 1] (beta, DTD's deadline).
         t, r, e may be given (e.g. to restrict the interval); otherwise they are sampled.
         logs: v_loss / u_loss = mean squared error per element on the r = t / r != t rows, beta = mean
-        beta on r != t rows, dtd_stage. Pass logs["v_loss"] to dtd_update."""
+        beta on r != t rows, dtd_stage (the stage this batch was drawn at). A call with gradients enabled is a
+        training step: it advances the DTD curriculum (dtd_step); one call per optimizer step."""
         if t is None:
             t, r = self.sample_t_r(x.shape[0], x.device)
         e = torch.randn_like(x) if e is None else e
@@ -797,7 +846,9 @@ class MeanFlow:
         l = sq_err(u, u_tgt)  # (B,)
         w = self.weights(t, r, progress)
         loss = (w * self.adaptive(l)).mean()
-        return loss, self._logs(loss, l, t, r, progress, x)
+        logs = self._logs(loss, l, t, r, progress, x)
+        self.dtd_step(logs["v_loss"], progress)  # the curriculum advances here: no call a training loop can forget
+        return loss, logs
 
     def _logs(self, loss, l, t, r, progress, x):
         # masked means without boolean indexing: no host-device sync in the training loop (0/0 = nan)

@@ -627,8 +627,8 @@ def run(args):
             for group in opt.param_groups:
                 group["lr"] = get_lr(step, args)
             loss, logs = loss_fn(x, y, step / args.steps)
-            # One tiny all-reduce a step: the logged numbers are global, DTD advances on the global v-loss, and
-            # all processes see a non-finite loss at the same step and stop before the weights are touched.
+            # One tiny all-reduce a step: the logged numbers are global, and all processes see a non-finite loss at
+            # the same step and stop before the weights are touched. (DTD advances inside method.loss.)
             stats = torch.stack([torch.as_tensor(logs.get(k, 1.0 if k == "beta" else math.nan),  # no beta: 1
                                                  dtype=torch.float32, device=device) for k in LOG_KEYS])
             if world > 1:
@@ -644,7 +644,6 @@ def run(args):
                 sync_grads(net.parameters())  # DDP's job, by hand (see sync_grads)
             opt.step()
             update_ema(ema, net, args.ema)
-            method.dtd_update(stats[1])
             step += 1
             acc.append(stats)
             bar.update()
