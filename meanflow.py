@@ -630,8 +630,8 @@ _meanflow = dict(
     # converged (windows of dtd_window steps), at the latest after dtd_patience = tau steps (paper: 200) or at
     # progress stage * dtd_share / (stages - 1). dtd_share = 0.25 [ours]: the curriculum never takes more than
     # a quarter of a run, so the low-noise t of the v-loss train for at least three quarters of it at any run
-    # length, and each of the 19 unlocks gets at least 1.3% of the run (tau alone ends the curriculum within
-    # 3800 steps: 0.3% of an ImageNet run, more than a whole toy run). 0: no deadline.
+    # length, while the deadline still leaves each of the 19 stages up to 1.3% of the run to converge (tau alone
+    # ends the curriculum within 3800 steps: 0.3% of an ImageNet run, more than a whole toy run). 0: no deadline.
     dtd_stages=0, dtd_patience=200, dtd_share=0.25, dtd_window=25,
     imf=False, omega_max=8.0, omega_beta=1.0,  # iMF: omega ~ p(omega) ~ omega^-beta on [1, omega_max]
 )

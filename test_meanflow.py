@@ -1314,3 +1314,16 @@ def test_toy_run_prints_and_draws_the_on_board_share(tmp_path, capsys):
     assert len(lines) == 2 and "1-NFE" in lines[0] and "2-NFE" in lines[1]
     share = float(lines[0].split("%")[0].split()[-1])
     assert 0 <= share <= 100 and (tmp_path / "step-0000002.png").exists()
+
+
+def test_study_runner_appends_and_resumes(tmp_path, capsys):
+    """study.py (the convergence study's toy runner): one JSON line per (recipe, seed), finished runs skipped."""
+    import study
+
+    out = tmp_path / "study.jsonl"
+    argv = ["--out", str(out), "--steps", "4", "--eval-every", "2", "--recipes", "meanflow", "dtd only", "--seeds", "0"]
+    assert study.main(argv) == 0
+    runs = [json.loads(s) for s in open(out)]
+    assert {(d["recipe"], d["seed"]) for d in runs} == {("meanflow", 0), ("dtd only", 0)}
+    assert [c["step"] for c in runs[0]["curve"]] == [0, 2, 4] and "u 1-NFE jump" in runs[0]["curve"][-1]
+    assert study.main(argv + ["1"]) == 0 and "2 runs to do, 2 already" in capsys.readouterr().out
