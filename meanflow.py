@@ -32,6 +32,7 @@ MeanFlow: (t, r) sampling -> guidance -> improved-training weights (beta, MinSNR
 loss -> samplers.
 """
 import math
+import warnings
 from functools import partial
 
 import torch
@@ -732,36 +733,39 @@ class iMFDiT(nn.Module):
 # The toy network for 2-D data (same signature as the DiT)
 # ----------------------------------------------------------------------------------------------
 class MLP(nn.Module):
-    """net(z, t, r, y=None, ...) -> u for vector data z: (B, dim). The output layer starts at zero.
-    Time features are the DiT's sinusoids of raw t in [0, 1]. Do not scale t up (1000 t, as diffusion
-    code does): d_t u is part of the target u_tgt = v - (t - r) du/dt, and features of frequency w make
-    it ~w times larger; with 1000 t our toy runs diverged, with raw t they train."""
+    """net(z, t, r, y=None, ...) -> u for vector data z: (B, dim): depth x (Linear, SiLU), then a Linear output.
+
+    Inputs: z, t and t - r as they are (dim + 2 numbers, all of unit scale on standardised data), plus the
+    guidance conditions 1 - 1/omega, t_min, t_max for iMF. A label shifts the first hidden layer. The output
+    layer starts at zero (u = 0), as the DiT's. Why no sinusoidal time features [ours, measured on the 2-D
+    mixture with exact u, 3 seeds]: 2 x 32 of them next to the 2 coordinates of z drown z at initialisation,
+    and MeanFlow sat ~250 steps at the untrained error before learning; on the raw inputs v is learned within
+    ~100 steps. Their low frequencies (max_period 10^4 on t in [0, 1]) are nearly linear in t anyway.
+    Linear and SiLU are nn.Linear and nn.SiLU with explicit derivative rules (see above): the same
+    parameters and values, a cheaper forward-mode pass."""
 
     def __init__(self, dim=2, hidden=256, depth=4, num_classes=0, guidance_cond=False, v_head=False,
-                 in_context=False, freq_dim=32):
+                 in_context=False):
         super().__init__()  # in_context: accepted so that the recipes' net_kwargs fit; an MLP has no tokens
-        self.num_classes, self.guidance_cond, self.freq_dim = num_classes, guidance_cond, freq_dim
-        n_scalars = 2 + 3 * guidance_cond  # t, t - r (+ 1 - 1/omega, t_min, t_max)
+        self.num_classes, self.guidance_cond = num_classes, guidance_cond
+        width = dim + 2 + 3 * guidance_cond  # z, t, t - r (+ 1 - 1/omega, t_min, t_max)
         self.y_embedder = nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None
-        layers, width = [], dim + n_scalars * freq_dim
+        layers = []
         for _ in range(depth):
             layers += [Linear(width, hidden), SiLU()]
             width = hidden
         self.body = nn.Sequential(*layers)
         self.out = Linear(hidden, dim)
-        self.v_out = Linear(hidden, dim) if v_head else None
+        self.v_out = Linear(hidden, dim) if v_head else None  # iMF's auxiliary v-head
         for m in (self.out, self.v_out):
             if m is not None:
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
 
     def forward(self, z, t, r, y=None, omega=None, t_min=None, t_max=None, return_v=False):
-        scalars = [t, t - r]
-        if self.guidance_cond:
-            scalars += guidance_scalars(t, omega, t_min, t_max)
-        h = torch.cat([z] + [timestep_embedding(s, self.freq_dim).to(z.dtype) for s in scalars], dim=1)
-        h = self.body[0](h)
-        if self.y_embedder is not None:  # the label shifts the first hidden layer
+        scalars = [t, t - r] + (guidance_scalars(t, omega, t_min, t_max) if self.guidance_cond else [])
+        h = self.body[0](torch.cat([z, torch.stack(scalars, 1).to(z.dtype)], dim=1))  # (B, hidden)
+        if self.y_embedder is not None:
             h = h + self.y_embedder(null_labels(t, self.num_classes) if y is None else y)
         h = self.body[1:](h)
         u = self.out(h)
@@ -818,7 +822,13 @@ _meanflow = dict(
     class_dropout=0.1,  # labels replaced by the null class, target v instead of v_g
     beta_k=None,  # improved training: progressive u-weight beta(dt, s), s = 1 - progress^k (None: off)
     minsnr_gamma=None,  # improved training: MinSNR-gamma weight alpha(t) on the r = t rows (None: off)
-    dtd_stages=0, dtd_patience=200,  # improved training: DTD curriculum on the r = t rows (0: off)
+    # improved training: DTD curriculum on the r = t rows (0 stages: off). A stage ends when its v-loss has
+    # converged (windows of dtd_window steps), at the latest after dtd_patience = tau steps (paper: 200) or at
+    # progress stage * dtd_share / (stages - 1). dtd_share = 0.25 [ours]: the curriculum never takes more than
+    # a quarter of a run, so the low-noise t of the v-loss train for at least three quarters of it at any run
+    # length, while the deadline still leaves each of the 19 stages up to 1.3% of the run to converge (tau alone
+    # ends the curriculum within 3800 steps: 0.3% of an ImageNet run, more than a whole toy run). 0: no deadline.
+    dtd_stages=0, dtd_patience=200, dtd_share=0.25, dtd_window=25,
     imf=False, omega_max=8.0, omega_beta=1.0,  # iMF: omega ~ p(omega) ~ omega^-beta on [1, omega_max]
 )
 RECIPES = {
@@ -828,11 +838,17 @@ RECIPES = {
     "imf": {**_meanflow, "ratio_r_neq_t": 0.5, "imf": True},  # Geng et al. (iMF)
 }
 
-# 2-D toys: the paper's p = 1 fits ImageNet latents, where the per-sample error (a sum over 4096 dims)
-# concentrates. With 2 dims it is dominated by the spread of e - x, and l / (l + c)^p turns the regression
-# into a median-like fit that biases v: plain flow matching with p = 1 gave 5x the error of p = 0 in our
-# runs. p = 0.5 is a compromise, not a cure: v is still biased at mid t (notebook 01 measures it), while
-# p = 0 gave a better v but more samples between the modes. train.py, the notebooks and the tests use it [ours].
+# Low-dimensional data (the 2-D toys): one knob differs from the ImageNet recipe [ours, measured with the toy MLP
+# against the exact u of toy_data's Gaussian mixture and on the checkerboard, 3 seeds; README "The 2-D regime"].
+# - p = 0.5, not 1: with 2 dimensions the per-sample error is dominated by the spread of e - x, and
+#   l / (l + c)^p turns the regression into a median-like fit: with p = 1 the v error stays at 1.08 after 1500
+#   steps (untrained: 1.31). p = 0 learns v best (0.14 vs 0.28 with p = 0.5), but p = 0.5 learns the
+#   large-interval u that one step uses better (1-NFE jump error 0.07 vs 0.15) and puts more 1-NFE samples on
+#   the checkerboard's squares (78% vs 60-64% after 1500 steps).
+# Kept from the paper: logit-normal(-0.4, 1) and 25% r != t (shares 0.5, 0.75 changed nothing measurable; uniform t
+# and P_mean 0 were worse; P_mean -1.2 is faster on the checkerboard but slower on the mixture's 1-NFE map: the toy
+# test's distance 0.07-0.09 instead of 0.02-0.03, 3 seeds). train.py applies TOY_OVERRIDES to every 2-D data set;
+# the notebooks and the tests use it too.
 TOY_OVERRIDES = dict(p=0.5)
 
 
@@ -840,8 +856,7 @@ class MeanFlow:
     """The method: (t, r) sampling, the MeanFlow loss with its weights, and the samplers.
 
         method = MeanFlow(recipe="improved-dtd", P_mean=-0.4)     # any knob of RECIPES by keyword
-        loss, logs = method.loss(net, x, y, progress=step / total_steps)
-        method.dtd_update(logs["v_loss"])                         # under DDP: the all-reduced value
+        loss, logs = method.loss(net, x, y, progress=step / total_steps)  # also advances DTD
         x0 = method.sample(net, e, y, steps=1)
     """
 
@@ -859,7 +874,10 @@ class MeanFlow:
         self.lam = 1.0 / (1.0 - self._expect(lambda t: t, lambda u: 4 * u - 2))  # E[max - min]
         # MinSNR alpha(t) is normalised to mean 1 under the t of the r = t rows (the max of two draws).
         self.alpha_mean = self._expect(self._alpha_raw, lambda u: 2 * u) if self.minsnr_gamma else 1.0
-        self.dtd_stage, self._dtd_best, self._dtd_wait, self._dtd_ema = 0, math.inf, 0, None
+        if self.dtd_stages and not (self.dtd_patience >= 1 and self.dtd_window >= 1 and 0 <= self.dtd_share <= 1):
+            raise ValueError("DTD needs dtd_patience >= 1, dtd_window >= 1 and dtd_share in [0, 1] (0: no deadline)")
+        self.dtd_stage = 0
+        self._dtd_reset()
 
     @property
     def net_kwargs(self):
@@ -938,28 +956,67 @@ class MeanFlow:
             w = torch.where(fm, self._alpha_raw(t) / self.alpha_mean, w)
         return w
 
-    def dtd_update(self, v_loss):
-        """Advance the DTD curriculum: unlock the next lower-noise cluster once the (smoothed) v-loss has
-        not improved for dtd_patience calls. Call once per step with the v-loss (all-reduced under DDP)."""
-        v_loss = float(v_loss)  # a float or a 0-d tensor (one host sync)
-        if not self.dtd_stages or self.dtd_stage >= self.dtd_stages - 1 or not math.isfinite(v_loss):
+    # ---- DTD: the curriculum advances inside loss(), from the v-loss it computes ------------------
+    # Pacing [ours, our reading of the DTD paper]: a stage ends when its v-loss has converged, and at the latest
+    # (a) after dtd_patience = tau steps (the paper's "maximum patience"), or (b) when progress reaches its
+    # share of the run: stage s by progress s * dtd_share / (N - 1), so the full range is reached by
+    # progress = dtd_share at any run length. (Reading tau as "steps without a new best loss" never ends a
+    # stage while the loss keeps improving.) "Converged": the mean v-loss of the last dtd_window steps is not
+    # below that of the window before by more than 2 standard errors. Each window costs one host sync and,
+    # under torch.distributed, one all-reduce of three numbers; every process then decides on the same
+    # global values at the same step, so all are at the same stage.
+    @torch.compiler.disable  # Python state and a host sync: never traced
+    def dtd_step(self, v_loss, progress=0.0):
+        """One training step of the curriculum; loss() calls it (calls under torch.no_grad() do not count).
+        v_loss: this process's 0-d mean squared error on its r = t rows (nan if it had none)."""
+        N = self.dtd_stages
+        if not N or self.dtd_stage >= N - 1 or not torch.is_grad_enabled():
             return
-        # EMA smoothing of the per-step loss so that noise alone does not count as progress [ours]
-        self._dtd_ema = v_loss if self._dtd_ema is None else 0.9 * self._dtd_ema + 0.1 * v_loss
-        if self._dtd_ema < self._dtd_best:
-            self._dtd_best, self._dtd_wait = self._dtd_ema, 0
-        else:
-            self._dtd_wait += 1
-        if self._dtd_wait >= self.dtd_patience:
-            self.dtd_stage, self._dtd_best, self._dtd_wait, self._dtd_ema = self.dtd_stage + 1, math.inf, 0, None
+        v = v_loss.detach().float().reshape(())
+        ok = torch.isfinite(v)
+        acc = self._dtd_acc.to(v.device)  # window sums: v, v^2, count (on the device: no sync per step)
+        self._dtd_acc = acc + torch.stack([torch.where(ok, v, 0.0), torch.where(ok, v * v, 0.0), ok.float()])
+        self._dtd_steps += 1
+        done = self._dtd_steps >= self.dtd_patience
+        if self.dtd_share and progress * (N - 1) >= (self.dtd_stage + 1) * self.dtd_share:
+            done = True
+        if not done and self._dtd_steps % self.dtd_window == 0:
+            sums = self._dtd_acc.clone()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(sums)  # sums over processes and steps of the window
+            S, Q, n = sums.tolist()
+            self._dtd_acc = torch.zeros_like(sums)
+            if n > 0:
+                mean, var = S / n, max(Q / n - (S / n) ** 2, 0.0)
+                se2 = var / n  # squared standard error of the window mean
+                if self._dtd_prev is not None:
+                    prev_mean, prev_se2 = self._dtd_prev
+                    done = mean > prev_mean - 2 * math.sqrt(se2 + prev_se2)  # no significant improvement
+                self._dtd_prev = (mean, se2)
+        if done:
+            stage = self.dtd_stage + 1
+            if self.dtd_share:  # a deadline missed by more than a stage (e.g. a resumed run): catch up at once
+                stage = max(stage, min(N - 1, math.floor(progress * (N - 1) / self.dtd_share)))
+            self.dtd_stage = min(N - 1, stage)
+            self._dtd_reset()
+
+    def _dtd_reset(self):
+        self._dtd_steps, self._dtd_prev, self._dtd_acc = 0, None, torch.zeros(3)
+
+    def dtd_update(self, v_loss=None):
+        """Obsolete: the curriculum advances inside loss(). Kept so that old loops run; does nothing."""
+        warnings.warn("MeanFlow.dtd_update is no longer needed and does nothing: DTD advances inside loss()",
+                      FutureWarning, stacklevel=2)
 
     def state_dict(self):
-        return dict(dtd_stage=self.dtd_stage, dtd_best=self._dtd_best, dtd_wait=self._dtd_wait,
-                    dtd_ema=-1.0 if self._dtd_ema is None else self._dtd_ema)
+        """The curriculum's state (train.py checkpoints it) as plain numbers: resuming continues bitwise."""
+        return dict(dtd_stage=self.dtd_stage, dtd_steps=self._dtd_steps, dtd_acc=self._dtd_acc.tolist(),
+                    dtd_prev=None if self._dtd_prev is None else list(self._dtd_prev))
 
     def load_state_dict(self, d):
-        self.dtd_stage, self._dtd_best, self._dtd_wait = int(d["dtd_stage"]), float(d["dtd_best"]), int(d["dtd_wait"])
-        self._dtd_ema = None if d["dtd_ema"] < 0 else float(d["dtd_ema"])
+        self.dtd_stage, self._dtd_steps = int(d["dtd_stage"]), int(d["dtd_steps"])
+        self._dtd_acc = torch.tensor(d["dtd_acc"], dtype=torch.float32)  # float32 -> float -> float32: exact
+        self._dtd_prev = None if d["dtd_prev"] is None else tuple(d["dtd_prev"])
 
     # ---- the MeanFlow loss ------------------------------------------------------------------
     def adaptive(self, l):
@@ -969,10 +1026,11 @@ class MeanFlow:
     def loss(self, net, x, y=None, progress=0.0, t=None, r=None, e=None):
         """Scalar loss to backpropagate and a dict of detached diagnostics.
 
-        x: (B, ...) data; y: (B,) labels or None; progress = step / total steps in [0, 1] (for beta).
+        x: (B, ...) data; y: (B,) labels or None; progress = step / total steps in [0, 1] (beta, DTD's deadline).
         t, r, e may be given (e.g. to restrict the interval); otherwise they are sampled.
         logs: v_loss / u_loss = mean squared error per element on the r = t / r != t rows, beta = mean
-        beta on r != t rows, dtd_stage. Pass logs["v_loss"] to dtd_update."""
+        beta on r != t rows, dtd_stage (the stage this batch was drawn at). A call with gradients enabled is a
+        training step: it advances the DTD curriculum (dtd_step); one call per optimizer step."""
         if t is None:
             t, r = self.sample_t_r(x.shape[0], x.device)
         e = torch.randn_like(x) if e is None else e
@@ -993,7 +1051,9 @@ class MeanFlow:
         l = sq_err(u, u_tgt)  # (B,)
         w = self.weights(t, r, progress)
         loss = (w * self.adaptive(l)).mean()
-        return loss, self._logs(loss, l, t, r, progress, x)
+        logs = self._logs(loss, l, t, r, progress, x)
+        self.dtd_step(logs["v_loss"], progress)  # the curriculum advances here: no call a training loop can forget
+        return loss, logs
 
     def _logs(self, loss, l, t, r, progress, x):
         # masked means without boolean indexing: no host-device sync in the training loop (0/0 = nan)

@@ -3,7 +3,8 @@
 What this file holds, top to bottom:
   1. Toy distributions: `checkerboard`, `moons`, `spirals`, `eight_gaussians`, `rings`,
      `gaussian_mixture`, each `(n, generator=None) -> (n, 2) float32`, standardised so that every
-     coordinate has mean 0 and variance 1 (the noise e ~ N(0, I) has the same scale). `DATASETS`, `sample`.
+     coordinate has mean 0 and variance 1 (the noise e ~ N(0, I) has the same scale). `DATASETS`, `sample`;
+     `on_squares`: the share of points on the checkerboard's squares, a score for its samples.
   2. `GaussianMixture`: data whose marginal velocity v(z, t) is known in closed form, and whose average
      velocity u(z, r, t) we get by accurate ODE integration. These are the exact fields that a MeanFlow
      network should learn; tests check the MeanFlow identity on them, notebooks draw their trajectories.
@@ -40,7 +41,24 @@ def checkerboard(n, generator=None):
     # uniform on [-2, 2] (variance 4/3), so multiplying by sqrt(3)/2 gives unit variance.
     x1 = 4 * _rand(n, generator) - 2
     x2 = _rand(n, generator) - 2 * (_rand(n, generator) < 0.5) + torch.floor(x1) % 2
-    return (torch.stack([x1, x2], 1) * (math.sqrt(3) / 2)).float()
+    return (torch.stack([x1, x2], 1) * BOARD_SCALE).float()
+
+
+BOARD_SCALE = math.sqrt(3) / 2  # board units -> standardised data coordinates
+
+
+def checkerboard_squares():
+    """The 8 squares of the checkerboard in data coordinates: (x0, y0, side) of each, lower-left corner first."""
+    return [(i * BOARD_SCALE, j * BOARD_SCALE, BOARD_SCALE) for i in range(-2, 2) for j in range(-2, 2) if (i + j) % 2 == 0]
+
+
+def on_squares(points):
+    """Share of points (n, 2) on the checkerboard's squares: 1.0 for its data, 0.5 for points spread uniformly
+    over the board. Sharper than a distance for this set: a blurred sample leaks into the empty squares."""
+    p = torch.as_tensor(points, dtype=torch.float64) / BOARD_SCALE  # board units, the board is [-2, 2]^2
+    inside = (p.abs() <= 2).all(1)
+    black = (torch.floor(p[:, 0]) + torch.floor(p[:, 1])) % 2 == 0  # as the sampler: floor(x1) + floor(x2) even
+    return (inside & black).double().mean().item()
 
 
 def moons(n, generator=None, noise=0.05):
