@@ -1291,7 +1291,7 @@ def test_imf_sampling_defaults_per_size_as_the_official_eval_config(model, expec
 @pytest.mark.parametrize("argv,words", [
     (["--recipe", "meanflow", "--sample-interval", "0.4", "0.6"], ["--sample-interval", "--recipe imf"]),
     (["--recipe", "imf", "--sample-interval", "0.7", "0.6"], ["--sample-interval", "T_MIN <= T_MAX"]),
-    (["--recipe", "imf", "--sample-omega", "0.5"], ["--sample-omega", ">= 1"]),
+    (["--recipe", "imf", "--sample-omega", "0.5"], ["--sample-omega", "1 or more"]),
     (["--set", "P_mean"], ["--set", "KEY=VALUE", "P_mean"]),
     (["--set", "data_proportion=0.75"], ["data_proportion", "ratio_r_neq_t"]),
     (["--set", "imf=true"], ["imf=true", "KEY=VALUE"]),  # iMF is chosen with --recipe imf (its own network)
