@@ -32,7 +32,6 @@ MeanFlow: (t, r) sampling -> guidance -> improved-training weights (beta, MinSNR
 loss -> samplers.
 """
 import math
-import warnings
 from functools import partial
 
 import torch
@@ -1002,11 +1001,6 @@ class MeanFlow:
 
     def _dtd_reset(self):
         self._dtd_steps, self._dtd_prev, self._dtd_acc = 0, None, torch.zeros(3)
-
-    def dtd_update(self, v_loss=None):
-        """Obsolete: the curriculum advances inside loss(). Kept so that old loops run; does nothing."""
-        warnings.warn("MeanFlow.dtd_update is no longer needed and does nothing: DTD advances inside loss()",
-                      FutureWarning, stacklevel=2)
 
     def state_dict(self):
         """The curriculum's state (train.py checkpoints it) as plain numbers: resuming continues bitwise."""
