@@ -2055,8 +2055,12 @@ def test_toy_run_prints_and_draws_the_on_board_share(tmp_path, capsys):
 
 
 def test_study_runner_appends_and_resumes(tmp_path, capsys):
-    """study.py (the convergence study's toy runner): one JSON line per (recipe, seed), finished runs skipped."""
-    import study
+    """notebooks/convergence_study.py (the study's toy runner): one JSON line per (recipe, seed), finished runs
+    skipped."""
+    spec = importlib.util.spec_from_file_location("study", os.path.join(os.path.dirname(__file__), "notebooks",
+                                                                        "convergence_study.py"))
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
 
     out = tmp_path / "study.jsonl"
     argv = ["--out", str(out), "--steps", "4", "--eval-every", "2", "--recipes", "meanflow", "dtd only", "--seeds", "0"]

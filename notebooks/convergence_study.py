@@ -1,7 +1,7 @@
 """Convergence study, toy part: exact u error per interval bin and 1-NFE distance against steps, per recipe and seed.
 
-    python study.py --out runs/study-toy.jsonl --workers 2          # every recipe x seed; resumes where it stopped
-    python study.py --out /tmp/smoke.jsonl --steps 20 --eval-every 10 --seeds 0 --recipes meanflow improved-dtd
+    python notebooks/convergence_study.py --out runs/study-toy.jsonl --workers 2   # every recipe x seed; resumable
+    python notebooks/convergence_study.py --out /tmp/smoke.jsonl --steps 20 --eval-every 10 --seeds 0 --recipes meanflow improved-dtd
 
 Each (recipe, seed) run trains the toy MLP on fresh samples of toy_data's Gaussian mixture, as train.py trains a
 2-D toy (AdamW, betas (0.9, 0.95), EMA, meanflow.TOY_OVERRIDES, progress = step / steps), and evaluates the EMA
@@ -19,8 +19,9 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-import meanflow as mf
-import toy_data as td
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # meanflow.py, toy_data/
+import meanflow as mf  # noqa: E402
+import toy_data as td  # noqa: E402
 
 # The ablation rows of the improved-training paper, as overrides of the plain recipe, next to the full recipes.
 RECIPES = {
