@@ -43,7 +43,12 @@ def randomize(net, std=0.1, seed=0):
     return net
 
 
-JVPS = {"dual": mf.jvp, "functorch": torch.func.jvp}  # the loss uses mf.jvp; torch.func.jvp works too
+def functorch_jvp(f, primals, tangents):  # torch.func.jvp under the same rules as mf.jvp
+    with mf.JVP_RULES():
+        return torch.func.jvp(f, primals, tangents)
+
+
+JVPS = {"dual": mf.jvp, "functorch": functorch_jvp}  # the loss uses mf.jvp; torch.func.jvp works too
 
 
 def jvp_and_fd(net, z, t, r, y=None, h=1e-6, jvp=mf.jvp, **cond):
@@ -65,7 +70,7 @@ def rel(a, b):
 NETS = {
     "mlp": lambda: mf.MLP(dim=2, hidden=32, depth=3, num_classes=3),
     "dit-math": lambda: tiny_dit(num_classes=3, attention="math"),
-    "dit-sdpa-jvp": lambda: tiny_dit(num_classes=3, attention="sdpa-jvp"),
+    "dit-sdpa": lambda: tiny_dit(num_classes=3, attention="sdpa"),
     "dit-in-context": lambda: tiny_dit(num_classes=3, in_context=True, guidance_cond=True, v_head=True),
     "mlp-guidance-cond": lambda: mf.MLP(dim=2, hidden=32, depth=3, num_classes=3, guidance_cond=True),
 }
@@ -121,8 +126,11 @@ def test_sdpa_has_no_forward_mode_rule_and_sdpa_jvp_matches_math():
     z, t, r, y = inputs_for(net, dtype=torch.float32)
     with pytest.raises((NotImplementedError, RuntimeError)):
         torch.func.jvp(lambda z: net(z, t, r, y), (z,), (torch.ones_like(z),))
-    outs = [net.set_attention(b)(z, t, r, y) for b in ("sdpa", "math", "sdpa-jvp")]
-    assert torch.allclose(outs[0], outs[1], atol=1e-5) and torch.allclose(outs[0], outs[2], atol=1e-5)
+    _, d_sdpa = mf.jvp(lambda z: net(z, t, r, y), (z,), (torch.ones_like(z),))  # the rules stand in for SDPA
+    _, d_math = mf.jvp(lambda z: net.set_attention("math")(z, t, r, y), (z,), (torch.ones_like(z),))
+    assert torch.allclose(d_sdpa, d_math, atol=1e-5)
+    outs = [net.set_attention(b)(z, t, r, y) for b in ("sdpa", "math")]
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,12 +141,14 @@ def _layer_cases():
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
     return {
         "linear": (mf.LinearFn.apply, (rnd(2, 3, 5), rnd(4, 5), rnd(4))),
-        "gelu": (lambda x: mf.PointwiseFn.apply(x, "gelu"), (rnd(2, 3, 5),)),
-        "silu": (lambda x: mf.PointwiseFn.apply(x, "silu"), (rnd(2, 3, 5),)),
-        "layer_norm": (mf.layer_norm, (rnd(2, 3, 5),)),
-        "modulate": (mf.ModulateFn.apply, (rnd(2, 3, 5), rnd(2, 5), rnd(2, 5))),
-        "gated_residual_adaln": (mf.GatedResidualFn.apply, (rnd(2, 3, 5), rnd(2, 5), rnd(2, 3, 5))),
-        "gated_residual_vector": (mf.GatedResidualFn.apply, (rnd(2, 3, 5), rnd(5), rnd(2, 3, 5))),
+        "gelu_tanh": (lambda x: mf.PointwiseFn.apply(x, "tanh"), (rnd(2, 3, 5),)),
+        "gelu": (lambda x: mf.PointwiseFn.apply(x, "none"), (rnd(2, 3, 5),)),
+        "silu": (lambda x: mf.PointwiseFn.apply(x, None), (rnd(2, 3, 5),)),
+        "layer_norm": (lambda x: mf.LayerNormFn.apply(x, 1e-6)[0], (rnd(2, 3, 5),)),
+        "modulate": (lambda x, shift, scale: mf.AddcmulFn.apply(shift[:, None], x, 1 + scale[:, None]),
+                     (rnd(2, 3, 5), rnd(2, 5), rnd(2, 5))),
+        "gated_residual_adaln": (lambda x, g, a: mf.AddcmulFn.apply(x, g[:, None], a), (rnd(2, 3, 5), rnd(2, 5), rnd(2, 3, 5))),
+        "gated_residual_vector": (mf.AddcmulFn.apply, (rnd(2, 3, 5), rnd(5), rnd(2, 3, 5))),
         "attention": (mf.SDPAWithJVP.apply, (rnd(2, 2, 4, 3), rnd(2, 2, 4, 3), rnd(2, 2, 4, 3))),
     }
 
@@ -173,7 +183,7 @@ def test_saved_values_carry_no_tangent():
     of 1.15x)."""
     net = randomize(tiny_dit(num_classes=3))
     z, t, r, y = inputs_for(net, dtype=torch.float32)
-    with torch.autograd.forward_ad.dual_level():
+    with torch.autograd.forward_ad.dual_level(), mf.JVP_RULES():
         dual = lambda a, d: torch.autograd.forward_ad.make_dual(a, d)
         u = net(dual(z, torch.randn_like(z)), dual(t, torch.ones_like(t)), dual(r, torch.zeros_like(r)), y)
         ours = [n for n in _graph_nodes(u) if isinstance(n, torch.autograd.function.BackwardCFunction)]
@@ -197,7 +207,7 @@ def test_attention_hands_p_from_tangent_rule_to_backward(monkeypatch):
 
     monkeypatch.setattr(mf, "_softmax_scores", lambda q, k: calls.append(1) or real(q, k))
     g_dual, n_dual = grads(mf.jvp), len(calls)
-    g_func = grads(torch.func.jvp)
+    g_func = grads(functorch_jvp)
     assert n_dual == len(net.blocks) and len(calls) == 3 * len(net.blocks)  # functorch: the backward recomputes
     assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(g_dual, g_func))
 
@@ -277,19 +287,22 @@ def test_guidance_target_is_v_without_guidance_and_cfg_formula_otherwise():
     net = randomize(mf.MLP(dim=2, hidden=32, num_classes=3))
     g = torch.Generator().manual_seed(0)
     z, v, t = torch.randn(200, 2, generator=g), torch.randn(200, 2, generator=g), torch.rand(200, generator=g)
-    y = torch.randint(0, 3, (200,), generator=g)
-    v_g, y_in = mf.MeanFlow("meanflow", omega=1.0, kappa=0.0).guided_velocity(net, z, t, v, y)
-    assert torch.equal(v_g, v)
+    y, n = torch.randint(0, 3, (200,), generator=g), 50  # rows [:50] play the r != t rows
+    method = mf.MeanFlow("meanflow", omega=1.0, kappa=0.0)
+    assert torch.equal(method.guided_velocity(net, z, t, v, y, method.drop_labels(y, n, 3)[1], n), v)
     method = mf.MeanFlow("meanflow", omega=0.2, kappa=0.92, t_lo=0.0, t_hi=0.75, class_dropout=0.1)
     torch.manual_seed(3)
-    v_g, y_in = method.guided_velocity(net, z, t, v, y)
-    dropped, inside = y_in == 3, t <= 0.75
-    assert 0 < dropped.sum() < 60 and torch.equal(y_in[~dropped], y[~dropped])
+    y_in, dropped = method.drop_labels(y, n, 3)
+    assert 0 < dropped.sum() < 60 and torch.equal(y_in[~dropped], y[~dropped]) and (y_in[dropped] == 3).all()
+    v_g = method.guided_velocity(net, z, t, v, y, dropped, n)
+    # the r = t rows' own forward u(z, t, t | y_in) stands in for their kappa term: the same target
+    v_g_reuse = method.guided_velocity(net, z, t, v, y, dropped, n, u_fm=net(z[n:], t[n:], t[n:], y_in[n:]))
+    inside = t <= 0.75
     u_null, u_cond = net(z, t, t, torch.full_like(y, 3)), net(z, t, t, y)
     expect = 0.2 * v + (1 - 0.2 - 0.92) * u_null + 0.92 * u_cond
     keep = inside & ~dropped
-    assert torch.allclose(v_g[keep], expect[keep], atol=1e-6)
-    assert torch.equal(v_g[~inside | dropped], v[~inside | dropped])  # outside the interval or dropped: v
+    assert torch.allclose(v_g[keep], expect[keep], atol=1e-6) and torch.allclose(v_g_reuse, v_g, atol=1e-6)
+    assert torch.equal(v_g[~keep], v[~keep]) and torch.equal(v_g_reuse[~keep], v[~keep])  # outside or dropped: v
 
 
 # ---------------------------------------------------------------------------------------------
