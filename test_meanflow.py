@@ -1175,3 +1175,149 @@ def test_bf16_autocast_jvp_is_close_to_fp32_on_gpu():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     (u, dudt, loss), (u32, dudt32, loss32) = _jvp_and_loss("cuda", True), _jvp_and_loss("cuda", False)
     assert _rel(u, u32) < 0.02 and _rel(dudt, dudt32) < 0.02 and abs(loss - loss32) / loss32 < 0.01
+
+
+# --- tangent on r != t rows ---
+# The loss runs the forward-mode pass on the r != t rows only and the guidance forwards only on the rows that use
+# them. The reference below is the straightforward loss: one forward-mode pass over the whole batch through stock
+# PyTorch layers (torch.func.jvp, math attention), every guidance term on every row.
+def reference_loss(method, net, x, y, t, r, e, progress, seed):
+    torch.manual_seed(seed)  # the same label drops (and iMF conditions) as method.loss after the same seed
+    B, n = x.shape[0], int((t != r).sum())
+    t_, r_ = mf.bcast(t, x), mf.bcast(r, x)
+    z, v = (1 - t_) * x + t_ * e, e - x
+    ones, zeros = torch.ones_like(t), torch.zeros_like(t)
+    y_in, drop = method.drop_labels(y, n, net.num_classes) if y is not None else (None, None)
+    null = None if y is None else torch.full_like(y, net.num_classes)
+    if method.imf:
+        omega, t_min, t_max = method.sample_imf_conditions(t, r)
+        inside = (t >= t_min) & (t <= t_max)
+        with torch.no_grad():
+            if y is None:
+                v_c, v_g = net(z, t, t, None, ones, zeros, ones, return_v=True)[1], v
+            else:
+                v_c_omega, v_c_one, v_u = (net(z, t, t, lab, om, zeros, ones, return_v=True)[1]
+                                           for lab, om in ((y, omega), (y, ones), (null, ones)))
+                v_c = torch.where(mf.bcast(inside, v), v_c_omega, v_c_one)
+                omega_m = mf.bcast(torch.where(inside, omega, 1.0), v)
+                v_g = torch.where(mf.bcast(drop, v), v, v + (1 - 1 / omega_m) * (v_c - v_u))
+        (u, v_head), (dudt, _) = torch.func.jvp(lambda z, t, r: net(z, t, r, y_in, omega, t_min, t_max, return_v=True),
+                                                (z, t, r), (v_c, ones, zeros))
+        V = u + (t_ - r_) * dudt.detach()
+        return (method.adaptive(mf.sq_err(V, v_g)) + method.adaptive(mf.sq_err(v_head, v_g))).mean()
+    v_g = v
+    if y is not None and (method.omega, method.kappa) != (1.0, 0.0):
+        with torch.no_grad():
+            u_null, u_cond = net(z, t, t, null), net(z, t, t, y)
+        inside = mf.bcast((t >= method.t_lo) & (t <= method.t_hi), v).to(v.dtype)
+        om, ka = 1 + inside * (method.omega - 1), inside * method.kappa  # in v's dtype (where() would give fp32)
+        v_g = torch.where(mf.bcast(drop, v), v, om * v + (1 - om - ka) * u_null + ka * u_cond)
+    u, dudt = torch.func.jvp(lambda z, t, r: net(z, t, r, y_in), (z, t, r), (v_g, ones, zeros))
+    l = mf.sq_err(u, (v_g - (t_ - r_).clamp(0, 1) * dudt).detach())
+    return (method.weights(t, r, progress) * method.adaptive(l)).mean()
+
+
+def _guided(recipe):
+    return {} if recipe == "imf" else dict(omega=0.2, kappa=0.92, t_hi=0.75)  # some rows outside the interval
+
+
+@pytest.mark.parametrize("recipe", list(mf.RECIPES))
+@pytest.mark.parametrize("labels", [False, True])
+def test_loss_and_gradients_match_whole_batch_reference_fp64(recipe, labels):
+    method = mf.MeanFlow(recipe, class_dropout=0.25, **(_guided(recipe) if labels else {}))
+    B, K = 16, 3
+    net = randomize(tiny_dit(num_classes=K if labels else 0, **method.net_kwargs)).double()
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(B, 2, 8, 8, generator=g, dtype=torch.float64), torch.randn(B, 2, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, K, (B,), generator=g) if labels else None
+    torch.manual_seed(1)
+    t, r = (a.double() for a in method.sample_t_r(B))
+    n = round(method.ratio_r_neq_t * B)
+    assert (t[:n] != r[:n]).all() and (t[n:] == r[n:]).all()  # the order the loss relies on
+    torch.manual_seed(2)
+    loss, _ = method.loss(net, x, y, progress=0.5, t=t, r=r, e=e)
+    ref_net = copy.deepcopy(net).set_attention("math")
+    ref = reference_loss(method, ref_net, x, y, t, r, e, 0.5, seed=2)
+    g_loss = torch.autograd.grad(loss, list(net.parameters()), allow_unused=True)
+    g_ref = torch.autograd.grad(ref, list(ref_net.parameters()), allow_unused=True)
+    assert abs(loss.item() - ref.item()) < 1e-10 * ref.item(), (loss.item(), ref.item())
+    assert all((a is None) == (b is None) and (a is None or rel(a, b) < 1e-9) for a, b in zip(g_loss, g_ref))
+    if labels:  # the test has teeth: other label drops give other gradients
+        g_other = torch.autograd.grad(reference_loss(method, ref_net, x, y, t, r, e, 0.5, seed=3), list(ref_net.parameters()))
+        assert sum((a - b).norm() for a, b in zip(g_other, g_ref)) > 1e-3 * sum(b.norm() for b in g_ref)
+
+
+def test_rows_in_any_order_give_the_same_loss():
+    method = mf.MeanFlow("improved-minsnr", omega=1.0, kappa=0.5, class_dropout=0.0)
+    net = randomize(tiny_dit(num_classes=3)).double()
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(12, 2, 8, 8, generator=g, dtype=torch.float64), torch.randn(12, 2, 8, 8, generator=g, dtype=torch.float64)
+    y, t, r = torch.randint(0, 3, (12,), generator=g), *(a.double() for a in method.sample_t_r(12))
+    perm = torch.randperm(12, generator=g)
+    a = method.loss(net, x, y, 0.3, t, r, e)[0]
+    b = method.loss(net, x[perm], y[perm], 0.3, t[perm], r[perm], e[perm])[0]
+    assert abs(a.item() - b.item()) < 1e-12 * abs(a.item())
+
+
+class RowCounter(torch.nn.Module):
+    """Wraps a network; records (rows, labels, grad enabled, has a tangent) of every call."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.num_classes, self.calls = net, net.num_classes, []
+
+    def forward(self, z, t, r, y=None, *args, **kw):
+        dual = torch.autograd.forward_ad.unpack_dual(z).tangent is not None
+        self.calls.append((z.shape[0], y, torch.is_grad_enabled(), dual))
+        return self.net(z, t, r, y, *args, **kw)
+
+
+@pytest.mark.parametrize("recipe", ["meanflow", "imf"])
+def test_class_dropout_only_on_r_equals_t_rows_at_the_official_rates(recipe):
+    method, B, K = mf.MeanFlow(recipe), 1000, 10
+    n = round(method.ratio_r_neq_t * B)
+    y = torch.randint(0, K, (B,))
+    torch.manual_seed(0)
+    drops = torch.stack([method.drop_labels(y, n, K)[1] for _ in range(400)]).float()
+    assert drops[:, :n].sum() == 0  # never an r != t row
+    rate = drops[:, n:].mean().item()  # official: Binomial(B, 0.1) rows, all r = t: 0.1 / 0.75 or 0.1 / 0.5
+    assert abs(rate - 0.1 * B / (B - n)) < 0.005, rate
+    assert abs(drops.mean().item() - 0.1) < 0.004
+    # in the loss: the forward-mode pass (r != t rows) never sees the null label, the plain forward does
+    net = RowCounter(mf.MLP(dim=2, hidden=16, num_classes=K, **method.net_kwargs))
+    torch.manual_seed(1)
+    method.loss(net, torch.randn(B, 2), y)
+    [(jvp_rows, jvp_y)], [(fm_rows, fm_y)] = ([c[:2] for c in net.calls if c[3]],
+                                              [c[:2] for c in net.calls if c[2] and not c[3]])
+    assert jvp_rows == n and fm_rows == B - n and (jvp_y != K).all() and 0 < (fm_y == K).sum() < 0.3 * (B - n)
+
+
+def test_guidance_forwards_only_on_the_rows_that_use_them():
+    B, K = 400, 10
+    torch.manual_seed(0)
+    y = torch.randint(0, K, (B,))
+    # MeanFlow, L/2's setting: u(z,t,t|null) on rows inside [0, 0.8] with a kept label; u(z,t,t|y) also, but
+    # the r = t rows take it from their own plain forward
+    method = mf.MeanFlow("meanflow", omega=0.2, kappa=0.92, t_hi=0.8)
+    net = RowCounter(mf.MLP(dim=2, hidden=16, num_classes=K))
+    torch.manual_seed(1)
+    t, r = method.sample_t_r(B)
+    torch.manual_seed(2)
+    method.loss(net, torch.randn(B, 2), y, t=t, r=r, e=torch.randn(B, 2))
+    torch.manual_seed(2)
+    torch.randn(B, 2), torch.randn(B, 2)
+    drop = method.drop_labels(y, B // 4, K)[1]
+    used = (t <= 0.8) & ~drop
+    assert [c[0] for c in net.calls if not c[2]] == [used.sum().item() + used[:B // 4].sum().item()]
+    # iMF: v_c at each row's omega_m on the r != t rows, v_u on the rows with guidance: at most 2 x B rows
+    method = mf.MeanFlow("imf")
+    net = RowCounter(mf.MLP(dim=2, hidden=16, num_classes=K, **method.net_kwargs))
+    t, r = method.sample_t_r(B)
+    torch.manual_seed(3)
+    method.loss(net, torch.randn(B, 2), y, t=t, r=r, e=torch.randn(B, 2))
+    torch.manual_seed(3)
+    torch.randn(B, 2), torch.randn(B, 2)
+    drop = method.drop_labels(y, B // 2, K)[1]
+    _, t_min, t_max = method.sample_imf_conditions(t, r)
+    used = (t >= t_min) & (t <= t_max) & ~drop
+    assert [c[0] for c in net.calls if not c[2]] == [B // 2 + used.sum().item()]  # about 1.2 x B rows
