@@ -108,18 +108,19 @@ def build(model, kind, batch, bf16, compile_, baseline=None):
     if variant == "base" and fm:
         raise ValueError("flow matching is measured with this folder's meanflow.py")
 
-    def timed_step():
-        t0 = time.perf_counter()
+    def timed_step():  # (wall-clock seconds, CPU seconds of this process)
+        t0, c0 = time.perf_counter(), time.process_time()
         with rules():
             run()
         sync()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     return timed_step, dev
 
 
 def measure(model, kinds, batch, steps, bf16, compile_, baseline):
-    """Median step time of each kind; the kinds take turns, so that a busy machine slows them alike."""
+    """Median step time of each kind, wall clock and CPU time of the process; the kinds take turns, so that a
+    busy machine slows them alike."""
     steps_of = {k: build(model, k, batch, bf16, compile_, baseline)[0] for k in kinds}
     for k in kinds:  # warm-up: optimizer state, kernels
         steps_of[k](), steps_of[k]()
@@ -127,7 +128,7 @@ def measure(model, kinds, batch, steps, bf16, compile_, baseline):
     for _ in range(steps):
         for k in kinds:
             times[k].append(steps_of[k]())
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: [statistics.median(c) for c in zip(*v)] for k, v in times.items()}
 
 
 def peak_memory(model, kind, batch, bf16, compile_, baseline):
@@ -193,14 +194,16 @@ def main():
         timing = child(args, "--child", model, ",".join(kinds))
         for kind in kinds:
             peak = child(args, "--child", model, kind, "--child-memory")["peak_mb"]
-            step_s = timing["times"][kind]
+            step_s, cpu_s = timing["times"][kind]
             row = dict(model=model, kind=kind, device=timing["device"], threads=timing["threads"],
                        batch=timing["batch"], bf16=args.bf16, compile=args.compile, step_s=round(step_s, 4),
+                       cpu_s=round(cpu_s, 4),
                        img_per_s=round(timing["batch"] / step_s, 1), peak_mb=round(peak, 1))
             if kind.startswith("fm"):
                 base[kind] = row
             ref = base["fm-imf" if kind.startswith("imf") else "fm"]  # the same network
             row["time_ratio"] = round(row["step_s"] / ref["step_s"], 2)
+            row["cpu_ratio"] = round(row["cpu_s"] / ref["cpu_s"], 2)
             row["mem_ratio"] = round(row["peak_mb"] / ref["peak_mb"], 2)
             print(json.dumps(row), flush=True)
             if args.out:
@@ -208,11 +211,10 @@ def main():
                     f.write(json.dumps(row) + "\n")
             rows.append(row)
 
-    print(f"\n{'model':6} {'step':16} {'time (s)':>9} {'x FM':>6} {'peak MB':>9} {'x FM':>6} {'img/s':>8}")
+    print(f"\n{'model':6} {'step':18} {'wall (s)':>9} {'x FM':>6} {'CPU (s)':>9} {'x FM':>6} {'peak MB':>9} {'x FM':>6}")
     for r in rows:
-        print(f"{r['model']:6} {r['kind']:16} {r['step_s']:9.3f} {r.get('time_ratio', 1):6.2f} "
-              f"{r['peak_mb']:9.0f} {r.get('mem_ratio', 1):6.2f} {r['img_per_s']:8.1f}")
-
+        print(f"{r['model']:6} {r['kind']:18} {r['step_s']:9.3f} {r['time_ratio']:6.2f} {r['cpu_s']:9.3f} "
+              f"{r['cpu_ratio']:6.2f} {r['peak_mb']:9.0f} {r['mem_ratio']:6.2f}")
 
 if __name__ == "__main__":
     main()

@@ -77,12 +77,13 @@ def sq_err(a, b):
     return ((a.to(_at_least_fp32(a)) - b.to(_at_least_fp32(a))) ** 2).flatten(1).sum(1)
 
 
-@torch.compiler.disable  # Dynamo would trace the explicit rules' forward and drop their jvp: run this part eagerly
+@torch.compiler.disable  # Dynamo does not trace dual tensors under a TorchFunctionMode: this part runs eagerly
 def jvp(f, primals, tangents):
     """(f(*primals), the derivative of f at primals along tangents) in one forward-mode pass.
 
     Like torch.func.jvp, with plain dual tensors. f is written in plain PyTorch; while it runs, JVP_RULES (below)
-    swaps the few costly ops for versions with explicit derivatives. f may return a tensor or a tuple of tensors."""
+    gives the few costly ops cheaper tangent rules. The tangent is computed outside autograd (stop-gradient:
+    the loss never differentiates it). f may return a tensor or a tuple of tensors."""
     with fwAD.dual_level(), JVP_RULES():
         out = f(*[fwAD.make_dual(p, d) for p, d in zip(primals, tangents)])
         pairs = [fwAD.unpack_dual(o) for o in (out if isinstance(out, tuple) else (out,))]
@@ -91,156 +92,90 @@ def jvp(f, primals, tangents):
 
 
 # ----------------------------------------------------------------------------------------------
-# Ops with explicit derivatives, swapped in inside jvp() only; the networks are plain PyTorch.
+# Tangent rules, swapped in inside jvp() only; the networks are plain PyTorch.
 # Forward-mode AD differentiates any PyTorch code, but (1) every tangent op that multiplies by a
 # parameter-dependent value is recorded for backward and keeps its inputs alive, although the tangent is
 # stop-gradiented and backward never visits it, (2) the built-in rule of a linear layer also multiplies by
-# the weight's zero tangent (twice the matmuls), and (3) F.scaled_dot_product_attention has no forward-mode
-# rule at all (NotImplementedError). Each op below computes its tangent under no_grad from saved primal
-# values, and its backward by hand. The tests check every rule against finite differences and autograd.
-# The MeanFlow loss runs the forward-mode pass on the r != t rows only; the r = t rows never come here.
+# the weight's zero tangent (twice the matmuls), (3) an add or mul with a tangent on one side only takes a
+# slow path (a zero tangent for the other side: ~15x the op on the toy's small tensors), and (4)
+# F.scaled_dot_product_attention has no forward-mode rule at all (NotImplementedError). So inside jvp() the
+# ops below compute their value as usual on the primal inputs (autograd records it and runs its own backward)
+# and their tangent from the same primal values under no_grad (recorded nowhere). The tests check every
+# rule against finite differences. The MeanFlow loss runs jvp() on the r != t rows only.
 # ----------------------------------------------------------------------------------------------
-def _primal(a):
-    """The values of a, without its tangent or history. Saving a dual tensor itself would keep its tangent
-    alive until the end of the forward-mode pass: one more copy of every activation at the peak."""
-    return a.detach() if isinstance(a, torch.Tensor) else None
+def _tangent_rule(tangent):
+    """An op with a tangent: op(*primals) as usual, and tangent(out, primals, tangents, **kwargs) under no_grad
+    (None for an input without tangent), paired again as a dual tensor."""
+
+    def rule(func, *args, **kwargs):
+        pairs = [fwAD.unpack_dual(a) if isinstance(a, torch.Tensor) else None for a in args]
+        ds = [None if p is None else p.tangent for p in pairs]
+        if all(d is None for d in ds):
+            return NotImplemented  # no tangent here: the op as usual
+        xs = [a if p is None else p.primal for a, p in zip(args, pairs)]
+        out = func(*xs, **kwargs)
+        with torch.no_grad():
+            d = tangent(out, xs, ds, **kwargs)
+        if d is NotImplemented:
+            return NotImplemented
+        d = d if d.shape == out.shape else d.expand(out.shape).contiguous()  # a broadcast input's tangent
+        return fwAD.make_dual(out, d.to(out.dtype))
+
+    return rule
 
 
-class _Explicit(torch.autograd.Function):
-    """Shared plumbing: save the tensor inputs (tangents stripped) for both rules, keep the other arguments on
-    ctx.args; pass None (not zeros) for missing (co)tangents."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _Explicit.save(ctx, *[_primal(a) for a in inputs])
-        ctx.args = [None if isinstance(a, torch.Tensor) else a for a in inputs]
-        ctx.out_shape = output.shape
-
-    @staticmethod
-    def save(ctx, *tensors):
-        ctx.save_for_backward(*tensors)
-        ctx.save_for_forward(*tensors)
-        ctx.set_materialize_grads(False)
-
-
-def _sum(terms, shape):
-    """Sum of the tangent terms that exist (None: a missing tangent), broadcast to the output shape."""
+def _sum(terms):
+    """Sum of the tangent terms that exist (None: an input without tangent)."""
     terms = [a for a in terms if a is not None]
-    if not terms:
-        return None
-    out = terms[0] if len(terms) == 1 else sum(terms[1:], terms[0])
-    return out if out.shape == shape else out.expand(shape).contiguous()
+    return sum(terms[1:], terms[0])
 
 
-class LinearFn(_Explicit):
-    """y = x W^T + b.  Tangent: dx W^T (the weight's tangent is zero in the loss).  Backward: two matmuls."""
-
-    @staticmethod
-    def forward(x, weight, bias=None):
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    @torch.no_grad()
-    def jvp(ctx, dx, dweight, dbias):
-        x, weight, bias = ctx.saved_tensors
-        return _sum([F.linear(dx, weight.to(dx.dtype)) if dx is not None else None,
-                     F.linear(x.to(dweight.dtype), dweight) if dweight is not None else None, dbias], ctx.out_shape)
-
-    @staticmethod
-    def backward(ctx, g):  # g: (..., out)
-        x, weight, bias = ctx.saved_tensors
-        if g is None:
-            return None, None, None
-        g2 = g.reshape(-1, g.shape[-1])
-        gx = g @ weight.to(g.dtype) if ctx.needs_input_grad[0] else None
-        gw = (g2.t() @ x.reshape(-1, x.shape[-1]).to(g.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        gb = g2.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return gx, gw, gb
+def _linear_tangent(y, xs, ds):  # y = x W^T + b: dx W^T (the weight's tangent is zero in the loss)
+    (x, W, *_), (dx, dW, *db) = xs, ds
+    return _sum([None if dx is None else F.linear(dx, W.to(dx.dtype)), None if dW is None else F.linear(x, dW),
+                 db[0] if db else None])
 
 
-class PointwiseFn(_Explicit):
-    """y = f(x) elementwise (GELU, SiLU); both rules multiply by f'(x), using PyTorch's fused kernels."""
-
-    @staticmethod
-    def forward(x, gelu_approximate):  # gelu_approximate: "tanh" or "none" for GELU, None for SiLU
-        return F.silu(x) if gelu_approximate is None else F.gelu(x, approximate=gelu_approximate)
-
-    @staticmethod
-    def _times_df(ctx, d):
-        x, approximate = ctx.saved_tensors[0], ctx.args[1]
-        if approximate is None:
-            return torch.ops.aten.silu_backward(d, x)
-        return torch.ops.aten.gelu_backward(d, x, approximate=approximate)
-
-    @staticmethod
-    @torch.no_grad()
-    def jvp(ctx, dx, _):
-        return PointwiseFn._times_df(ctx, dx) if dx is not None else None
-
-    @staticmethod
-    def backward(ctx, g):
-        return (PointwiseFn._times_df(ctx, g) if g is not None else None), None
+def _gelu_tangent(y, xs, ds, approximate="none"):
+    return torch.ops.aten.gelu_backward(ds[0], xs[0], approximate=approximate)
 
 
-class LayerNormFn(torch.autograd.Function):
-    """y = (x - mean) / std over the last dim, no affine. Its Jacobian is symmetric,
-    J d = (d - mean(d) - y * mean(d * y)) / std, so the tangent and the backward are the same map, and
-    PyTorch's fused LayerNorm-backward kernel computes it in one pass from the saved mean and 1/std."""
-
-    @staticmethod
-    def forward(x, eps):
-        y, mean, rstd = torch.native_layer_norm(x.to(_at_least_fp32(x)), x.shape[-1:], None, None, eps)
-        # as F.layer_norm: fp32 out under autocast, the input's dtype otherwise
-        return y.to(y.dtype if torch.is_autocast_enabled(x.device.type) else x.dtype), mean, rstd
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.mark_non_differentiable(*output[1:])
-        _Explicit.save(ctx, _primal(inputs[0]), *output[1:])  # x, mean, 1/std: (..., D), (..., 1), (..., 1)
-
-    @staticmethod
-    def _jacobian_times(ctx, d):
-        x, mean, rstd = ctx.saved_tensors
-        Jd = torch.ops.aten.native_layer_norm_backward(d.to(rstd.dtype), x.to(rstd.dtype), x.shape[-1:], mean, rstd,
-                                                       None, None, [True, False, False])[0]
-        return Jd.to(d.dtype)
-
-    @staticmethod
-    @torch.no_grad()
-    def jvp(ctx, dx, _):
-        return (LayerNormFn._jacobian_times(ctx, dx) if dx is not None else None), None, None
-
-    @staticmethod
-    def backward(ctx, g, *_):
-        return (LayerNormFn._jacobian_times(ctx, g).to(ctx.saved_tensors[0].dtype) if g is not None else None), None
+def _silu_tangent(y, xs, ds, inplace=False):
+    return torch.ops.aten.silu_backward(ds[0], xs[0])
 
 
-class AddcmulFn(_Explicit):
-    """y = a + b * c, broadcasting: adaLN's x * (1 + scale) + shift and the gated residual x + gate * f(x)."""
-
-    @staticmethod
-    def forward(a, b, c):
-        return torch.addcmul(a, b, c)
-
-    @staticmethod
-    @torch.no_grad()
-    def jvp(ctx, da, db, dc):
-        _, b, c = ctx.saved_tensors
-        return _sum([da, db * c if db is not None else None, b * dc if dc is not None else None], ctx.out_shape)
-
-    @staticmethod
-    def backward(ctx, g):
-        a, b, c = ctx.saved_tensors
-        if g is None:
-            return None, None, None
-        return g.sum_to_size(a.shape), (g * c).sum_to_size(b.shape), (g * b).sum_to_size(c.shape)
+def _layer_norm_tangent(y, xs, ds, weight=None, bias=None, eps=1e-5):
+    """The tangent of the normalisation is its Jacobian times dx, the same map as its backward (the Jacobian is
+    symmetric): PyTorch's fused LayerNorm-backward kernel, from the mean and 1/std in fp32."""
+    (x, shape), dx = xs, ds[0]
+    if any(a is not None and fwAD.unpack_dual(a).tangent is not None for a in (weight, bias)):
+        return NotImplemented  # affine parameters with a tangent (not in the loss): PyTorch's own rule
+    x32 = x.to(_at_least_fp32(x))
+    _, mean, rstd = torch.native_layer_norm(x32, shape, None, None, eps)
+    Jdx = torch.ops.aten.native_layer_norm_backward(dx.to(x32.dtype), x32, shape, mean, rstd, None, None,
+                                                    [True, False, False])[0]
+    return Jdx if weight is None else Jdx * weight  # y = w * norm(x) + b: the weight acts after the Jacobian
 
 
-# Attention. SDPA is the fast kernel but has no forward-mode rule; SDPAWithJVP keeps SDPA for the value
-# and supplies both derivatives:
-#   S = q k^T / sqrt(d),  P = softmax(S),  o = P v
-#   tangent:   do = (P * dS) v - rowsum(P * dS) * o + P dv,   dS = (dq k^T + q dk^T) / sqrt(d)
-#   backward:  dv = P^T g,  dS = P * (g v^T - rowsum(g * o)),  dq = dS k / sqrt(d),  dk = dS^T q / sqrt(d)
+def _addcmul_tangent(y, xs, ds, value=1):  # y = a + value * b * c
+    (a, b, c), (da, db, dc) = xs, ds
+    bc = [None if db is None else db * c, None if dc is None else b * dc]
+    return _sum([da] + [None if t is None else value * t for t in bc])
+
+
+def _add_tangent(y, xs, ds, alpha=1):
+    return _sum([ds[0], None if len(ds) < 2 or ds[1] is None else alpha * ds[1]])
+
+
+def _mul_tangent(y, xs, ds):
+    (a, b), (da, db) = xs, ds
+    return _sum([None if da is None else da * b, None if db is None else a * db])
+
+
+# Attention: S = q k^T / sqrt(d), P = softmax(S), o = P v
+#   tangent: do = (P * dS) v - rowsum(P * dS) * o + P dv,   dS = (dq k^T + q dk^T) / sqrt(d)
+# The value is SDPA's (the fused kernel, and its own backward); P, which the kernel does not return, is
+# computed here for the tangent rows and freed at once.
 def _flat(x):  # (B, H, N, d) -> (B*H, N, d): bmm on 3-D operands is ~2x faster than matmul on 4-D views (CPU)
     return x.reshape(-1, *x.shape[-2:])
 
@@ -259,93 +194,57 @@ def math_attention(q, k, v):
     return torch.bmm(P.to(v.dtype), _flat(v)).view(v.shape)
 
 
-class SDPAWithJVP(_Explicit):
-    """The tangent rule computes P (the SDPA kernel does not return it) and leaves it on ctx for the
-    backward, which would otherwise recompute it: B*H*N*N floats per layer kept from the forward-mode
-    pass to the backward, as plain attention keeps them anyway. (The handing over needs the dual tensors
-    of jvp(): torch.func.jvp gives the two rules different contexts; the backward then recomputes.)"""
-
-    @staticmethod
-    def forward(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _Explicit.save(ctx, *[_primal(a) for a in inputs], _primal(output))  # q, k, v, o
-
-    @staticmethod
-    @torch.no_grad()
-    def jvp(ctx, dq, dk, dv):
-        q, k, v, o = ctx.saved_tensors
-        q3, k3, v3 = map(_flat, (q, k, v))  # (B*H, N, d) each
-        P, qs = _softmax_scores(q3, k3)  # (B*H, N, N) fp32, (B*H, N, d)
-        ctx.P = P
-        # dS = (dq k^T + q dk^T) / sqrt(d); matmuls in the inputs' dtype, products with P in fp32
-        if dq is None and dk is None:
-            dS = torch.zeros(P.shape, dtype=q.dtype, device=q.device)
-        elif dq is None:
-            dS = torch.bmm(qs, _flat(dk).transpose(1, 2))
-        else:
-            dS = torch.bmm(_flat(dq) * q3.shape[-1] ** -0.5, k3.transpose(1, 2))
-            if dk is not None:
-                dS.baddbmm_(qs, _flat(dk).transpose(1, 2))
-        PdS = dS.to(P.dtype).mul_(P)
-        do = torch.bmm(PdS.to(v3.dtype), v3)  # (B*H, N, d)
-        if dv is not None:
-            do.baddbmm_(P.to(v3.dtype), _flat(dv))
-        do = do.view(o.shape)  # (B, H, N, d)
-        return do.sub_(PdS.sum(-1, keepdim=True).to(o.dtype).view(*o.shape[:-1], 1) * o)
-
-    @staticmethod
-    def backward(ctx, g):
-        P, ctx.P = getattr(ctx, "P", None), None  # free it as soon as it is used
-        if g is None:
-            return None, None, None
-        q, k, v, o = ctx.saved_tensors
-        q3, k3, v3, g3 = map(_flat, (q, k, v, g))
-        if P is None:
-            P, _ = _softmax_scores(q3, k3)
-        dv = torch.bmm(P.to(g.dtype).transpose(1, 2), g3)
-        rowsum = (g * o).sum(-1, keepdim=True).to(P.dtype).view(P.shape[0], -1, 1)
-        dS = torch.bmm(g3, v3.transpose(1, 2)).to(P.dtype).sub_(rowsum).mul_(P).to(q.dtype)  # without 1/sqrt(d)
-        scale = q.shape[-1] ** -0.5
-        dq, dk = torch.bmm(dS, k3).mul_(scale), torch.bmm(dS.transpose(1, 2), q3).mul_(scale)
-        return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+def _attention_tangent(o, xs, ds, **kwargs):
+    if kwargs:  # masks, dropout, causal, scale: not covered here
+        return NotImplemented
+    (q, k, v), (dq, dk, dv) = xs, ds
+    q3, k3, v3 = map(_flat, (q, k, v))  # (B*H, N, d) each
+    P, qs = _softmax_scores(q3, k3)  # (B*H, N, N) fp32, (B*H, N, d)
+    # dS = (dq k^T + q dk^T) / sqrt(d); matmuls in the inputs' dtype, products with P in fp32
+    if dq is None and dk is None:
+        dS = torch.zeros(P.shape, dtype=q.dtype, device=q.device)
+    elif dq is None:
+        dS = torch.bmm(qs, _flat(dk).transpose(1, 2))
+    else:
+        dS = torch.bmm(_flat(dq) * q3.shape[-1] ** -0.5, k3.transpose(1, 2))
+        if dk is not None:
+            dS.baddbmm_(qs, _flat(dk).transpose(1, 2))
+    PdS = dS.to(P.dtype).mul_(P)
+    do = torch.bmm(PdS.to(v3.dtype), v3)  # (B*H, N, d)
+    if dv is not None:
+        do.baddbmm_(P.to(v3.dtype), _flat(dv))
+    do = do.view(o.shape).to(o.dtype)  # (B, H, N, d)
+    return do.sub_(PdS.sum(-1, keepdim=True).to(o.dtype).view(*o.shape[:-1], 1) * o)
 
 
 class StockRules(TorchFunctionMode):
     """PyTorch's own forward-mode AD inside jvp(), except attention: SDPA has no forward-mode rule, so its
-    math form stands in. (The reference that ExplicitRules is measured against: benchmark.py --stock-jvp.)"""
+    math form stands in. (The reference the tangent rules are measured against: benchmark.py RECIPE@stock.)"""
 
-    rules = {F.scaled_dot_product_attention: lambda q, k, v: math_attention(q, k, v)}
+    rules = {F.scaled_dot_product_attention: lambda func, q, k, v: math_attention(q, k, v)}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         rule, kwargs = self.rules.get(func), kwargs or {}
-        out = rule(*args, **kwargs) if rule is not None else NotImplemented  # NotImplemented: not this case
+        out = rule(func, *args, **kwargs) if rule is not None else NotImplemented  # NotImplemented: not this case
         return func(*args, **kwargs) if out is NotImplemented else out
 
 
-def _layer_norm_rule(x, normalized_shape, weight=None, bias=None, eps=1e-5):
-    if weight is not None or bias is not None or tuple(normalized_shape) != x.shape[-1:]:
-        return NotImplemented
-    return LayerNormFn.apply(x, eps)[0]
-
-
-class ExplicitRules(StockRules):
-    """Inside jvp(), every linear layer, GELU/SiLU, LayerNorm without affine, addcmul and SDPA runs the
-    explicit rules above; everything else runs as usual."""
+class TangentRules(StockRules):
+    """Inside jvp(): linear layers, GELU, SiLU, LayerNorm, addcmul, add, mul and SDPA with the rules above."""
 
     rules = {
-        F.linear: LinearFn.apply,
-        F.gelu: lambda x, approximate="none": PointwiseFn.apply(x, approximate),
-        F.silu: lambda x, inplace=False: PointwiseFn.apply(x, None),
-        F.layer_norm: _layer_norm_rule,
-        torch.addcmul: lambda a, b, c, value=1: AddcmulFn.apply(a, b, c) if value == 1 else NotImplemented,
-        F.scaled_dot_product_attention: lambda q, k, v: SDPAWithJVP.apply(q, k, v),
+        F.linear: _tangent_rule(_linear_tangent),
+        F.gelu: _tangent_rule(_gelu_tangent),
+        F.silu: _tangent_rule(_silu_tangent),
+        F.layer_norm: _tangent_rule(_layer_norm_tangent),
+        F.scaled_dot_product_attention: _tangent_rule(_attention_tangent),
+        **{f: _tangent_rule(_addcmul_tangent) for f in (torch.addcmul, torch.Tensor.addcmul)},
+        **{f: _tangent_rule(_add_tangent) for f in (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__)},
+        **{f: _tangent_rule(_mul_tangent) for f in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)},
     }
 
 
-JVP_RULES = ExplicitRules  # what jvp() runs under (benchmark.py swaps in StockRules to compare)
+JVP_RULES = TangentRules  # what jvp() runs under (benchmark.py swaps in StockRules to compare)
 
 ATTENTION_BACKENDS = {
     "sdpa": F.scaled_dot_product_attention,  # default: the fused kernel; inside jvp() the rules above take over
