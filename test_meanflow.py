@@ -861,15 +861,17 @@ def test_imagenet_latents_prepare_load_train_sample(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data parallel: gradients synchronised by hand (the JVP goes through the bare network, not a DDP wrapper)
+# Data parallel: the loss (plain forward, forward-mode pass, guidance forward) goes through a DDP wrapper
 
 
 def _train_tiny(rank, world, sync, steps=4, B=16):
     """A few AdamW steps of the toy MLP on a fixed global batch stream; this process takes its slice of each
     batch. t, r and e are passed explicitly so that every split of the batch sees the same randomness. In
-    float64, so that summation order (half batches, then the all-reduce) leaves no visible trace."""
+    float64, so that summation order (half batches, then the all-reduce) leaves no visible trace. sync: through
+    DistributedDataParallel (as train.py), else the bare network (no gradient all-reduce)."""
     torch.manual_seed(0)
     method, net = mf.MeanFlow("meanflow"), mf.MLP(dim=2).double()
+    model = torch.nn.parallel.DistributedDataParallel(net) if sync else net
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
     mine = slice(rank * B // world, (rank + 1) * B // world)
@@ -878,11 +880,9 @@ def _train_tiny(rank, world, sync, steps=4, B=16):
         t = torch.rand(B, generator=g, dtype=torch.float64)
         r = torch.where(torch.arange(B) % 4 == 0, t * torch.rand(B, generator=g, dtype=torch.float64), t)  # r < t: 1/4
         e = torch.randn(B, 2, generator=g, dtype=torch.float64)
-        loss, _ = method.loss(net, x[mine], None, progress=step / steps, t=t[mine], r=r[mine], e=e[mine])
+        loss, _ = method.loss(model, x[mine], None, progress=step / steps, t=t[mine], r=r[mine], e=e[mine])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if sync:
-            train.sync_grads(net.parameters())
         opt.step()
     return torch.cat([p.detach().flatten() for p in net.parameters()])
 
@@ -911,7 +911,7 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     assert torch.equal(ranks[0]["synced"], ranks[1]["synced"])  # replicas stay bitwise identical
     diff = (ranks[0]["synced"] - single).abs().max().item()
     assert diff < 1e-10, diff  # and equal to one process on the whole batch
-    # Without the sync (what calling jvp on model.module does under DDP) the replicas drift apart.
+    # Without the all-reduce (the bare network) the replicas drift apart.
     naive = (ranks[0]["naive"] - ranks[1]["naive"]).abs().max().item()
     assert naive > 1e-3 and (ranks[0]["naive"] - single).abs().max().item() > 1e-3, naive
 
@@ -1316,3 +1316,52 @@ def test_guidance_forwards_only_on_the_rows_that_use_them():
     _, t_min, t_max = method.sample_imf_conditions(t, r)
     used = (t >= t_min) & (t <= t_max) & ~drop
     assert [c[0] for c in net.calls if not c[2]] == [B // 2 + used.sum().item()]  # about 1.2 x B rows
+
+
+def _ddp_grads(net, method, model, rows, data):
+    x, y, t, r, e = (a[rows] for a in data)
+    net.zero_grad(set_to_none=True)
+    method.loss(model, x, y, t=t, r=r, e=e)[0].backward()
+    return [p.grad.clone() for p in net.parameters()]
+
+
+def _ddp_loss_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {}
+        for recipe in ("meanflow", "imf"):  # MeanFlow with guidance forwards (B/2's setting), iMF
+            method = mf.MeanFlow(recipe, class_dropout=0.0, **({} if recipe == "imf" else dict(omega=1.0, kappa=0.5)))
+            net = randomize(tiny_dit(num_classes=3, **method.net_kwargs)).double()
+            g = torch.Generator().manual_seed(1)
+            x, e = (torch.randn(8, 2, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+            t = torch.rand(8, generator=g, dtype=torch.float64)
+            data = (x, torch.randint(0, 3, (8,), generator=g), t, torch.where(torch.arange(8) % 2 == 0, t / 2, t), e)
+            model, fired = torch.nn.parallel.DistributedDataParallel(net), []
+            model.register_comm_hook(None, lambda _, bucket: fired.append(1) or dist.all_reduce(
+                bucket.buffer().div_(world), async_op=True).get_future().then(lambda f: f.value()[0]))
+            torch.manual_seed(2)  # the same iMF conditions in every process
+            results[recipe] = dict(ddp=_ddp_grads(net, method, model, slice(rank * 4, rank * 4 + 4), data), fired=len(fired))
+            if rank == 0:  # one process, the two halves of the global batch: the mean of their gradients
+                single = copy.deepcopy(net)
+                halves = [torch.manual_seed(2) and _ddp_grads(single, method, single, slice(i, i + 4), data) for i in (0, 4)]
+                results[recipe]["global"] = [(a + b) / 2 for a, b in zip(*halves)]
+                results[recipe]["own"] = halves[0]
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_hooks_fire_through_plain_forward_jvp_and_guidance_forward(tmp_path):
+    """The loss's three kinds of forward (plain, forward-mode on dual tensors, no-grad guidance) through one
+    DistributedDataParallel wrapper and one backward: DDP's all-reduce hook fires and the gradients equal one
+    process's on the global batch."""
+    mp.spawn(_ddp_loss_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for recipe in ("meanflow", "imf"):
+        r0, r1 = ranks[0][recipe], ranks[1][recipe]
+        assert r0["fired"] >= 1 and r1["fired"] == r0["fired"]
+        assert all(torch.equal(a, b) for a, b in zip(r0["ddp"], r1["ddp"]))
+        assert max(rel(a, b) for a, b in zip(r0["ddp"], r0["global"])) < 1e-12
+        assert max(rel(a, b) for a, b in zip(r0["own"], r0["global"])) > 1e-2  # the all-reduce did something
