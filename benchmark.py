@@ -1,18 +1,21 @@
 """
 Benchmark: the cost of a MeanFlow training step relative to a flow-matching step on the same network.
 
-    python benchmark.py                       # CPU: toy MLP, DiT-S/2, DiT-B/4 (about 10 minutes on 2 cores)
-    python benchmark.py --models S/2 --steps 5
+    python benchmark.py                       # CPU: toy MLP, DiT-S/2, DiT-B/4 (about 40 minutes on a busy 2-core CPU)
+    python benchmark.py --models S/2 --recipes meanflow,meanflow@stock --steps 5
+    git show 8bdd848:meanflow.py > /tmp/base/meanflow.py   # an older meanflow.py, timed in the same run:
+    python benchmark.py --recipes meanflow,meanflow@base --baseline /tmp/base/meanflow.py
     python benchmark.py --models B/2,L/2,XL/2 --batch 32 --bf16     # GPU
 
-For each network: flow matching (r = t everywhere, plain forward, PyTorch's stock layers and SDPA kernel with
-autograd's backward: the step a user has without meanflow.py), then each recipe (forward + JVP through
-meanflow.py's explicit layers, backward of the primal). Each runs in a fresh process so that peak memory is
-its own: torch.cuda.max_memory_allocated on GPU, the resident-set high-water mark on CPU (parameters,
-gradients and optimizer state included in both; big allocations forced to mmap, so that the high-water mark
-follows live memory). Times come from one process per network, with the default allocator, in which the kinds
-take turns step by step, so that a busy machine slows them alike. Reported: median step time after warm-up,
-its ratio to flow matching, peak memory and its ratio, images per second; a JSON line each.
+For each network: flow matching (r = t everywhere, a plain forward with PyTorch's layers, SDPA kernel and autograd
+backward; iMF's rows against flow matching on iMF's own network, "fm-imf"), then each recipe. RECIPE@stock runs
+the forward-mode pass with PyTorch's own forward-mode rules (math attention) instead of meanflow.py's tangent
+rules; RECIPE@base is the meanflow.py given by --baseline. Each kind's peak memory comes from a fresh process:
+torch.cuda.max_memory_allocated on GPU, the resident-set high-water mark on CPU (parameters, gradients and
+optimizer state included in both; big allocations forced to mmap, so that the high-water mark follows live
+memory). Times come from one process per network, with the default allocator, in which the kinds take turns step
+by step, so that a busy machine slows them alike: the median wall-clock time of a step after warm-up, and the
+median CPU time of the process (on a shared CPU the steadier measure), each with its ratio to flow matching.
 """
 import argparse
 import contextlib
@@ -87,7 +90,10 @@ def build(model, kind, batch, bf16, compile_, baseline=None):
         net.set_attention("sdpa")  # flow matching needs no JVP: the stock fused kernel and its backward
     net, x = net.to(dev), x.to(dev)
     y = torch.randint(0, 10 if model == "mlp" else 1000, (batch,), device=dev)  # class-conditional, like ImageNet
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=dev == "cuda")
+    try:  # as train.py: the fused AdamW where the device has one (CPU too, in recent PyTorch)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    except RuntimeError:
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
 
     def fm_loss():  # r = t everywhere: no JVP, the target is v; the same adaptive weight as MeanFlow
         t = method.sample_t_r(batch, dev)[0]

@@ -229,6 +229,9 @@ class StockRules(TorchFunctionMode):
         return func(*args, **kwargs) if out is NotImplemented else out
 
 
+_T = torch.Tensor
+
+
 class TangentRules(StockRules):
     """Inside jvp(): linear layers, GELU, SiLU, LayerNorm, addcmul, add, mul and SDPA with the rules above."""
 
@@ -239,8 +242,8 @@ class TangentRules(StockRules):
         F.layer_norm: _tangent_rule(_layer_norm_tangent),
         F.scaled_dot_product_attention: _tangent_rule(_attention_tangent),
         **{f: _tangent_rule(_addcmul_tangent) for f in (torch.addcmul, torch.Tensor.addcmul)},
-        **{f: _tangent_rule(_add_tangent) for f in (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__)},
-        **{f: _tangent_rule(_mul_tangent) for f in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)},
+        **{f: _tangent_rule(_add_tangent) for f in (torch.add, _T.add, _T.__add__, _T.__radd__)},
+        **{f: _tangent_rule(_mul_tangent) for f in (torch.mul, _T.mul, _T.__mul__, _T.__rmul__)},
     }
 
 
@@ -330,7 +333,8 @@ class DiTBlock(nn.Module):
         super().__init__()
         self.attn = Attention(hidden_size, num_heads, attention)
         hidden = int(hidden_size * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(hidden_size, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, hidden_size))
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, hidden), nn.GELU(approximate="tanh"),  # tanh GELU, as DiT
+                                 nn.Linear(hidden, hidden_size))
         if adaln:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         else:
@@ -732,7 +736,9 @@ class MeanFlow:
         if n > 0:
             # The r != t rows: one forward-mode pass gives u and du/dt = v_g . d_z u + d_t u. The tangent is
             # (v_g, 1, 0) in (z, t, r) order: dz/dt = v, dt/dt = 1, dr/dt = 0. Wrong tangents cost 2-5x in
-            # FID (Table 1b).
+            # FID (Table 1b). Under bf16 autocast this pass runs in bf16 too: du/dt then carries ~5e-3 relative
+            # error, the target u_tgt ~6e-5 (DiT-S/2), below u's own bf16 error (~4e-3); an fp32 pass changed
+            # nothing measurable on the toy (README, Notes on the JVP).
             u, dudt = jvp(lambda z, t, r: net(z, t, r, _rows(y_in, 0, n)), (z_t[:n], t[:n], r[:n]),
                           (v_g[:n], torch.ones_like(t[:n]), torch.zeros_like(r[:n])))
             # Stop-gradient on the target: it depends on the network itself; differentiating through it
@@ -788,10 +794,10 @@ class MeanFlow:
                 null = null_labels(y, _module(net).num_classes)
                 used = (inside & ~drop).nonzero().squeeze(1)  # rows with guidance (one host sync)
                 rows = torch.cat([torch.arange(n, device=t.device), used])  # v_c of r != t rows, v_u of used rows
-                m = torch.cat([omega_m[:n], ones[used]])
-                out = v[:0] if rows.numel() == 0 else net(z_t[rows], t[rows], t[rows], torch.cat([y[:n], null[used]]), m, zeros[rows], ones[rows],
-                          return_v=True)[1].to(v.dtype)
-                v_c, v_u = out[:n], out[n:]  # (n, ...), (m, ...)
+                labels, omegas = torch.cat([y[:n], null[used]]), torch.cat([omega_m[:n], ones[used]])
+                out = v[:0] if rows.numel() == 0 else net(z_t[rows], t[rows], t[rows], labels, omegas, zeros[rows],
+                                                          ones[rows], return_v=True)[1].to(v.dtype)
+                v_c, v_u = out[:n], out[n:]  # (n, ...), (len(used), ...)
                 v_c_all = v_c if v_fm is None else torch.cat([v_c, v_fm.detach().to(v.dtype)])
                 v_g = v.clone()
                 v_g[used] = v[used] + bcast(1 - 1 / omega_m[used], v_u) * (v_c_all[used] - v_u)  # guided target
