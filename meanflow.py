@@ -635,10 +635,10 @@ class MeanFlow:
             return v
         null = null_labels(y, _module(net).num_classes)
         used = ((t >= self.t_lo) & (t <= self.t_hi) & ~drop).nonzero().squeeze(1)  # (m,)
-        cond = used[used < n] if u_fm is not None else used  # rows whose kappa term needs its own forward
-        cond = cond[:0] if not self.kappa else cond
         if used.numel() == 0:
             return v
+        # rows whose kappa term needs a forward of its own: with u_fm given, the r != t ones only
+        cond = used[:0] if not self.kappa else used[used < n] if u_fm is not None else used
         rows = torch.cat([used, cond])
         with torch.no_grad():  # both guidance terms in one batched forward, at r = t, no gradient
             out = net(z_t[rows], t[rows], t[rows], torch.cat([null[used], y[cond]])).to(v.dtype)
