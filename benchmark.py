@@ -90,10 +90,7 @@ def build(model, kind, batch, bf16, compile_, baseline=None):
         net.set_attention("sdpa")  # flow matching needs no JVP: the stock fused kernel and its backward
     net, x = net.to(dev), x.to(dev)
     y = torch.randint(0, 10 if model == "mlp" else 1000, (batch,), device=dev)  # class-conditional, like ImageNet
-    try:  # as train.py: the fused AdamW where the device has one (CPU too, in recent PyTorch)
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
-    except RuntimeError:
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=dev == "cuda")
 
     def fm_loss():  # r = t everywhere: no JVP, the target is v; the same adaptive weight as MeanFlow
         t = method.sample_t_r(batch, dev)[0]
@@ -174,6 +171,8 @@ def main():
     ap.add_argument("--steps", type=int, default=4, help="timed steps per configuration (after 2 warm-up steps)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    ap.add_argument("--pairwise", action="store_true", help="time each recipe in its own process, taking turns with "
+                    "flow matching (two networks in memory instead of all: for big models on a small machine)")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "KINDS"), help=argparse.SUPPRESS)  # internal
     ap.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
@@ -197,7 +196,17 @@ def main():
     for model in args.models.split(","):
         recipes = args.recipes.split(",")
         kinds = ["fm"] + ["fm-imf"] * any(k.startswith("imf") for k in recipes) + recipes
-        timing = child(args, "--child", model, ",".join(kinds))
+        if args.pairwise:  # each recipe in its own process with its flow-matching step: two networks in memory
+            timing = dict(times={})
+            for kind in kinds:
+                ref = "fm-imf" if kind.startswith("imf") else "fm"
+                pair = child(args, "--child", model, ",".join(dict.fromkeys([ref, kind])))
+                timing.update({k: v for k, v in pair.items() if k != "times"})
+                timing["times"][kind] = pair["times"][kind]
+                timing["times"].setdefault(ref, pair["times"][ref])  # the first pair's: the reference of every row
+                timing.setdefault("ref_of", {})[kind] = [pair["times"][ref], pair["times"][kind]]
+        else:
+            timing = child(args, "--child", model, ",".join(kinds))
         for kind in kinds:
             peak = child(args, "--child", model, kind, "--child-memory")["peak_mb"]
             step_s, cpu_s = timing["times"][kind]
@@ -210,6 +219,9 @@ def main():
             ref = base["fm-imf" if kind.startswith("imf") else "fm"]  # the same network
             row["time_ratio"] = round(row["step_s"] / ref["step_s"], 2)
             row["cpu_ratio"] = round(row["cpu_s"] / ref["cpu_s"], 2)
+            if args.pairwise:  # ratios to the flow-matching step timed in the same process
+                (fm_wall, fm_cpu), (wall, cpu) = timing["ref_of"][kind]
+                row["time_ratio"], row["cpu_ratio"] = round(wall / fm_wall, 2), round(cpu / fm_cpu, 2)
             row["mem_ratio"] = round(row["peak_mb"] / ref["peak_mb"], 2)
             print(json.dumps(row), flush=True)
             if args.out:
