@@ -254,7 +254,7 @@ ATTENTION_BACKENDS = {
     "math": math_attention,  # reference: plain ops
 }
 
-# Plain PyTorch layers; the names serve the networks below.
+# Plain PyTorch layers under the names the toy MLP below uses.
 Linear, SiLU = nn.Linear, nn.SiLU
 
 
