@@ -192,6 +192,8 @@ def main():
         print(json.dumps(result))
         return
 
+    if any(k.endswith("@base") for k in args.recipes.split(",")) and not args.baseline:
+        ap.error("a kind RECIPE@base needs --baseline PATH/meanflow.py")
     rows, base = [], {}
     for model in args.models.split(","):
         recipes = args.recipes.split(",")
