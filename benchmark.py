@@ -1,18 +1,21 @@
 """
 Benchmark: the cost of a MeanFlow training step relative to a flow-matching step on the same network.
 
-    python benchmark.py                       # CPU: toy MLP, DiT-S/2, DiT-B/4 (about 10 minutes on 2 cores)
-    python benchmark.py --models S/2 --steps 5
+    python benchmark.py                       # CPU: toy MLP, DiT-S/2, DiT-B/4 (about 40 minutes on a busy 2-core CPU)
+    python benchmark.py --models S/2 --recipes meanflow,meanflow@stock --steps 5
+    git show 8bdd848:meanflow.py > /tmp/base/meanflow.py   # an older meanflow.py, timed in the same run:
+    python benchmark.py --recipes meanflow,meanflow@base --baseline /tmp/base/meanflow.py
     python benchmark.py --models B/2,L/2,XL/2 --batch 32 --bf16     # GPU
 
-For each network: flow matching (r = t everywhere, plain forward, PyTorch's stock layers and SDPA kernel with
-autograd's backward: the step a user has without meanflow.py), then each recipe (forward + JVP through
-meanflow.py's explicit layers, backward of the primal). Each runs in a fresh process so that peak memory is
-its own: torch.cuda.max_memory_allocated on GPU, the resident-set high-water mark on CPU (parameters,
-gradients and optimizer state included in both; big allocations forced to mmap, so that the high-water mark
-follows live memory). Times come from one process per network, with the default allocator, in which the kinds
-take turns step by step, so that a busy machine slows them alike. Reported: median step time after warm-up,
-its ratio to flow matching, peak memory and its ratio, images per second; a JSON line each.
+For each network: flow matching (r = t everywhere, a plain forward with PyTorch's layers, SDPA kernel and autograd
+backward; iMF's rows against flow matching on iMF's own network, "fm-imf"), then each recipe. RECIPE@stock runs
+the forward-mode pass with PyTorch's own forward-mode rules (math attention) instead of meanflow.py's tangent
+rules; RECIPE@base is the meanflow.py given by --baseline. Each kind's peak memory comes from a fresh process:
+torch.cuda.max_memory_allocated on GPU, the resident-set high-water mark on CPU (parameters, gradients and
+optimizer state included in both; big allocations forced to mmap, so that the high-water mark follows live
+memory). Times come from one process per network, with the default allocator, in which the kinds take turns step
+by step, so that a busy machine slows them alike: the median wall-clock time of a step after warm-up, and the
+median CPU time of the process (on a shared CPU the steadier measure), each with its ratio to flow matching.
 """
 import argparse
 import contextlib
@@ -32,47 +35,58 @@ def peak_rss_mb():
 
 
 @contextlib.contextmanager
-def stock_layers(mf):
-    """Swap meanflow.py's explicit-derivative layers for PyTorch's own ops (same math, autograd's backward)."""
-    import torch.nn as nn
-    import torch.nn.functional as F
-
-    stock = {(mf.Linear, "forward"): nn.Linear.forward,
-             (mf.GELU, "forward"): lambda self, x: F.gelu(x, approximate="tanh"),
-             (mf.SiLU, "forward"): lambda self, x: F.silu(x),
-             (mf, "layer_norm"): lambda x, eps=1e-6: F.layer_norm(x, x.shape[-1:], eps=eps),
-             (mf, "modulate"): lambda x, shift, scale: x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1),
-             (mf, "gated_residual"): lambda x, gate, a: x + mf._gate_view(gate) * a}
-    ours = {key: getattr(*key) for key in stock}
+def jvp_rules(mf, rules):
+    """Run jvp() under other rules (StockRules: PyTorch's own forward-mode AD, math attention in the tangent part)."""
+    ours, mf.JVP_RULES = mf.JVP_RULES, rules
     try:
-        for (owner, name), f in stock.items():
-            setattr(owner, name, f)
         yield
     finally:
-        for (owner, name), f in ours.items():
-            setattr(owner, name, f)
+        mf.JVP_RULES = ours
 
 
-def build(model, kind, batch, bf16, compile_):
-    """The network, optimizer and one training step of this kind ("fm" or a recipe); returns step()."""
-    import torch
+def load_meanflow(variant, baseline):
+    """meanflow.py of this folder, or (variant "base") the one at --baseline, e.g. an older commit's."""
+    import importlib.util
 
     import meanflow as mf
 
+    if variant != "base":
+        return mf
+    if not baseline:
+        raise SystemExit("benchmark.py: error: a kind RECIPE@base needs --baseline PATH/meanflow.py")
+    spec = importlib.util.spec_from_file_location("meanflow_base", baseline)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build(model, kind, batch, bf16, compile_, baseline=None):
+    """The network, optimizer and one training step of this kind; returns step().
+
+    kind: "fm" (flow matching), "fm-imf" (flow matching on iMF's network), or a recipe, optionally with a
+    variant: "meanflow@stock" (PyTorch's own forward-mode AD in the tangent part), "meanflow@base" (the
+    meanflow.py given by --baseline, e.g. the whole-batch JVP of an older commit)."""
+    import torch
+
+    import meanflow
+
+    name, _, variant = kind.partition("@")
+    mf = load_meanflow(variant, baseline)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if model == "mlp" and dev == "cpu":
         torch.set_num_threads(1)  # as train.py: the toy MLP is too small for threads to pay
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    recipe = "meanflow" if kind in ("fm", "meanflow+cfg") else kind
-    guidance = dict(omega=1.0, kappa=0.5) if kind == "meanflow+cfg" else {}  # B/2's setting: 2 extra forwards
+    recipe = {"fm": "meanflow", "meanflow+cfg": "meanflow", "fm-imf": "imf"}.get(name, name)
+    guidance = dict(omega=1.0, kappa=0.5) if name == "meanflow+cfg" else {}  # B/2's setting
     method = mf.MeanFlow(recipe, **guidance)
     if model == "mlp":
         net, x = mf.MLP(dim=2, num_classes=10, **method.net_kwargs), torch.randn(batch, 2)
     else:
         net = mf.DiT_models[model](input_size=32, in_channels=4, num_classes=1000, **method.net_kwargs)
         x = torch.randn(batch, 4, 32, 32)
-    if kind == "fm" and hasattr(net, "set_attention"):
+    fm = name.startswith("fm")
+    if fm and hasattr(net, "set_attention"):
         net.set_attention("sdpa")  # flow matching needs no JVP: the stock fused kernel and its backward
     net, x = net.to(dev), x.to(dev)
     y = torch.randint(0, 10 if model == "mlp" else 1000, (batch,), device=dev)  # class-conditional, like ImageNet
@@ -86,41 +100,45 @@ def build(model, kind, batch, bf16, compile_):
 
     def step():
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
-            loss = fm_loss() if kind == "fm" else method.loss(net, x, y, progress=0.5)[0]
+            loss = fm_loss() if fm else method.loss(net, x, y, progress=0.5)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     run = torch.compile(step) if compile_ else step
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    rules = (lambda: jvp_rules(meanflow, meanflow.StockRules)) if variant == "stock" else contextlib.nullcontext
+    if variant == "base" and fm:
+        raise ValueError("flow matching is measured with this folder's meanflow.py")
 
-    def timed_step():
-        t0 = time.perf_counter()
-        with stock_layers(mf) if kind == "fm" else contextlib.nullcontext():
+    def timed_step():  # (wall-clock seconds, CPU seconds of this process)
+        t0, c0 = time.perf_counter(), time.process_time()
+        with rules():
             run()
         sync()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     return timed_step, dev
 
 
-def measure(model, kinds, batch, steps, bf16, compile_):
-    """Median step time of each kind; the kinds take turns, so that a busy machine slows them alike."""
-    steps_of = {k: build(model, k, batch, bf16, compile_)[0] for k in kinds}
+def measure(model, kinds, batch, steps, bf16, compile_, baseline):
+    """Median step time of each kind, wall clock and CPU time of the process; the kinds take turns, so that a
+    busy machine slows them alike."""
+    steps_of = {k: build(model, k, batch, bf16, compile_, baseline)[0] for k in kinds}
     for k in kinds:  # warm-up: optimizer state, kernels
         steps_of[k](), steps_of[k]()
     times = {k: [] for k in kinds}
     for _ in range(steps):
         for k in kinds:
             times[k].append(steps_of[k]())
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: [statistics.median(c) for c in zip(*v)] for k, v in times.items()}
 
 
-def peak_memory(model, kind, batch, bf16, compile_):
+def peak_memory(model, kind, batch, bf16, compile_, baseline):
     """Peak memory of a steady-state step, in MB, in this (fresh) process."""
     import torch
 
-    step, dev = build(model, kind, batch, bf16, compile_)
+    step, dev = build(model, kind, batch, bf16, compile_, baseline)
     step(), step()
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -135,6 +153,7 @@ def child(args, *cmd):
     if "--child-memory" in cmd:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # big tensors via mmap: RSS tracks live memory (slow to time)
     flags = ["--batch", str(args.batch), "--steps", str(args.steps)] + ["--bf16"] * args.bf16 + ["--compile"] * args.compile
+    flags += ["--baseline", args.baseline] if args.baseline else []
     out = subprocess.run([sys.executable, __file__, *cmd, *flags], env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
@@ -144,11 +163,16 @@ def child(args, *cmd):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mlp,S/2,B/4", help="comma-separated: mlp and/or keys of DiT_models")
-    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated, from: " + ", ".join(RECIPES))
+    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated, from: " + ", ".join(RECIPES)
+                    + "; a suffix @stock times PyTorch's own forward-mode AD in the tangent part, @base the --baseline")
+    ap.add_argument("--baseline", default=None, help="another meanflow.py, timed as RECIPE@base in the same run "
+                    "(e.g. git show 8bdd848:meanflow.py > /tmp/base/meanflow.py: the whole-batch JVP)")
     ap.add_argument("--batch", type=int, default=16, help="batch per step for the DiTs (the MLP uses 256)")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per configuration (after 2 warm-up steps)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    ap.add_argument("--pairwise", action="store_true", help="time each recipe in its own process, taking turns with "
+                    "flow matching (two networks in memory instead of all: for big models on a small machine)")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "KINDS"), help=argparse.SUPPRESS)  # internal
     ap.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
@@ -160,38 +184,57 @@ def main():
         model, kinds = args.child[0], args.child[1].split(",")
         batch = 256 if model == "mlp" else args.batch
         if args.child_memory:
-            result = dict(peak_mb=peak_memory(model, kinds[0], batch, args.bf16, args.compile))
+            result = dict(peak_mb=peak_memory(model, kinds[0], batch, args.bf16, args.compile, args.baseline))
         else:
-            result = dict(times=measure(model, kinds, batch, args.steps, args.bf16, args.compile),
+            result = dict(times=measure(model, kinds, batch, args.steps, args.bf16, args.compile, args.baseline),
                           device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                           threads=torch.get_num_threads(), batch=batch)
         print(json.dumps(result))
         return
 
-    rows, base = [], None
+    if any(k.endswith("@base") for k in args.recipes.split(",")) and not args.baseline:
+        ap.error("a kind RECIPE@base needs --baseline PATH/meanflow.py")
+    rows, base = [], {}
     for model in args.models.split(","):
-        kinds = ["fm"] + args.recipes.split(",")
-        timing = child(args, "--child", model, ",".join(kinds))
+        recipes = args.recipes.split(",")
+        kinds = ["fm"] + ["fm-imf"] * any(k.startswith("imf") for k in recipes) + recipes
+        if args.pairwise:  # each recipe in its own process with its flow-matching step: two networks in memory
+            timing = dict(times={})
+            for kind in kinds:
+                ref = "fm-imf" if kind.startswith("imf") else "fm"
+                pair = child(args, "--child", model, ",".join(dict.fromkeys([ref, kind])))
+                timing.update({k: v for k, v in pair.items() if k != "times"})
+                timing["times"][kind] = pair["times"][kind]
+                timing["times"].setdefault(ref, pair["times"][ref])  # the first pair's: the reference of every row
+                timing.setdefault("ref_of", {})[kind] = [pair["times"][ref], pair["times"][kind]]
+        else:
+            timing = child(args, "--child", model, ",".join(kinds))
         for kind in kinds:
             peak = child(args, "--child", model, kind, "--child-memory")["peak_mb"]
-            step_s = timing["times"][kind]
+            step_s, cpu_s = timing["times"][kind]
             row = dict(model=model, kind=kind, device=timing["device"], threads=timing["threads"],
                        batch=timing["batch"], bf16=args.bf16, compile=args.compile, step_s=round(step_s, 4),
+                       cpu_s=round(cpu_s, 4),
                        img_per_s=round(timing["batch"] / step_s, 1), peak_mb=round(peak, 1))
-            base = row if kind == "fm" else base
-            row["time_ratio"] = round(row["step_s"] / base["step_s"], 2)
-            row["mem_ratio"] = round(row["peak_mb"] / base["peak_mb"], 2)
+            if kind.startswith("fm"):
+                base[kind] = row
+            ref = base["fm-imf" if kind.startswith("imf") else "fm"]  # the same network
+            row["time_ratio"] = round(row["step_s"] / ref["step_s"], 2)
+            row["cpu_ratio"] = round(row["cpu_s"] / ref["cpu_s"], 2)
+            if args.pairwise:  # ratios to the flow-matching step timed in the same process
+                (fm_wall, fm_cpu), (wall, cpu) = timing["ref_of"][kind]
+                row["time_ratio"], row["cpu_ratio"] = round(wall / fm_wall, 2), round(cpu / fm_cpu, 2)
+            row["mem_ratio"] = round(row["peak_mb"] / ref["peak_mb"], 2)
             print(json.dumps(row), flush=True)
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
             rows.append(row)
 
-    print(f"\n{'model':6} {'step':16} {'time (s)':>9} {'x FM':>6} {'peak MB':>9} {'x FM':>6} {'img/s':>8}")
+    print(f"\n{'model':6} {'step':18} {'wall (s)':>9} {'x FM':>6} {'CPU (s)':>9} {'x FM':>6} {'peak MB':>9} {'x FM':>6}")
     for r in rows:
-        print(f"{r['model']:6} {r['kind']:16} {r['step_s']:9.3f} {r.get('time_ratio', 1):6.2f} "
-              f"{r['peak_mb']:9.0f} {r.get('mem_ratio', 1):6.2f} {r['img_per_s']:8.1f}")
-
+        print(f"{r['model']:6} {r['kind']:18} {r['step_s']:9.3f} {r['time_ratio']:6.2f} {r['cpu_s']:9.3f} "
+              f"{r['cpu_ratio']:6.2f} {r['peak_mb']:9.0f} {r['mem_ratio']:6.2f}")
 
 if __name__ == "__main__":
     main()

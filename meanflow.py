@@ -38,6 +38,17 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+
+def _module(net):
+    """The network itself, also when wrapped in DistributedDataParallel (which does not forward attributes)."""
+    return getattr(net, "module", net)
+
+
+def _rows(y, a, b):
+    """Rows a:b of the labels, or None without labels."""
+    return None if y is None else y[a:b]
 
 
 def bcast(a, x):
@@ -67,14 +78,14 @@ def sq_err(a, b):
     return ((a.to(_at_least_fp32(a)) - b.to(_at_least_fp32(a))) ** 2).flatten(1).sum(1)
 
 
-@torch.compiler.disable  # Dynamo would trace our layers' forward and drop their jvp rules: run this part eagerly
+@torch.compiler.disable  # Dynamo does not trace dual tensors under a TorchFunctionMode: this part runs eagerly
 def jvp(f, primals, tangents):
     """(f(*primals), the derivative of f at primals along tangents) in one forward-mode pass.
 
-    Like torch.func.jvp, but with plain dual tensors: each layer below then keeps one autograd context
-    for both of its rules, so the tangent rule can hand what it computed (attention's P) to the backward
-    instead of recomputing it. f may return a tensor or a tuple of tensors."""
-    with fwAD.dual_level():
+    Like torch.func.jvp, with plain dual tensors. f is written in plain PyTorch; while it runs, JVP_RULES (below)
+    gives the few costly ops cheaper tangent rules. The tangent is computed outside autograd (stop-gradient:
+    the loss never differentiates it). f may return a tensor or a tuple of tensors."""
+    with fwAD.dual_level(), JVP_RULES():
         out = f(*[fwAD.make_dual(p, d) for p, d in zip(primals, tangents)])
         pairs = [fwAD.unpack_dual(o) for o in (out if isinstance(out, tuple) else (out,))]
         primal_out, tangent_out = tuple(p.primal for p in pairs), tuple(p.tangent for p in pairs)
@@ -82,209 +93,90 @@ def jvp(f, primals, tangents):
 
 
 # ----------------------------------------------------------------------------------------------
-# Layers with explicit derivatives, so that one forward-mode pass is cheap.
+# Tangent rules, swapped in inside jvp() only; the networks are plain PyTorch.
 # Forward-mode AD differentiates any PyTorch code, but (1) every tangent op that multiplies by a
 # parameter-dependent value is recorded for backward and keeps its inputs alive, although the tangent is
-# stop-gradiented and backward never visits it (measured: 2.3x the memory of a flow-matching step),
-# (2) the built-in rule for a linear layer multiplies by the weight's zero tangent (twice the matmuls),
-# and (3) F.scaled_dot_product_attention has no forward-mode rule at all (NotImplementedError).
-# Each layer below computes its tangent under no_grad from saved primal values, and its backward by hand.
-# The tests check every rule against finite differences and against autograd.
+# stop-gradiented and backward never visits it, (2) the built-in rule of a linear layer also multiplies by
+# the weight's zero tangent (twice the matmuls), (3) an add or mul with a tangent on one side only takes a
+# slow path (a zero tangent for the other side: ~15x the op on the toy's small tensors), and (4)
+# F.scaled_dot_product_attention has no forward-mode rule at all (NotImplementedError). So inside jvp() the
+# ops below compute their value as usual on the primal inputs (autograd records it and runs its own backward)
+# and their tangent from the same primal values under no_grad (recorded nowhere). The tests check every
+# rule against finite differences. The MeanFlow loss runs jvp() on the r != t rows only.
 # ----------------------------------------------------------------------------------------------
-def _primal(a):
-    """The values of a, without its tangent or history. Saving a dual tensor itself would keep its tangent
-    alive until the end of the forward-mode pass: one more copy of every activation at the peak."""
-    return a.detach() if isinstance(a, torch.Tensor) else None
+def _tangent_rule(tangent):
+    """An op with a tangent: op(*primals) as usual, and tangent(out, primals, tangents, **kwargs) under no_grad
+    (None for an input without tangent), paired again as a dual tensor."""
+
+    def rule(func, *args, **kwargs):
+        pairs = [fwAD.unpack_dual(a) if isinstance(a, torch.Tensor) else None for a in args]
+        ds = [None if p is None else p.tangent for p in pairs]
+        if all(d is None for d in ds):
+            return NotImplemented  # no tangent here: the op as usual
+        xs = [a if p is None else p.primal for a, p in zip(args, pairs)]
+        out = func(*xs, **kwargs)
+        with torch.no_grad():
+            d = tangent(out, xs, ds, **kwargs)
+        if d is NotImplemented:
+            return NotImplemented
+        d = d if d.shape == out.shape else d.expand(out.shape).contiguous()  # a broadcast input's tangent
+        return fwAD.make_dual(out, d.to(out.dtype))
+
+    return rule
 
 
-class _Explicit(torch.autograd.Function):
-    """Shared plumbing: save inputs (tangents stripped) for both rules; pass None (not zeros) for missing
-    (co)tangents."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _Explicit.save(ctx, *[_primal(a) for a in inputs], _primal(output))
-        ctx.args = [None if isinstance(a, torch.Tensor) else a for a in inputs]
-
-    @staticmethod
-    def save(ctx, *tensors):
-        ctx.save_for_backward(*tensors)
-        ctx.save_for_forward(*tensors)
-        ctx.set_materialize_grads(False)
+def _sum(terms):
+    """Sum of the tangent terms that exist (None: an input without tangent)."""
+    terms = [a for a in terms if a is not None]
+    return sum(terms[1:], terms[0])
 
 
-class LinearFn(_Explicit):
-    """y = x W^T + b.  Tangent: dx W^T (the weight's tangent is zero).  Backward: the usual two matmuls."""
-
-    @staticmethod
-    def forward(x, weight, bias):
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    @torch.no_grad()
-    def jvp(ctx, dx, dweight, dbias):
-        x, weight, bias, y = ctx.saved_tensors
-        dy = F.linear(dx, weight.to(dx.dtype)) if dx is not None else torch.zeros_like(y)
-        if dweight is not None:
-            dy = dy + F.linear(x.to(dweight.dtype), dweight)
-        return dy + dbias if dbias is not None else dy
-
-    @staticmethod
-    def backward(ctx, g):  # g: (..., out)
-        x, weight, bias, y = ctx.saved_tensors
-        if g is None:
-            return None, None, None
-        g2 = g.reshape(-1, g.shape[-1])
-        gx = g @ weight.to(g.dtype) if ctx.needs_input_grad[0] else None
-        gw = (g2.t() @ x.reshape(-1, x.shape[-1]).to(g.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        gb = g2.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return gx, gw, gb
+def _linear_tangent(y, xs, ds):  # y = x W^T + b: dx W^T (the weight's tangent is zero in the loss)
+    (x, W, *_), (dx, dW, *db) = xs, ds
+    return _sum([None if dx is None else F.linear(dx, W.to(dx.dtype)), None if dW is None else F.linear(x, dW),
+                 db[0] if db else None])
 
 
-class PointwiseFn(_Explicit):
-    """y = f(x) elementwise (GELU, SiLU); both rules multiply by f'(x), using PyTorch's fused kernels."""
-
-    @staticmethod
-    def forward(x, name):
-        return F.gelu(x, approximate="tanh") if name == "gelu" else F.silu(x)
-
-    @staticmethod
-    def _times_df(ctx, d):
-        x = ctx.saved_tensors[0]
-        if ctx.args[1] == "gelu":
-            return torch.ops.aten.gelu_backward(d, x, approximate="tanh")
-        return torch.ops.aten.silu_backward(d, x)
-
-    @staticmethod
-    @torch.no_grad()
-    def jvp(ctx, dx, _):
-        return PointwiseFn._times_df(ctx, dx)
-
-    @staticmethod
-    def backward(ctx, g):
-        return (PointwiseFn._times_df(ctx, g) if g is not None else None), None
+def _gelu_tangent(y, xs, ds, approximate="none"):
+    return torch.ops.aten.gelu_backward(ds[0], xs[0], approximate=approximate)
 
 
-class LayerNormFn(torch.autograd.Function):
-    """y = (x - mean) / std over the last dim, no affine. Its Jacobian is symmetric,
-    J d = (d - mean(d) - y * mean(d * y)) / std, so the tangent and the backward are the same map, and
-    PyTorch's fused LayerNorm-backward kernel computes it in one pass from the saved mean and 1/std."""
-
-    @staticmethod
-    def forward(x, eps):
-        y, mean, rstd = torch.native_layer_norm(x.to(_at_least_fp32(x)), x.shape[-1:], None, None, eps)
-        return y.to(x.dtype), mean, rstd  # (..., D), (..., 1), (..., 1)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.mark_non_differentiable(*output[1:])
-        _Explicit.save(ctx, _primal(inputs[0]), *output[1:])  # x, mean, 1/std
-
-    @staticmethod
-    def _jacobian_times(ctx, d):
-        x, mean, rstd = ctx.saved_tensors
-        Jd = torch.ops.aten.native_layer_norm_backward(d.to(rstd.dtype), x.to(rstd.dtype), x.shape[-1:], mean, rstd,
-                                                       None, None, [True, False, False])[0]
-        return Jd.to(d.dtype)
-
-    @staticmethod
-    @torch.no_grad()
-    def jvp(ctx, dx, _):
-        return LayerNormFn._jacobian_times(ctx, dx), None, None
-
-    @staticmethod
-    def backward(ctx, g, *_):
-        return (LayerNormFn._jacobian_times(ctx, g) if g is not None else None), None
+def _silu_tangent(y, xs, ds, inplace=False):
+    return torch.ops.aten.silu_backward(ds[0], xs[0])
 
 
-class ModulateFn(_Explicit):
-    """adaLN: y = x * (1 + scale) + shift, x: (B, N, D), shift/scale: (B, D)."""
-
-    @staticmethod
-    def forward(x, shift, scale):
-        return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
-
-    @staticmethod
-    @torch.no_grad()
-    def jvp(ctx, dx, dshift, dscale):
-        x, shift, scale, y = ctx.saved_tensors
-        dy = dx * (1 + scale.unsqueeze(1)) if dx is not None else torch.zeros_like(y)
-        if dscale is not None:
-            dy = dy.addcmul_(x, dscale.unsqueeze(1))
-        return dy + dshift.unsqueeze(1) if dshift is not None else dy
-
-    @staticmethod
-    def backward(ctx, g):
-        x, shift, scale, y = ctx.saved_tensors
-        if g is None:
-            return None, None, None
-        return g * (1 + scale.unsqueeze(1)), g.sum(1), (g * x).sum(1)
+def _layer_norm_tangent(y, xs, ds, weight=None, bias=None, eps=1e-5):
+    """The tangent of the normalisation is its Jacobian times dx, the same map as its backward (the Jacobian is
+    symmetric): PyTorch's fused LayerNorm-backward kernel, from the mean and 1/std in fp32."""
+    (x, shape), dx = xs, ds[0]
+    if any(a is not None and fwAD.unpack_dual(a).tangent is not None for a in (weight, bias)):
+        return NotImplemented  # affine parameters with a tangent (not in the loss): PyTorch's own rule
+    x32 = x.to(_at_least_fp32(x))
+    _, mean, rstd = torch.native_layer_norm(x32, shape, None, None, eps)
+    Jdx = torch.ops.aten.native_layer_norm_backward(dx.to(x32.dtype), x32, shape, mean, rstd, None, None,
+                                                    [True, False, False])[0]
+    return Jdx if weight is None else Jdx * weight  # y = w * norm(x) + b: the weight acts after the Jacobian
 
 
-class GatedResidualFn(_Explicit):
-    """y = x + gate * a, x, a: (B, N, D), gate: (B, D) from adaLN or (D,) a learned vector."""
-
-    @staticmethod
-    def forward(x, gate, a):
-        return torch.addcmul(x, _gate_view(gate), a)
-
-    @staticmethod
-    @torch.no_grad()
-    def jvp(ctx, dx, dgate, da):
-        x, gate, a, y = ctx.saved_tensors
-        dx = torch.zeros_like(y) if dx is None else dx
-        dy = torch.addcmul(dx, _gate_view(gate), da) if da is not None else dx.clone()  # never dx in place
-        if dgate is not None:
-            dy.addcmul_(_gate_view(dgate), a)
-        return dy
-
-    @staticmethod
-    def backward(ctx, g):
-        x, gate, a, y = ctx.saved_tensors
-        if g is None:
-            return None, None, None
-        ggate = (g * a).sum(1) if gate.dim() == 2 else (g * a).sum((0, 1))
-        return g, ggate, g * _gate_view(gate)
+def _addcmul_tangent(y, xs, ds, value=1):  # y = a + value * b * c
+    (a, b, c), (da, db, dc) = xs, ds
+    bc = [None if db is None else db * c, None if dc is None else b * dc]
+    return _sum([da] + [None if t is None else value * t for t in bc])
 
 
-def _gate_view(gate):
-    return gate.unsqueeze(1) if gate.dim() == 2 else gate
+def _add_tangent(y, xs, ds, alpha=1):
+    return _sum([ds[0], None if len(ds) < 2 or ds[1] is None else alpha * ds[1]])
 
 
-class Linear(nn.Linear):
-    def forward(self, x):
-        return LinearFn.apply(x, self.weight, self.bias)
+def _mul_tangent(y, xs, ds):
+    (a, b), (da, db) = xs, ds
+    return _sum([None if da is None else da * b, None if db is None else a * db])
 
 
-class GELU(nn.Module):
-    def forward(self, x):
-        return PointwiseFn.apply(x, "gelu")  # tanh approximation, as DiT
-
-
-class SiLU(nn.Module):
-    def forward(self, x):
-        return PointwiseFn.apply(x, "silu")
-
-
-def layer_norm(x, eps=1e-6):
-    return LayerNormFn.apply(x, eps)[0]
-
-
-def modulate(x, shift, scale):
-    return ModulateFn.apply(x, shift, scale)
-
-
-def gated_residual(x, gate, a):
-    return GatedResidualFn.apply(x, gate, a)
-
-
-# ----------------------------------------------------------------------------------------------
-# Attention. SDPA is the fast kernel but has no forward-mode rule; SDPAWithJVP keeps SDPA for the value
-# and supplies both derivatives:
-#   S = q k^T / sqrt(d),  P = softmax(S),  o = P v
-#   tangent:   do = (P * dS) v - rowsum(P * dS) * o + P dv,   dS = (dq k^T + q dk^T) / sqrt(d)
-#   backward:  dv = P^T g,  dS = P * (g v^T - rowsum(g * o)),  dq = dS k / sqrt(d),  dk = dS^T q / sqrt(d)
-# ----------------------------------------------------------------------------------------------
+# Attention: S = q k^T / sqrt(d), P = softmax(S), o = P v
+#   tangent: do = (P * dS) v - rowsum(P * dS) * o + P dv,   dS = (dq k^T + q dk^T) / sqrt(d)
+# The value is SDPA's (the fused kernel, and its own backward); P, which the kernel does not return, is
+# computed here for the tangent rows and freed at once.
 def _flat(x):  # (B, H, N, d) -> (B*H, N, d): bmm on 3-D operands is ~2x faster than matmul on 4-D views (CPU)
     return x.reshape(-1, *x.shape[-2:])
 
@@ -303,75 +195,96 @@ def math_attention(q, k, v):
     return torch.bmm(P.to(v.dtype), _flat(v)).view(v.shape)
 
 
-class SDPAWithJVP(_Explicit):
-    """The tangent rule computes P (the SDPA kernel does not return it) and leaves it on ctx for the
-    backward, which would otherwise recompute it: B*H*N*N floats per layer kept from the forward-mode
-    pass to the backward, as plain attention keeps them anyway. (The handing over needs the dual tensors
-    of jvp() above: torch.func.jvp gives the two rules different contexts; the backward then recomputes.)"""
+def _attention_tangent(o, xs, ds, **kwargs):
+    if kwargs:  # masks, dropout, causal, scale: not covered here
+        return NotImplemented
+    (q, k, v), (dq, dk, dv) = xs, ds
+    q3, k3, v3 = map(_flat, (q, k, v))  # (B*H, N, d) each
+    P, qs = _softmax_scores(q3, k3)  # (B*H, N, N) fp32, (B*H, N, d)
+    # dS = (dq k^T + q dk^T) / sqrt(d); matmuls in the inputs' dtype, products with P in fp32
+    if dq is None and dk is None:
+        dS = torch.zeros(P.shape, dtype=q.dtype, device=q.device)
+    elif dq is None:
+        dS = torch.bmm(qs, _flat(dk).transpose(1, 2))
+    else:
+        dS = torch.bmm(_flat(dq) * q3.shape[-1] ** -0.5, k3.transpose(1, 2))
+        if dk is not None:
+            dS.baddbmm_(qs, _flat(dk).transpose(1, 2))
+    PdS = dS.to(P.dtype).mul_(P)
+    do = torch.bmm(PdS.to(v3.dtype), v3)  # (B*H, N, d)
+    if dv is not None:
+        do.baddbmm_(P.to(v3.dtype), _flat(dv))
+    do = do.view(o.shape).to(o.dtype)  # (B, H, N, d)
+    return do.sub_(PdS.sum(-1, keepdim=True).to(o.dtype).view(*o.shape[:-1], 1) * o)
 
-    @staticmethod
-    def forward(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v)
 
-    @staticmethod
-    @torch.no_grad()
-    def jvp(ctx, dq, dk, dv):
-        q, k, v, o = ctx.saved_tensors
-        q3, k3, v3 = map(_flat, (q, k, v))  # (B*H, N, d) each
-        P, qs = _softmax_scores(q3, k3)  # (B*H, N, N) fp32, (B*H, N, d)
-        ctx.P = P
-        # dS = (dq k^T + q dk^T) / sqrt(d); matmuls in the inputs' dtype, products with P in fp32
-        if dq is None and dk is None:
-            dS = torch.zeros(P.shape, dtype=q.dtype, device=q.device)
-        elif dq is None:
-            dS = torch.bmm(qs, _flat(dk).transpose(1, 2))
-        else:
-            dS = torch.bmm(_flat(dq) * q3.shape[-1] ** -0.5, k3.transpose(1, 2))
-            if dk is not None:
-                dS.baddbmm_(qs, _flat(dk).transpose(1, 2))
-        PdS = dS.to(P.dtype).mul_(P)
-        do = torch.bmm(PdS.to(v3.dtype), v3)  # (B*H, N, d)
-        if dv is not None:
-            do.baddbmm_(P.to(v3.dtype), _flat(dv))
-        do = do.view(o.shape)  # (B, H, N, d)
-        return do.sub_(PdS.sum(-1, keepdim=True).to(o.dtype).view(*o.shape[:-1], 1) * o)
+class StockRules(TorchFunctionMode):
+    """PyTorch's own forward-mode AD inside jvp(), except attention: SDPA has no forward-mode rule, so its
+    math form stands in. (The reference the tangent rules are measured against: benchmark.py RECIPE@stock.)"""
 
-    @staticmethod
-    def backward(ctx, g):
-        P, ctx.P = getattr(ctx, "P", None), None  # free it as soon as it is used
-        if g is None:
-            return None, None, None
-        q, k, v, o = ctx.saved_tensors
-        q3, k3, v3, g3 = map(_flat, (q, k, v, g))
-        if P is None:
-            P, _ = _softmax_scores(q3, k3)
-        dv = torch.bmm(P.to(g.dtype).transpose(1, 2), g3)
-        rowsum = (g * o).sum(-1, keepdim=True).to(P.dtype).view(P.shape[0], -1, 1)
-        dS = torch.bmm(g3, v3.transpose(1, 2)).to(P.dtype).sub_(rowsum).mul_(P).to(q.dtype)  # without 1/sqrt(d)
-        scale = q.shape[-1] ** -0.5
-        dq, dk = torch.bmm(dS, k3).mul_(scale), torch.bmm(dS.transpose(1, 2), q3).mul_(scale)
-        return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+    rules = {F.scaled_dot_product_attention: lambda func, q, k, v: math_attention(q, k, v)}
 
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        rule, kwargs = self.rules.get(func), kwargs or {}
+        out = rule(func, *args, **kwargs) if rule is not None else NotImplemented  # NotImplemented: not this case
+        return func(*args, **kwargs) if out is NotImplemented else out
+
+
+_T = torch.Tensor
+
+
+class TangentRules(StockRules):
+    """Inside jvp(): linear layers, GELU, SiLU, LayerNorm, addcmul, add, mul and SDPA with the rules above."""
+
+    rules = {
+        F.linear: _tangent_rule(_linear_tangent),
+        F.gelu: _tangent_rule(_gelu_tangent),
+        F.silu: _tangent_rule(_silu_tangent),
+        F.layer_norm: _tangent_rule(_layer_norm_tangent),
+        F.scaled_dot_product_attention: _tangent_rule(_attention_tangent),
+        **{f: _tangent_rule(_addcmul_tangent) for f in (torch.addcmul, torch.Tensor.addcmul)},
+        **{f: _tangent_rule(_add_tangent) for f in (torch.add, _T.add, _T.__add__, _T.__radd__)},
+        **{f: _tangent_rule(_mul_tangent) for f in (torch.mul, _T.mul, _T.__mul__, _T.__rmul__)},
+    }
+
+
+JVP_RULES = TangentRules  # what jvp() runs under (benchmark.py swaps in StockRules to compare)
 
 ATTENTION_BACKENDS = {
-    "sdpa-jvp": SDPAWithJVP.apply,  # default: fast kernel, works under jvp() and torch.func.jvp
+    "sdpa": F.scaled_dot_product_attention,  # default: the fused kernel; inside jvp() the rules above take over
     "math": math_attention,  # reference: plain ops
-    "sdpa": F.scaled_dot_product_attention,  # fast, but raises under forward-mode AD
 }
+
+# Plain PyTorch layers under the names the toy MLP below uses.
+Linear, SiLU = nn.Linear, nn.SiLU
+
+
+def layer_norm(x, eps=1e-6):
+    return F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+def modulate(x, shift, scale):  # adaLN: x (B, N, D), shift, scale (B, D)
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+
+def gated_residual(x, gate, a):  # x + gate * a, gate (B, D) from adaLN or (D,) a learned vector
+    return torch.addcmul(x, gate.unsqueeze(1) if gate.dim() == 2 else gate, a)
 
 
 class Attention(nn.Module):
-    def __init__(self, dim, num_heads, backend="sdpa-jvp"):
+    def __init__(self, dim, num_heads, backend="sdpa"):
         super().__init__()
         self.num_heads, self.backend = num_heads, backend
-        self.qkv = Linear(dim, 3 * dim)
-        self.proj = Linear(dim, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):  # x: (B, N, D)
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         o = ATTENTION_BACKENDS[self.backend](q, k, v)  # (B, H, N, D/H)
         return self.proj(o.transpose(1, 2).reshape(B, N, D))
+
+
 # ----------------------------------------------------------------------------------------------
 # DiT (Peebles & Xie) with two time embedders, as MeanFlow uses it.
 # adaLN-Zero blocks; 2-D sin-cos positions; label embedding with a null class; zero-initialised
@@ -393,7 +306,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size, freq_dim=256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(Linear(freq_dim, hidden_size), SiLU(), Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t):
         return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
@@ -417,16 +330,16 @@ class DiTBlock(nn.Module):
     start at 0, so the block starts as the identity). In-context (c is None): learned gate vectors, also
     starting at 0 (iMF). LayerNorms carry no affine parameters in either case [ours for in-context]."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, adaln=True, attention="sdpa-jvp", dropout=0.0):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, adaln=True, attention="sdpa", dropout=0.0):
         super().__init__()
         self.attn = Attention(hidden_size, num_heads, attention)
         hidden = int(hidden_size * mlp_ratio)
         # dropout on the MLP branch's output (CIFAR-10: py-meanflow's U-Net drops 20% inside its residual blocks;
         # where it goes in a DiT is our choice [ours]). The JVP's tangent sees the same mask as its primal.
-        self.mlp = nn.Sequential(Linear(hidden_size, hidden), GELU(), Linear(hidden, hidden_size),
-                                 *([nn.Dropout(dropout)] if dropout else []))
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, hidden), nn.GELU(approximate="tanh"),  # tanh GELU, as DiT
+                                 nn.Linear(hidden, hidden_size), *([nn.Dropout(dropout)] if dropout else []))
         if adaln:
-            self.adaLN_modulation = nn.Sequential(SiLU(), Linear(hidden_size, 6 * hidden_size))
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         else:
             self.gate_attn = nn.Parameter(torch.zeros(hidden_size))
             self.gate_mlp = nn.Parameter(torch.zeros(hidden_size))
@@ -443,8 +356,8 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     def __init__(self, hidden_size, out_dim, adaln=True):
         super().__init__()
-        self.linear = Linear(hidden_size, out_dim)
-        self.adaLN_modulation = nn.Sequential(SiLU(), Linear(hidden_size, 2 * hidden_size)) if adaln else None
+        self.linear = nn.Linear(hidden_size, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size)) if adaln else None
 
     def forward(self, x, c):
         x = layer_norm(x)
@@ -466,12 +379,12 @@ class DiT(nn.Module):
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, num_classes=1000, in_context=False, guidance_cond=False, v_head=False,
-                 attention="sdpa-jvp", cond_tokens=4, dropout=0.0):
+                 attention="sdpa", cond_tokens=4, dropout=0.0):
         super().__init__()
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
         self.in_context, self.guidance_cond = in_context, guidance_cond
         # Patch embedding: a p x p, stride-p convolution is a linear map of each flattened patch.
-        self.x_embedder = Linear(in_channels * patch_size * patch_size, hidden_size)
+        self.x_embedder = nn.Linear(in_channels * patch_size * patch_size, hidden_size)
         grid = input_size // patch_size
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, grid)[None], persistent=False)
         # Separate embedders for t and for the interval length t - r (MeanFlow Table 1c).
@@ -563,8 +476,8 @@ class DiT(nn.Module):
 # absolute positions: RMSNorm, QK-norm, rotary positions (RoPE) over the whole sequence (condition
 # tokens included), a bias-free SwiGLU MLP, zero-initialised residual gates, and an auxiliary v-head
 # that branches off before the last `head_depth` blocks (its blocks run only when return_v=True).
-# Plain PyTorch layers: forward-mode AD differentiates them as they are (slower than the DiT's
-# explicit rules, same numbers); attention goes through the same ATTENTION_BACKENDS as the DiT.
+# Plain PyTorch layers, as the DiT: inside jvp() its linear layers, SiLU, products and attention get the same
+# tangent rules; RMSNorm and RoPE go through PyTorch's own forward-mode AD (correct, a little more memory).
 # ----------------------------------------------------------------------------------------------
 def rope_cos_sin(dim, n, theta=10000.0):
     """Rotary tables for positions 0..n-1: cos, sin of shape (n, dim/2), angle pos * theta^(-2i/dim)."""
@@ -599,7 +512,7 @@ class iMFAttention(nn.Module):
     """Bias-free q, k, v (one fused matrix, as many parameters as three) and output projections; RMSNorm
     on each head's queries and keys (QK-norm), then RoPE."""
 
-    def __init__(self, dim, num_heads, backend="sdpa-jvp"):
+    def __init__(self, dim, num_heads, backend="sdpa"):
         super().__init__()
         self.num_heads, self.backend = num_heads, backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
@@ -629,7 +542,7 @@ class SwiGLU(nn.Module):
 class iMFBlock(nn.Module):
     """x + g_a * attn(norm(x)), then x + g_m * mlp(norm(x)); the gate vectors start at 0 (identity block)."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=8 / 3, attention="sdpa-jvp"):
+    def __init__(self, dim, num_heads, mlp_ratio=8 / 3, attention="sdpa"):
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
         self.attn = iMFAttention(dim, num_heads, attention)
@@ -661,7 +574,7 @@ class iMFDiT(nn.Module):
     patchify, unpatchify = DiT.patchify, DiT.unpatchify  # the DiT's patch layout
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=768, depth=12, num_heads=12,
-                 head_depth=8, mlp_ratio=8 / 3, num_classes=1000, attention="sdpa-jvp"):
+                 head_depth=8, mlp_ratio=8 / 3, num_classes=1000, attention="sdpa"):
         super().__init__()
         assert 0 < head_depth <= depth, "the v-head branches off inside the network"
         D, p = hidden_size, patch_size
@@ -897,9 +810,9 @@ class MeanFlow:
 
     def sample_t_r(self, B, device=None):
         """t, r: (B,). Two draws sorted (t = max, r = min); the first round(ratio_r_neq_t * B) rows keep
-        r != t, the rest get r = t. Which rows is immaterial: nothing else depends on the row index
-        (class dropout below is an independent coin per row, so r = t and r != t rows are both dropped;
-        the official JAX code drops only r = t rows)."""
+        r != t, the rest get r = t. The loss relies on this order: the forward-mode pass takes rows [:n]
+        without a host sync, and class dropout (drop_labels) takes the last rows, so only r = t rows lose
+        their label (as the official JAX code, which puts both at the front)."""
         u = torch.rand(2, B, device=device, dtype=torch.float64)
         u_hi, u_lo = u.max(0).values, u.min(0).values  # quantile is monotone: same as sorting t, r
         fm = torch.arange(B, device=device) >= round(self.ratio_r_neq_t * B)  # r = t rows
@@ -913,26 +826,42 @@ class MeanFlow:
         return t, torch.where(fm, t, r)
 
     # ---- classifier-free guidance inside the target (MeanFlow Sec. 4) -------------------------
-    def guided_velocity(self, net, z_t, t, v, y):
-        """v_g = omega v + (1 - omega - kappa) u(z,t,t|null) + kappa u(z,t,t|y) inside [t_lo, t_hi], else v.
-        Also drops labels (null class, target v) with prob class_dropout. Returns v_g, the labels to use."""
-        if y is None:
-            return v, None
-        null = null_labels(y, net.num_classes)
-        drop = torch.rand(y.shape[0], device=y.device) < self.class_dropout
-        y_in = torch.where(drop, null, y)
-        if self.omega == 1.0 and self.kappa == 0.0:
-            return v, y_in
+    def drop_labels(self, y, n, num_classes):
+        """Class dropout as the official code: k ~ Binomial(B, class_dropout) rows get the null label, and they
+        are r = t rows. Ours are the last k rows (rows [:n] have r != t; k is capped at B - n, so with no r = t
+        rows no label is dropped). Rates: ~13% of the r = t rows in MeanFlow (0.1 / 0.75), 20% in iMF (0.1 / 0.5),
+        none of the r != t rows. Returns the labels to use and the (B,) dropped mask; no host sync."""
+        B = y.shape[0]
+        k = (torch.rand(B, device=y.device) < self.class_dropout).sum()  # Binomial(B, p), a 0-d tensor
+        drop = torch.arange(B, device=y.device) >= (B - k).clamp(min=n)
+        return torch.where(drop, num_classes, y), drop
+
+    def guided_velocity(self, net, z_t, t, v, y, drop, n, u_fm=None):
+        """v_g = omega v + (1 - omega - kappa) u(z,t,t|null) + kappa u(z,t,t|y) on the rows inside [t_lo, t_hi]
+        whose label was kept, v on the others. Rows [:n] have r != t, rows [n:] r = t; drop from drop_labels.
+
+        The network terms are no-grad forwards at r = t, run only on the rows that use them (finding those rows
+        is one host sync). u_fm (B - n rows), if given, is the r = t rows' own forward u(z, t, t | y): their
+        kappa term without an extra pass (a dropped row's u_fm is unconditional, but dropped rows take v)."""
+        if y is None or (self.omega == 1.0 and self.kappa == 0.0):
+            return v
+        null = null_labels(y, _module(net).num_classes)
+        used = ((t >= self.t_lo) & (t <= self.t_hi) & ~drop).nonzero().squeeze(1)  # (m,)
+        if used.numel() == 0:
+            return v
+        # rows whose kappa term needs a forward of its own: with u_fm given, the r != t ones only
+        cond = used[:0] if not self.kappa else used[used < n] if u_fm is not None else used
+        rows = torch.cat([used, cond])
         with torch.no_grad():  # both guidance terms in one batched forward, at r = t, no gradient
-            if self.kappa:
-                u_null, u_cond = net(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([null, y])).chunk(2)
-            else:
-                u_null, u_cond = net(z_t, t, t, null), 0.0
-        inside = bcast((t >= self.t_lo) & (t <= self.t_hi), v)
-        omega = torch.where(inside, self.omega, 1.0)
-        kappa = torch.where(inside, self.kappa, 0.0)
-        v_g = omega * v + (1 - omega - kappa) * u_null + kappa * u_cond
-        return torch.where(bcast(drop, v), v, v_g.to(v.dtype)), y_in
+            out = net(z_t[rows], t[rows], t[rows], torch.cat([null[used], y[cond]])).to(v.dtype)
+        u_null, u_cond = out[:used.numel()], torch.zeros_like(v)
+        if self.kappa:
+            if u_fm is not None:
+                u_cond[n:] = u_fm.detach()
+            u_cond[cond] = out[used.numel():]
+        v_g = v.clone()
+        v_g[used] = self.omega * v[used] + (1 - self.omega - self.kappa) * u_null + self.kappa * u_cond[used]
+        return v_g
 
     # ---- improved training (Kim et al.): weights applied after the adaptive normalisation ---------
     def beta(self, dt, progress):
@@ -1022,27 +951,48 @@ class MeanFlow:
 
         x: (B, ...) data; y: (B,) labels or None; progress = step / total steps in [0, 1] (beta, DTD's deadline).
         t, r, e may be given (e.g. to restrict the interval); otherwise they are sampled.
+        net may be the bare network or its DistributedDataParallel wrapper.
         logs: v_loss / u_loss = mean squared error per element on the r = t / r != t rows, beta = mean
         beta on r != t rows, dtd_stage (the stage this batch was drawn at). A call with gradients enabled is a
-        training step: it advances the DTD curriculum (dtd_step); one call per optimizer step."""
+        training step: it advances the DTD curriculum (dtd_step); one call per optimizer step.
+
+        du/dt enters only through (t - r) du/dt, zero where r = t: the forward-mode pass runs on the r != t
+        rows only (rows [:n]), a plain forward on the r = t rows, and one backward goes through both.
+        Same loss and gradients as one pass over the whole batch (tested), at 1 + 0.25/3 of a flow-matching
+        step instead of 4/3."""
+        B = x.shape[0]
         if t is None:
-            t, r = self.sample_t_r(x.shape[0], x.device)
+            t, r = self.sample_t_r(B, x.device)
+            n = round(self.ratio_r_neq_t * B)  # sample_t_r puts the r != t rows first: no host sync
+        else:  # given t, r: put the r != t rows first (a host sync; the loss is a mean, the order is free)
+            order = torch.argsort((t == r).int(), stable=True)
+            x, t, r = x[order], t[order], r[order]
+            y, e = (None if a is None else a[order] for a in (y, e))
+            n = int((t != r).sum())
         e = torch.randn_like(x) if e is None else e
         t_, r_ = bcast(t, x), bcast(r, x)
         z_t = (1 - t_) * x + t_ * e
         v = e - x
+        y_in, drop = (None, None) if y is None else self.drop_labels(y, n, _module(net).num_classes)
         if self.imf:
-            return self.imf_loss(net, x, y, z_t, v, t, r)
-        v_g, y_in = self.guided_velocity(net, z_t, t, v, y)
-        # One forward-mode pass gives u and du/dt = v_g . d_z u + d_t u. The tangent is (v_g, 1, 0) in
-        # (z, t, r) order: dz/dt = v, dt/dt = 1, dr/dt = 0. Wrong tangents cost 2-5x in FID (Table 1b).
-        # jvp goes through the bare network, never a DDP wrapper (train.py syncs gradients itself).
-        u, dudt = jvp(lambda z, t, r: net(z, t, r, y_in), (z_t, t, r), (v_g, torch.ones_like(t), torch.zeros_like(r)))
-        # Stop-gradient on the target: it depends on the network itself; differentiating through it
-        # would chase a moving target (and costs a second-order pass).
-        u_tgt = (v_g - (t_ - r_).clamp(0, 1) * dudt).detach()
+            return self.imf_loss(net, x, y, y_in, drop, z_t, v, t, r, n)
+        # The r = t rows: a plain forward; the target is v_g, their loss flow matching.
+        u_fm = net(z_t[n:], t[n:], t[n:], _rows(y_in, n, B)) if n < B else None
+        v_g = self.guided_velocity(net, z_t, t, v, y, drop, n, u_fm)
+        parts = [(u_fm, v_g[n:])] if n < B else []
+        if n > 0:
+            # The r != t rows: one forward-mode pass gives u and du/dt = v_g . d_z u + d_t u. The tangent is
+            # (v_g, 1, 0) in (z, t, r) order: dz/dt = v, dt/dt = 1, dr/dt = 0. Wrong tangents cost 2-5x in
+            # FID (Table 1b). Under bf16 autocast this pass runs in bf16 too: du/dt then carries ~5e-3 relative
+            # error, the target u_tgt ~6e-5 (DiT-S/2), below u's own bf16 error (~4e-3); an fp32 pass changed
+            # nothing measurable on the toy (README, Notes on the JVP).
+            u, dudt = jvp(lambda z, t, r: net(z, t, r, _rows(y_in, 0, n)), (z_t[:n], t[:n], r[:n]),
+                          (v_g[:n], torch.ones_like(t[:n]), torch.zeros_like(r[:n])))
+            # Stop-gradient on the target: it depends on the network itself; differentiating through it
+            # would chase a moving target (and costs a second-order pass).
+            parts.insert(0, (u, (v_g[:n] - (t_ - r_)[:n].clamp(0, 1) * dudt).detach()))
         # Sum (not mean) over data dimensions, so that c and p mean the same at any resolution.
-        l = sq_err(u, u_tgt)  # (B,)
+        l = torch.cat([sq_err(u, u_tgt) for u, u_tgt in parts])  # (B,), rows in the order of t, r
         w = self.weights(t, r, progress)
         loss = (w * self.adaptive(l)).mean()
         logs = self._logs(loss, l, t, r, progress, x)
@@ -1050,7 +1000,7 @@ class MeanFlow:
         return loss, logs
 
     def _logs(self, loss, l, t, r, progress, x):
-        # masked means without boolean indexing: no host-device sync in the training loop (0/0 = nan)
+        # masked means without boolean indexing: no host-device sync (0/0 = nan)
         fm = (t == r).float()
         per_elem = l.detach() / x[0].numel()
         logs = dict(loss=loss.detach(), v_loss=(per_elem * fm).sum() / fm.sum(),
@@ -1074,35 +1024,41 @@ class MeanFlow:
         t_max = torch.where(fm, 1.0, 0.5 + 0.5 * torch.rand(B, device=dev))
         return omega, t_min, t_max
 
-    def imf_loss(self, net, x, y, z_t, v, t, r):
+    def imf_loss(self, net, x, y, y_in, drop, z_t, v, t, r, n):
+        """Rows [:n] have r != t and take the forward-mode pass; rows [n:] have r = t and a plain forward."""
         B = x.shape[0]
         omega, t_min, t_max = self.sample_imf_conditions(t, r)
         ones, zeros = torch.ones_like(t), torch.zeros_like(t)
-        inside = (t >= t_min) & (t <= t_max)
-        with torch.no_grad():  # the network's own v at r = t: conditional at omega, at 1, unconditional
-            if y is None:
-                v_c = net(z_t, t, t, None, ones, zeros, ones, return_v=True)[1]
-                v_g = v
-            else:
-                null = null_labels(y, net.num_classes)
-                z3, t3 = torch.cat([z_t] * 3), torch.cat([t] * 3)
-                v3 = net(z3, t3, t3, torch.cat([y, y, null]), torch.cat([omega, ones, ones]),
-                         torch.cat([zeros] * 3), torch.cat([ones] * 3), return_v=True)[1]
-                v_c_omega, v_c_one, v_u = v3.chunk(3)
-                # outside [t_min, t_max] guidance is off: omega_m = 1
-                v_c = torch.where(bcast(inside, v), v_c_omega, v_c_one)
-                omega_m = bcast(torch.where(inside, omega, 1.0), v)
-                v_g = v + (1 - 1 / omega_m) * (v_c - v_u)  # guided target, a plain function of (z_t, t)
-        if y is not None:
-            drop = torch.rand(B, device=y.device) < self.class_dropout
-            y = torch.where(drop, null_labels(y, net.num_classes), y)
-            v_g = torch.where(bcast(drop, v), v, v_g)
-        # The tangent is the network's own (guided-condition) velocity v_c, not e - x: then
-        # V = u + (t - r) sg(du/dt) depends on z_t alone and the loss is a regression on v.
-        (u, v_head), (dudt, _) = jvp(
-            lambda z, t, r: net(z, t, r, y, omega, t_min, t_max, return_v=True), (z_t, t, r),
-            (v_c.to(z_t.dtype), ones, zeros))
-        V = u + bcast(t - r, u) * dudt.detach()  # compound prediction of v
+        inside = (t >= t_min) & (t <= t_max)  # always on r = t rows: their interval is [0, 1]
+        omega_m = torch.where(inside, omega, 1.0)  # outside [t_min, t_max] guidance is off
+        conds = lambda a, b: dict(y=_rows(y_in, a, b), omega=omega[a:b], t_min=t_min[a:b], t_max=t_max[a:b])
+        # The r = t rows: a plain forward. Their conditions are (omega, [0, 1]), so their v-head is also the
+        # conditional v of their guided target (rows with a kept label).
+        u_fm, v_fm = net(z_t[n:], t[n:], t[n:], **conds(n, B), return_v=True) if n < B else (None, None)
+        with torch.no_grad():  # the network's own v at r = t: conditional at each row's omega_m, unconditional
+            v_c, v_g = None, v
+            if y is None and n > 0:
+                v_c = net(z_t[:n], t[:n], t[:n], None, ones[:n], zeros[:n], ones[:n], return_v=True)[1]
+            elif y is not None:
+                null = null_labels(y, _module(net).num_classes)
+                used = (inside & ~drop).nonzero().squeeze(1)  # rows with guidance (one host sync)
+                rows = torch.cat([torch.arange(n, device=t.device), used])  # v_c of r != t rows, v_u of used rows
+                labels, omegas = torch.cat([y[:n], null[used]]), torch.cat([omega_m[:n], ones[used]])
+                out = v[:0] if rows.numel() == 0 else net(z_t[rows], t[rows], t[rows], labels, omegas, zeros[rows],
+                                                          ones[rows], return_v=True)[1].to(v.dtype)
+                v_c, v_u = out[:n], out[n:]  # (n, ...), (len(used), ...)
+                v_c_all = v_c if v_fm is None else torch.cat([v_c, v_fm.detach().to(v.dtype)])
+                v_g = v.clone()
+                v_g[used] = v[used] + bcast(1 - 1 / omega_m[used], v_u) * (v_c_all[used] - v_u)  # guided target
+        V, v_head = ([u_fm], [v_fm]) if n < B else ([], [])
+        if n > 0:
+            # The tangent is the network's own (guided-condition) velocity v_c, not e - x: then
+            # V = u + (t - r) sg(du/dt) depends on z_t alone and the loss is a regression on v.
+            (u, v_mf), (dudt, _) = jvp(lambda z, t, r: net(z, t, r, **conds(0, n), return_v=True),
+                                       (z_t[:n], t[:n], r[:n]), (v_c.to(z_t.dtype), ones[:n], zeros[:n]))
+            V.insert(0, u + bcast(t[:n] - r[:n], u) * dudt.detach())  # compound prediction of v
+            v_head.insert(0, v_mf)
+        V, v_head = torch.cat(V), torch.cat(v_head)
         l_u, l_v = sq_err(V, v_g), sq_err(v_head, v_g)  # compound u-prediction and the auxiliary v-head
         loss = (self.adaptive(l_u) + self.adaptive(l_v)).mean()
         return loss, self._logs(loss, l_u, t, r, 0.0, x)

@@ -53,7 +53,12 @@ def randomize(net, std=0.1, seed=0):
     return net
 
 
-JVPS = {"dual": mf.jvp, "functorch": torch.func.jvp}  # the loss uses mf.jvp; torch.func.jvp works too
+def functorch_jvp(f, primals, tangents):  # torch.func.jvp with PyTorch's own rules, math attention for SDPA
+    with mf.StockRules():
+        return torch.func.jvp(f, primals, tangents)
+
+
+JVPS = {"dual": mf.jvp, "functorch": functorch_jvp}  # the loss uses mf.jvp
 
 
 def jvp_and_fd(net, z, t, r, y=None, h=1e-6, jvp=mf.jvp, **cond):
@@ -75,7 +80,7 @@ def rel(a, b):
 NETS = {
     "mlp": lambda: mf.MLP(dim=2, hidden=32, depth=3, num_classes=3),
     "dit-math": lambda: tiny_dit(num_classes=3, attention="math"),
-    "dit-sdpa-jvp": lambda: tiny_dit(num_classes=3, attention="sdpa-jvp"),
+    "dit-sdpa": lambda: tiny_dit(num_classes=3, attention="sdpa"),
     "dit-in-context": lambda: tiny_dit(num_classes=3, in_context=True, guidance_cond=True, v_head=True),
     "mlp-guidance-cond": lambda: mf.MLP(dim=2, hidden=32, depth=3, num_classes=3, guidance_cond=True),
     "imf-dit": lambda: tiny_imf(num_classes=3),  # the official iMF network (plain PyTorch layers, RoPE, SwiGLU)
@@ -132,32 +137,51 @@ def test_sdpa_has_no_forward_mode_rule_and_sdpa_jvp_matches_math():
     z, t, r, y = inputs_for(net, dtype=torch.float32)
     with pytest.raises((NotImplementedError, RuntimeError)):
         torch.func.jvp(lambda z: net(z, t, r, y), (z,), (torch.ones_like(z),))
-    outs = [net.set_attention(b)(z, t, r, y) for b in ("sdpa", "math", "sdpa-jvp")]
-    assert torch.allclose(outs[0], outs[1], atol=1e-5) and torch.allclose(outs[0], outs[2], atol=1e-5)
+    _, d_sdpa = mf.jvp(lambda z: net(z, t, r, y), (z,), (torch.ones_like(z),))  # the rules stand in for SDPA
+    _, d_math = mf.jvp(lambda z: net.set_attention("math")(z, t, r, y), (z,), (torch.ones_like(z),))
+    assert torch.allclose(d_sdpa, d_math, atol=1e-5)
+    outs = [net.set_attention(b)(z, t, r, y) for b in ("sdpa", "math")]
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
 # Each layer with an explicit derivative: backward and JVP against numerical differentiation
 # ---------------------------------------------------------------------------------------------
-def _layer_cases():
+def _rule_cases():
     g = torch.Generator().manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+    F = torch.nn.functional
     return {
-        "linear": (mf.LinearFn.apply, (rnd(2, 3, 5), rnd(4, 5), rnd(4))),
-        "gelu": (lambda x: mf.PointwiseFn.apply(x, "gelu"), (rnd(2, 3, 5),)),
-        "silu": (lambda x: mf.PointwiseFn.apply(x, "silu"), (rnd(2, 3, 5),)),
-        "layer_norm": (mf.layer_norm, (rnd(2, 3, 5),)),
-        "modulate": (mf.ModulateFn.apply, (rnd(2, 3, 5), rnd(2, 5), rnd(2, 5))),
-        "gated_residual_adaln": (mf.GatedResidualFn.apply, (rnd(2, 3, 5), rnd(2, 5), rnd(2, 3, 5))),
-        "gated_residual_vector": (mf.GatedResidualFn.apply, (rnd(2, 3, 5), rnd(5), rnd(2, 3, 5))),
-        "attention": (mf.SDPAWithJVP.apply, (rnd(2, 2, 4, 3), rnd(2, 2, 4, 3), rnd(2, 2, 4, 3))),
+        "linear": (F.linear, (rnd(2, 3, 5), rnd(4, 5), rnd(4))),
+        "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), (rnd(2, 3, 5),)),
+        "gelu": (F.gelu, (rnd(2, 3, 5),)),
+        "silu": (F.silu, (rnd(2, 3, 5),)),
+        "layer_norm": (lambda x: F.layer_norm(x, (5,), eps=1e-6), (rnd(2, 3, 5),)),
+        "layer_norm_affine": (lambda x, w, b: F.layer_norm(x, (5,), w, b), (rnd(2, 3, 5), rnd(5), rnd(5))),
+        "modulate": (mf.modulate, (rnd(2, 3, 5), rnd(2, 5), rnd(2, 5))),
+        "gated_residual_adaln": (mf.gated_residual, (rnd(2, 3, 5), rnd(2, 5), rnd(2, 3, 5))),
+        "gated_residual_vector": (mf.gated_residual, (rnd(2, 3, 5), rnd(5), rnd(2, 3, 5))),
+        "add_broadcast": (lambda a, b: a + b, (rnd(2, 3, 5), rnd(3, 5))),
+        "add_alpha": (lambda a, b: torch.add(a, b, alpha=0.3), (rnd(2, 3, 5), rnd(2, 3, 5))),
+        "mul_broadcast": (lambda a, b: b * a, (rnd(2, 3, 5), rnd(3, 1))),
+        "attention": (F.scaled_dot_product_attention, (rnd(2, 2, 4, 3), rnd(2, 2, 4, 3), rnd(2, 2, 4, 3))),
     }
 
 
-@pytest.mark.parametrize("name", list(_layer_cases()))
-def test_explicit_layer_derivatives(name):
-    fn, args = _layer_cases()[name]
-    assert torch.autograd.gradcheck(fn, args, check_forward_ad=True, check_backward_ad=True)
+@pytest.mark.parametrize("name", list(_rule_cases()))
+def test_tangent_rules_match_numerical_derivatives(name):
+    """Each rule of mf.JVP_RULES against numerical differentiation, with a tangent on every input and on one
+    input at a time (as in the loss, where parameters carry none)."""
+    fn, args = _rule_cases()[name]
+
+    def under_rules(*a):
+        with mf.JVP_RULES():
+            return fn(*a)
+
+    assert torch.autograd.gradcheck(under_rules, args, check_forward_ad=True, check_backward_ad=True)
+    for i in range(len(args)):  # only input i has a tangent
+        other = [a.detach() if j != i else a for j, a in enumerate(args)]
+        assert torch.autograd.gradcheck(under_rules, other, check_forward_ad=True, check_backward_ad=False)
 
 
 def test_tangent_pass_records_nothing_for_backward():
@@ -179,38 +203,19 @@ def _graph_nodes(t):
 
 
 def test_saved_values_carry_no_tangent():
-    """Inside the forward-mode pass, what our layers save for backward must not hold its tangent: else every
-    tangent stays alive to the end of the pass (measured on DiT-S/2: peak memory 1.77x flow matching instead
-    of 1.15x)."""
+    """Inside the forward-mode pass, what autograd saves for backward must not hold a tangent: else every tangent
+    stays alive to the end of the pass (one more copy of every activation at the peak)."""
     net = randomize(tiny_dit(num_classes=3))
     z, t, r, y = inputs_for(net, dtype=torch.float32)
-    with torch.autograd.forward_ad.dual_level():
-        dual = lambda a, d: torch.autograd.forward_ad.make_dual(a, d)
-        u = net(dual(z, torch.randn_like(z)), dual(t, torch.ones_like(t)), dual(r, torch.zeros_like(r)), y)
-        ours = [n for n in _graph_nodes(u) if isinstance(n, torch.autograd.function.BackwardCFunction)]
-        saved = [s for n in ours for s in n.saved_tensors if s is not None]
-        assert len(ours) > 20 and len(saved) > 50
-        assert all(torch.autograd.forward_ad.unpack_dual(s).tangent is None for s in saved)
+    saved = []
 
+    def pack(a):
+        saved.append(torch.autograd.forward_ad.unpack_dual(a).tangent is None)
+        return a
 
-def test_attention_hands_p_from_tangent_rule_to_backward(monkeypatch):
-    """With mf.jvp, P = softmax(q k^T / sqrt(d)) is computed once per layer for the tangent and reused by the
-    backward; the gradients equal those of the recompute path (torch.func.jvp: separate contexts)."""
-    net = randomize(tiny_dit(num_classes=3))
-    z, t, r, y = inputs_for(net, dtype=torch.float64)
-    net = net.double()
-    v = torch.randn_like(z)
-    calls, real = [], mf._softmax_scores
-
-    def grads(jvp):
-        u, dudt = jvp(lambda z, t, r: net(z, t, r, y), (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
-        return torch.autograd.grad((u * dudt.detach()).sum(), list(net.parameters()))
-
-    monkeypatch.setattr(mf, "_softmax_scores", lambda q, k: calls.append(1) or real(q, k))
-    g_dual, n_dual = grads(mf.jvp), len(calls)
-    g_func = grads(torch.func.jvp)
-    assert n_dual == len(net.blocks) and len(calls) == 3 * len(net.blocks)  # functorch: the backward recomputes
-    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(g_dual, g_func))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda a: a):
+        mf.jvp(lambda z, t, r: net(z, t, r, y), (z, t, r), (z, torch.ones_like(t), torch.zeros_like(r)))
+    assert len(saved) > 50 and all(saved), (len(saved), saved.count(False))
 
 
 def test_compiled_loss_matches_eager():
@@ -288,19 +293,22 @@ def test_guidance_target_is_v_without_guidance_and_cfg_formula_otherwise():
     net = randomize(mf.MLP(dim=2, hidden=32, num_classes=3))
     g = torch.Generator().manual_seed(0)
     z, v, t = torch.randn(200, 2, generator=g), torch.randn(200, 2, generator=g), torch.rand(200, generator=g)
-    y = torch.randint(0, 3, (200,), generator=g)
-    v_g, y_in = mf.MeanFlow("meanflow", omega=1.0, kappa=0.0).guided_velocity(net, z, t, v, y)
-    assert torch.equal(v_g, v)
+    y, n = torch.randint(0, 3, (200,), generator=g), 50  # rows [:50] play the r != t rows
+    method = mf.MeanFlow("meanflow", omega=1.0, kappa=0.0)
+    assert torch.equal(method.guided_velocity(net, z, t, v, y, method.drop_labels(y, n, 3)[1], n), v)
     method = mf.MeanFlow("meanflow", omega=0.2, kappa=0.92, t_lo=0.0, t_hi=0.75, class_dropout=0.1)
     torch.manual_seed(3)
-    v_g, y_in = method.guided_velocity(net, z, t, v, y)
-    dropped, inside = y_in == 3, t <= 0.75
-    assert 0 < dropped.sum() < 60 and torch.equal(y_in[~dropped], y[~dropped])
+    y_in, dropped = method.drop_labels(y, n, 3)
+    assert 0 < dropped.sum() < 60 and torch.equal(y_in[~dropped], y[~dropped]) and (y_in[dropped] == 3).all()
+    v_g = method.guided_velocity(net, z, t, v, y, dropped, n)
+    # the r = t rows' own forward u(z, t, t | y_in) stands in for their kappa term: the same target
+    v_g_reuse = method.guided_velocity(net, z, t, v, y, dropped, n, u_fm=net(z[n:], t[n:], t[n:], y_in[n:]))
+    inside = t <= 0.75
     u_null, u_cond = net(z, t, t, torch.full_like(y, 3)), net(z, t, t, y)
     expect = 0.2 * v + (1 - 0.2 - 0.92) * u_null + 0.92 * u_cond
     keep = inside & ~dropped
-    assert torch.allclose(v_g[keep], expect[keep], atol=1e-6)
-    assert torch.equal(v_g[~inside | dropped], v[~inside | dropped])  # outside the interval or dropped: v
+    assert torch.allclose(v_g[keep], expect[keep], atol=1e-6) and torch.allclose(v_g_reuse, v_g, atol=1e-6)
+    assert torch.equal(v_g[~keep], v[~keep]) and torch.equal(v_g_reuse[~keep], v[~keep])  # outside or dropped: v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -857,15 +865,17 @@ def test_imagenet_latents_prepare_load_train_sample(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data parallel: gradients synchronised by hand (the JVP goes through the bare network, not a DDP wrapper)
+# Data parallel: the loss (plain forward, forward-mode pass, guidance forward) goes through a DDP wrapper
 
 
 def _train_tiny(rank, world, sync, steps=4, B=16):
     """A few AdamW steps of the toy MLP on a fixed global batch stream; this process takes its slice of each
     batch. t, r and e are passed explicitly so that every split of the batch sees the same randomness. In
-    float64, so that summation order (half batches, then the all-reduce) leaves no visible trace."""
+    float64, so that summation order (half batches, then the all-reduce) leaves no visible trace. sync: through
+    DistributedDataParallel (as train.py), else the bare network (no gradient all-reduce)."""
     torch.manual_seed(0)
     method, net = mf.MeanFlow("meanflow"), mf.MLP(dim=2).double()
+    model = torch.nn.parallel.DistributedDataParallel(net) if sync else net
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
     mine = slice(rank * B // world, (rank + 1) * B // world)
@@ -874,11 +884,9 @@ def _train_tiny(rank, world, sync, steps=4, B=16):
         t = torch.rand(B, generator=g, dtype=torch.float64)
         r = torch.where(torch.arange(B) % 4 == 0, t * torch.rand(B, generator=g, dtype=torch.float64), t)  # r < t: 1/4
         e = torch.randn(B, 2, generator=g, dtype=torch.float64)
-        loss, _ = method.loss(net, x[mine], None, progress=step / steps, t=t[mine], r=r[mine], e=e[mine])
+        loss, _ = method.loss(model, x[mine], None, progress=step / steps, t=t[mine], r=r[mine], e=e[mine])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if sync:
-            train.sync_grads(net.parameters())
         opt.step()
     return torch.cat([p.detach().flatten() for p in net.parameters()])
 
@@ -907,7 +915,7 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     assert torch.equal(ranks[0]["synced"], ranks[1]["synced"])  # replicas stay bitwise identical
     diff = (ranks[0]["synced"] - single).abs().max().item()
     assert diff < 1e-10, diff  # and equal to one process on the whole batch
-    # Without the sync (what calling jvp on model.module does under DDP) the replicas drift apart.
+    # Without the all-reduce (the bare network) the replicas drift apart.
     naive = (ranks[0]["naive"] - ranks[1]["naive"]).abs().max().item()
     assert naive > 1e-3 and (ranks[0]["naive"] - single).abs().max().item() > 1e-3, naive
 
@@ -1246,7 +1254,7 @@ def test_imf_network_jvp_of_u_and_v_matches_finite_differences_fp64(jvp):
                 dtype=torch.float64), t_max=torch.tensor([1.0, 0.7, 0.6], dtype=torch.float64))
     dv = torch.randn(z.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     f = lambda z, t, r: net(z, t, r, y, **cond, return_v=True)
-    for backend in ("sdpa-jvp", "math"):
+    for backend in ("sdpa", "math"):
         net.set_attention(backend)
         _, (dudt, dvdt) = JVPS[jvp](f, (z, t, r), (dv, torch.ones_like(t), torch.zeros_like(r)))
         h = 1e-6
@@ -2001,7 +2009,9 @@ def _dtd_worker(rank, world, port, out):
             loss, logs = method.loss(net, td.sample("checkerboard", 32), progress=step / 80)
             opt.zero_grad()
             loss.backward()
-            train.sync_grads(net.parameters())
+            for p in net.parameters():  # gradients averaged by hand (no DDP wrapper needed here)
+                dist.all_reduce(p.grad)
+                p.grad /= world
             opt.step()
             v_losses.append(float(logs["v_loss"]))
             stages.append(method.dtd_stage)
@@ -2069,3 +2079,198 @@ def test_study_runner_appends_and_resumes(tmp_path, capsys):
     assert {(d["recipe"], d["seed"]) for d in runs} == {("meanflow", 0), ("dtd only", 0)}
     assert [c["step"] for c in runs[0]["curve"]] == [0, 2, 4] and "u 1-NFE jump" in runs[0]["curve"][-1]
     assert study.main(argv + ["1"]) == 0 and "2 runs to do, 2 already" in capsys.readouterr().out
+
+
+# --- tangent on r != t rows ---
+# The loss runs the forward-mode pass on the r != t rows only and the guidance forwards only on the rows that use
+# them. The reference below is the straightforward loss: one forward-mode pass over the whole batch through stock
+# PyTorch layers (torch.func.jvp, math attention), every guidance term on every row.
+def reference_loss(method, net, x, y, t, r, e, progress, seed):
+    torch.manual_seed(seed)  # the same label drops (and iMF conditions) as method.loss after the same seed
+    B, n = x.shape[0], int((t != r).sum())
+    t_, r_ = mf.bcast(t, x), mf.bcast(r, x)
+    z, v = (1 - t_) * x + t_ * e, e - x
+    ones, zeros = torch.ones_like(t), torch.zeros_like(t)
+    y_in, drop = method.drop_labels(y, n, net.num_classes) if y is not None else (None, None)
+    null = None if y is None else torch.full_like(y, net.num_classes)
+    if method.imf:
+        omega, t_min, t_max = method.sample_imf_conditions(t, r)
+        inside = (t >= t_min) & (t <= t_max)
+        with torch.no_grad():
+            if y is None:
+                v_c, v_g = net(z, t, t, None, ones, zeros, ones, return_v=True)[1], v
+            else:
+                v_c_omega, v_c_one, v_u = (net(z, t, t, lab, om, zeros, ones, return_v=True)[1]
+                                           for lab, om in ((y, omega), (y, ones), (null, ones)))
+                v_c = torch.where(mf.bcast(inside, v), v_c_omega, v_c_one)
+                omega_m = mf.bcast(torch.where(inside, omega, 1.0), v)
+                v_g = torch.where(mf.bcast(drop, v), v, v + (1 - 1 / omega_m) * (v_c - v_u))
+        (u, v_head), (dudt, _) = torch.func.jvp(lambda z, t, r: net(z, t, r, y_in, omega, t_min, t_max, return_v=True),
+                                                (z, t, r), (v_c, ones, zeros))
+        V = u + (t_ - r_) * dudt.detach()
+        return (method.adaptive(mf.sq_err(V, v_g)) + method.adaptive(mf.sq_err(v_head, v_g))).mean()
+    v_g = v
+    if y is not None and (method.omega, method.kappa) != (1.0, 0.0):
+        with torch.no_grad():
+            u_null, u_cond = net(z, t, t, null), net(z, t, t, y)
+        inside = mf.bcast((t >= method.t_lo) & (t <= method.t_hi), v).to(v.dtype)
+        om, ka = 1 + inside * (method.omega - 1), inside * method.kappa  # in v's dtype (where() would give fp32)
+        v_g = torch.where(mf.bcast(drop, v), v, om * v + (1 - om - ka) * u_null + ka * u_cond)
+    u, dudt = torch.func.jvp(lambda z, t, r: net(z, t, r, y_in), (z, t, r), (v_g, ones, zeros))
+    l = mf.sq_err(u, (v_g - (t_ - r_).clamp(0, 1) * dudt).detach())
+    return (method.weights(t, r, progress) * method.adaptive(l)).mean()
+
+
+def _guided(recipe):
+    return {} if recipe == "imf" else dict(omega=0.2, kappa=0.92, t_hi=0.75)  # some rows outside the interval
+
+
+@pytest.mark.parametrize("recipe", list(mf.RECIPES))
+@pytest.mark.parametrize("labels", [False, True])
+def test_loss_and_gradients_match_whole_batch_reference_fp64(recipe, labels):
+    method = mf.MeanFlow(recipe, class_dropout=0.25, **(_guided(recipe) if labels else {}))
+    B, K = 16, 3
+    net = randomize(tiny_dit(num_classes=K if labels else 0, **method.net_kwargs)).double()
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(B, 2, 8, 8, generator=g, dtype=torch.float64), torch.randn(B, 2, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, K, (B,), generator=g) if labels else None
+    torch.manual_seed(1)
+    t, r = (a.double() for a in method.sample_t_r(B))
+    n = round(method.ratio_r_neq_t * B)
+    assert (t[:n] != r[:n]).all() and (t[n:] == r[n:]).all()  # the order the loss relies on
+    torch.manual_seed(2)
+    loss, _ = method.loss(net, x, y, progress=0.5, t=t, r=r, e=e)
+    ref_net = copy.deepcopy(net).set_attention("math")
+    ref = reference_loss(method, ref_net, x, y, t, r, e, 0.5, seed=2)
+    g_loss = torch.autograd.grad(loss, list(net.parameters()), allow_unused=True)
+    g_ref = torch.autograd.grad(ref, list(ref_net.parameters()), allow_unused=True)
+    assert abs(loss.item() - ref.item()) < 1e-10 * ref.item(), (loss.item(), ref.item())
+    assert all((a is None) == (b is None) and (a is None or rel(a, b) < 1e-9) for a, b in zip(g_loss, g_ref))
+    if labels:  # the test has teeth: other label drops give other gradients
+        g_other = torch.autograd.grad(reference_loss(method, ref_net, x, y, t, r, e, 0.5, seed=3), list(ref_net.parameters()))
+        assert sum((a - b).norm() for a, b in zip(g_other, g_ref)) > 1e-3 * sum(b.norm() for b in g_ref)
+
+
+def test_rows_in_any_order_give_the_same_loss():
+    method = mf.MeanFlow("improved-minsnr", omega=1.0, kappa=0.5, class_dropout=0.0)
+    net = randomize(tiny_dit(num_classes=3)).double()
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(12, 2, 8, 8, generator=g, dtype=torch.float64), torch.randn(12, 2, 8, 8, generator=g, dtype=torch.float64)
+    y, t, r = torch.randint(0, 3, (12,), generator=g), *(a.double() for a in method.sample_t_r(12))
+    perm = torch.randperm(12, generator=g)
+    a = method.loss(net, x, y, 0.3, t, r, e)[0]
+    b = method.loss(net, x[perm], y[perm], 0.3, t[perm], r[perm], e[perm])[0]
+    assert abs(a.item() - b.item()) < 1e-12 * abs(a.item())
+
+
+class RowCounter(torch.nn.Module):
+    """Wraps a network; records (rows, labels, grad enabled, has a tangent) of every call."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.num_classes, self.calls = net, net.num_classes, []
+
+    def forward(self, z, t, r, y=None, *args, **kw):
+        dual = torch.autograd.forward_ad.unpack_dual(z).tangent is not None
+        self.calls.append((z.shape[0], y, torch.is_grad_enabled(), dual))
+        return self.net(z, t, r, y, *args, **kw)
+
+
+@pytest.mark.parametrize("recipe", ["meanflow", "imf"])
+def test_class_dropout_only_on_r_equals_t_rows_at_the_official_rates(recipe):
+    method, B, K = mf.MeanFlow(recipe), 1000, 10
+    n = round(method.ratio_r_neq_t * B)
+    y = torch.randint(0, K, (B,))
+    torch.manual_seed(0)
+    drops = torch.stack([method.drop_labels(y, n, K)[1] for _ in range(400)]).float()
+    assert drops[:, :n].sum() == 0  # never an r != t row
+    rate = drops[:, n:].mean().item()  # official: Binomial(B, 0.1) rows, all r = t: 0.1 / 0.75 or 0.1 / 0.5
+    assert abs(rate - 0.1 * B / (B - n)) < 0.005, rate
+    assert abs(drops.mean().item() - 0.1) < 0.004
+    # in the loss: the forward-mode pass (r != t rows) never sees the null label, the plain forward does
+    net = RowCounter(mf.MLP(dim=2, hidden=16, num_classes=K, **method.net_kwargs))
+    torch.manual_seed(1)
+    method.loss(net, torch.randn(B, 2), y)
+    [(jvp_rows, jvp_y)], [(fm_rows, fm_y)] = ([c[:2] for c in net.calls if c[3]],
+                                              [c[:2] for c in net.calls if c[2] and not c[3]])
+    assert jvp_rows == n and fm_rows == B - n and (jvp_y != K).all() and 0 < (fm_y == K).sum() < 0.3 * (B - n)
+
+
+def test_guidance_forwards_only_on_the_rows_that_use_them():
+    B, K = 400, 10
+    torch.manual_seed(0)
+    y = torch.randint(0, K, (B,))
+    # MeanFlow, L/2's setting: u(z,t,t|null) on rows inside [0, 0.8] with a kept label; u(z,t,t|y) also, but
+    # the r = t rows take it from their own plain forward
+    method = mf.MeanFlow("meanflow", omega=0.2, kappa=0.92, t_hi=0.8)
+    net = RowCounter(mf.MLP(dim=2, hidden=16, num_classes=K))
+    torch.manual_seed(1)
+    t, r = method.sample_t_r(B)
+    torch.manual_seed(2)
+    method.loss(net, torch.randn(B, 2), y, t=t, r=r, e=torch.randn(B, 2))
+    torch.manual_seed(2)
+    torch.randn(B, 2), torch.randn(B, 2)
+    drop = method.drop_labels(y, B // 4, K)[1]
+    used = (t <= 0.8) & ~drop
+    assert [c[0] for c in net.calls if not c[2]] == [used.sum().item() + used[:B // 4].sum().item()]
+    # iMF: v_c at each row's omega_m on the r != t rows, v_u on the rows with guidance: at most 2 x B rows
+    method = mf.MeanFlow("imf")
+    net = RowCounter(mf.MLP(dim=2, hidden=16, num_classes=K, **method.net_kwargs))
+    t, r = method.sample_t_r(B)
+    torch.manual_seed(3)
+    method.loss(net, torch.randn(B, 2), y, t=t, r=r, e=torch.randn(B, 2))
+    torch.manual_seed(3)
+    torch.randn(B, 2), torch.randn(B, 2)
+    drop = method.drop_labels(y, B // 2, K)[1]
+    _, t_min, t_max = method.sample_imf_conditions(t, r)
+    used = (t >= t_min) & (t <= t_max) & ~drop
+    assert [c[0] for c in net.calls if not c[2]] == [B // 2 + used.sum().item()]  # about 1.2 x B rows
+
+
+def _ddp_grads(net, method, model, rows, data):
+    x, y, t, r, e = (a[rows] for a in data)
+    net.zero_grad(set_to_none=True)
+    method.loss(model, x, y, t=t, r=r, e=e)[0].backward()
+    return [p.grad.clone() for p in net.parameters()]
+
+
+def _ddp_loss_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {}
+        for recipe in ("meanflow", "imf"):  # MeanFlow with guidance forwards (B/2's setting), iMF
+            method = mf.MeanFlow(recipe, class_dropout=0.0, **({} if recipe == "imf" else dict(omega=1.0, kappa=0.5)))
+            net = randomize(tiny_dit(num_classes=3, **method.net_kwargs)).double()
+            g = torch.Generator().manual_seed(1)
+            x, e = (torch.randn(8, 2, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+            t = torch.rand(8, generator=g, dtype=torch.float64)
+            data = (x, torch.randint(0, 3, (8,), generator=g), t, torch.where(torch.arange(8) % 2 == 0, t / 2, t), e)
+            model, fired = torch.nn.parallel.DistributedDataParallel(net), []
+            model.register_comm_hook(None, lambda _, bucket: fired.append(1) or dist.all_reduce(
+                bucket.buffer().div_(world), async_op=True).get_future().then(lambda f: f.value()[0]))
+            torch.manual_seed(2)  # the same iMF conditions in every process
+            results[recipe] = dict(ddp=_ddp_grads(net, method, model, slice(rank * 4, rank * 4 + 4), data), fired=len(fired))
+            if rank == 0:  # one process, the two halves of the global batch: the mean of their gradients
+                single = copy.deepcopy(net)
+                halves = [torch.manual_seed(2) and _ddp_grads(single, method, single, slice(i, i + 4), data) for i in (0, 4)]
+                results[recipe]["global"] = [(a + b) / 2 for a, b in zip(*halves)]
+                results[recipe]["own"] = halves[0]
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_hooks_fire_through_plain_forward_jvp_and_guidance_forward(tmp_path):
+    """The loss's three kinds of forward (plain, forward-mode on dual tensors, no-grad guidance) through one
+    DistributedDataParallel wrapper and one backward: DDP's all-reduce hook fires and the gradients equal one
+    process's on the global batch."""
+    mp.spawn(_ddp_loss_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for recipe in ("meanflow", "imf"):
+        r0, r1 = ranks[0][recipe], ranks[1][recipe]
+        assert r0["fired"] >= 1 and r1["fired"] == r0["fired"]
+        assert all(torch.equal(a, b) for a, b in zip(r0["ddp"], r1["ddp"]))
+        assert max(rel(a, b) for a, b in zip(r0["ddp"], r0["global"])) < 1e-12
+        assert max(rel(a, b) for a, b in zip(r0["own"], r0["global"])) > 1e-2  # the all-reduce did something

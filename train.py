@@ -491,21 +491,7 @@ def prepare_imagenet(args):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Gradient sync, EMA, checkpoints
-
-
-def sync_grads(params):
-    """Average the gradients over processes: one flattened all_reduce after backward.
-
-    The JVP runs through the bare network (model.module), which skips DDP's all-reduce without a word; so we
-    do DDP's job by hand. A missing gradient counts as zero, so that every process reduces a buffer of the
-    same size."""
-    params = [p for p in params if p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = g.view_as(p)
+# EMA, checkpoints
 
 
 @torch.no_grad()
@@ -1000,9 +986,14 @@ def run(args):
             save_atomic(log_path, lambda f: f.write("".join(map(log_line, history)).encode()))
     vae = load_vae(args, device) if args.data == "imagenet-latents" and rank == 0 else None  # for the pictures
 
+    # Data parallel: DDP's gradient hooks fire through all of the loss's forwards (the plain one, the forward-mode
+    # pass on dual tensors, the no-grad guidance one) and one backward (tested against one process on the global
+    # batch). The buffers are constants (positions): no broadcast each forward.
+    model = torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False) if world > 1 else net
+
     def loss_fn(x, y, progress):
-        with autocast:  # the JVP runs under autocast too; meanflow.py sums the errors in fp32
-            return method.loss(net, x, y, progress=progress)
+        with autocast:  # the JVP too (an fp32 JVP measured no better; README); meanflow.py sums errors in fp32
+            return method.loss(model, x, y, progress=progress)
 
     if args.compile:
         loss_fn = torch.compile(loss_fn)
@@ -1060,9 +1051,7 @@ def run(args):
                 last = f"{ckpt_path} is the last good checkpoint" if os.path.exists(ckpt_path) else "no checkpoint yet"
                 raise Fail(f"the loss is {stats[0]} at step {step + 1}; stopped, {last}; lower --lr and --resume")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:
-                sync_grads(net.parameters())  # DDP's job, by hand (see sync_grads)
+            loss.backward()  # under DDP: gradients averaged over the processes here
             opt.step()
             update_ema(ema, net, args.ema)
             step += 1
