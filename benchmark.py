@@ -82,7 +82,9 @@ def build(model, kind, batch, bf16, compile_, baseline=None):
     method = mf.MeanFlow(recipe, **guidance)
     if model == "mlp":
         net, x = mf.MLP(dim=2, num_classes=10, **method.net_kwargs), torch.randn(batch, 2)
-    else:
+    elif method.imf and model in getattr(mf, "iMF_models", {}):  # iMF trains its own network (train.py --recipe imf)
+        net, x = mf.iMF_models[model](input_size=32, in_channels=4, num_classes=1000), torch.randn(batch, 4, 32, 32)
+    else:  # iMF at a size the official network lacks (S/2): the in-context DiT stands in
         net = mf.DiT_models[model](input_size=32, in_channels=4, num_classes=1000, **method.net_kwargs)
         x = torch.randn(batch, 4, 32, 32)
     fm = name.startswith("fm")
