@@ -202,7 +202,7 @@ class MeanFlow:
     def net_kwargs(self):
         """Network options this recipe needs: iMF conditions on omega and its interval, in context."""
         return dict(in_context=True, guidance_cond=True, v_head=True) if self.imf else {}
-    # ---- (t, r) sampling --------------------------------------------------------------------
+    # ---- (t, r) sampling: logit-normal times, a share of r != t rows (MeanFlow Table 1a) --------
     def quantile(self, u):
         """Inverse CDF of one time draw: logit-normal sigmoid(P_mean + P_std * N(0,1)), or uniform."""
         if self.time_sampler == "uniform":
@@ -231,7 +231,8 @@ class MeanFlow:
         t, r = self.quantile(u_hi).float(), self.quantile(u_lo).float()
         return t, torch.where(fm, t, r)
 
-    # ---- the MeanFlow loss ------------------------------------------------------------------
+    # ---- the MeanFlow loss: u_tgt = v - (t - r) (v . d_z u + d_t u), error |u - sg(u_tgt)|^2 with the
+    # adaptive weight 1 / sg((l + c)^p) (MeanFlow: the identity as a loss; tangent (v, 1, 0): Table 1b) ----
     def adaptive(self, l):
         """l / sg((l + c)^p) per sample: p = 1 makes every sample's gradient about unit size."""
         return l / (l.detach() + self.c) ** self.p
@@ -298,7 +299,7 @@ class MeanFlow:
         if self.beta_k is not None:
             logs["beta"] = (self.beta(t - r, progress) * (1 - fm)).sum() / (1 - fm).sum()
         return logs
-    # ---- classifier-free guidance inside the target (MeanFlow Sec. 4) -------------------------
+    # ---- classifier-free guidance inside the target: v replaced by v_g (MeanFlow Sec. 4) -----------
     def drop_labels(self, y, n, num_classes):
         """Class dropout as the official code: k ~ Binomial(B, class_dropout) rows get the null label, and they
         are r = t rows. Ours are the last k rows (rows [:n] have r != t; k is capped at B - n, so with no r = t
@@ -336,7 +337,8 @@ class MeanFlow:
         v_g[used] = self.omega * v[used] + (1 - self.omega - self.kappa) * u_null + self.kappa * u_cond[used]
         return v_g
 
-    # ---- improved training (Kim et al.): weights applied after the adaptive normalisation ---------
+    # ---- improved training (Kim et al.): beta(t - r, s) on u, MinSNR alpha(t) or the DTD curriculum on v;
+    # weights applied after the adaptive normalisation -------------------------------------------
     def beta(self, dt, progress):
         """beta(dt, s) = (1 - s) + s * lam * (1 - dt), s = 1 - progress^k: favours small intervals early
         (they build v, observation O2), mean 1 at progress 0 and exactly 1 at progress 1."""
@@ -413,7 +415,8 @@ class MeanFlow:
         self.dtd_stage, self._dtd_steps = int(d["dtd_stage"]), int(d["dtd_steps"])
         self._dtd_acc = torch.tensor(d["dtd_acc"], dtype=torch.float32)  # float32 -> float -> float32: exact
         self._dtd_prev = None if d["dtd_prev"] is None else tuple(d["dtd_prev"])
-    # ---- iMF (Geng et al.): guidance as a condition, a plain regression on v -------------------
+    # ---- iMF (Geng et al.): V = u + (t - r) sg(du/dt) along the network's own v, regressed on the guided v;
+    # guidance (omega, [t_min, t_max]) as a network condition ----------------------------------
     def sample_imf_conditions(self, t, r):
         """omega ~ p(omega) ~ omega^-beta on [1, omega_max] (inverse CDF); interval t_min ~ U[0, 0.5],
         t_max ~ U[0.5, 1], except [0, 1] on the r = t rows (as the official code)."""
@@ -466,7 +469,7 @@ class MeanFlow:
         l_u, l_v = sq_err(V, v_g), sq_err(v_head, v_g)  # compound u-prediction and the auxiliary v-head
         loss = (self.adaptive(l_u) + self.adaptive(l_v)).mean()
         return loss, self._logs(loss, l_u, t, r, 0.0, x)
-    # ---- samplers -----------------------------------------------------------------------------
+    # ---- samplers: z_r = z_t - (t - r) u(z_t, t, r), one step or a few --------------------------
     def _conditions(self, e, omega, t_min, t_max):
         if not self.imf:
             if (omega, t_min, t_max) != (1.0, 0.0, 1.0):
@@ -478,7 +481,7 @@ class MeanFlow:
 
     @torch.no_grad()
     def sample(self, net, e, y=None, steps=1, omega=1.0, t_min=0.0, t_max=1.0):
-        """k-NFE MeanFlow sampling on a uniform grid 1 -> 0: z_r = z_t - (t - r) u(z_t, r, t).
+        """k-NFE MeanFlow sampling on a uniform grid 1 -> 0: z_r = z_t - (t - r) u(z_t, t, r).
         Guidance needs no extra pass: MeanFlow bakes it into u, iMF takes omega as a condition."""
         cond = self._conditions(e, omega, t_min, t_max)
         return self._walk(e, steps, lambda z, t, r: net(z, t, r, y, **cond))
