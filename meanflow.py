@@ -23,11 +23,6 @@ Conventions (fixed once; every function below uses them)
   embeds (t, t - r) (MeanFlow Table 1c), t raw in [0, 1]; the iMF network embeds t - r only (official).
   y = num_classes means "no label".
 
-How to run it
-    python train.py                                          # 2-D toy on CPU, about a minute
-    jupyter notebook notebooks/01_mean_velocity.ipynb        # what an average velocity is
-    torchrun --nproc_per_node=8 train.py --model XL/2 --data imagenet-latents --recipe improved-dtd
-
 Map: helpers and jvp() -> recipes -> MeanFlow: (t, r) sampling -> the loss (JVP target, adaptive weight) ->
 guidance in the target -> improved training (beta, MinSNR, DTD) -> iMF -> samplers -> networks: DiT (+ in-context
 variant), the iMF network, the toy MLP, size and guidance tables -> APPENDIX (speed only: tangent rules for jvp();
@@ -43,18 +38,15 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 
-def _module(net):
-    """The network itself, also when wrapped in DistributedDataParallel (which does not forward attributes)."""
+def _module(net):  # the network itself, also inside DistributedDataParallel (which does not forward attributes)
     return getattr(net, "module", net)
 
 
-def _rows(y, a, b):
-    """Rows a:b of the labels, or None without labels."""
+def _rows(y, a, b):  # rows a:b of the labels, or None without labels
     return None if y is None else y[a:b]
 
 
-def bcast(a, x):
-    """(B,) -> (B, 1, ..., 1) so that a per-sample scalar broadcasts against x."""
+def bcast(a, x):  # (B,) -> (B, 1, ..., 1): a per-sample scalar that broadcasts against x
     return a.view(-1, *([1] * (x.dim() - 1)))
 
 
@@ -62,8 +54,7 @@ def _at_least_fp32(x):
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def null_labels(x, num_classes):
-    """(B,) labels all equal to num_classes, the "no label" class of classifier-free guidance."""
+def null_labels(x, num_classes):  # (B,) labels all num_classes: the "no label" class of classifier-free guidance
     return torch.full((x.shape[0],), num_classes, dtype=torch.long, device=x.device)
 
 
@@ -75,8 +66,7 @@ def guidance_scalars(t, omega=None, t_min=None, t_max=None):
             ones if t_max is None else t_max]
 
 
-def sq_err(a, b):
-    """Per-sample squared error summed (not averaged) over all data dimensions: (B, ...) -> (B,)."""
+def sq_err(a, b):  # per-sample squared error summed (not averaged) over the data dimensions: (B, ...) -> (B,)
     return ((a.to(_at_least_fp32(a)) - b.to(_at_least_fp32(a))) ** 2).flatten(1).sum(1)
 
 @torch.compiler.disable  # Dynamo does not trace dual tensors under a TorchFunctionMode: this part runs eagerly
@@ -107,8 +97,7 @@ def _softmax_scores(q3, k3):
     return torch.softmax(S.to(_at_least_fp32(S)), dim=-1), qs
 
 
-def math_attention(q, k, v):
-    """Plain-ops attention: differentiable by every mode of autograd, but slow and memory-hungry."""
+def math_attention(q, k, v):  # plain ops: differentiable by every mode of autograd, but slow and memory-hungry
     P, _ = _softmax_scores(_flat(q), _flat(k))
     return torch.bmm(P.to(v.dtype), _flat(v)).view(v.shape)
 
@@ -141,12 +130,9 @@ _meanflow = dict(
     class_dropout=0.1,  # labels replaced by the null class, target v instead of v_g
     beta_k=None,  # improved training: progressive u-weight beta(dt, s), s = 1 - progress^k (None: off)
     minsnr_gamma=None,  # improved training: MinSNR-gamma weight alpha(t) on the r = t rows (None: off)
-    # improved training: DTD curriculum on the r = t rows (0 stages: off). A stage ends when its v-loss has
-    # converged (windows of dtd_window steps), at the latest after dtd_patience = tau steps (paper: 200) or at
-    # progress stage * dtd_share / (stages - 1). dtd_share = 0.25 [ours]: the curriculum never takes more than
-    # a quarter of a run, so the low-noise t of the v-loss train for at least three quarters of it at any run
-    # length, while the deadline still leaves each of the 19 stages up to 1.3% of the run to converge (tau alone
-    # ends the curriculum within 3800 steps: 0.3% of an ImageNet run, more than a whole toy run). 0: no deadline.
+    # improved training: DTD curriculum on the r = t rows (0 stages: off; pacing at MeanFlow.dtd_step).
+    # dtd_share = 0.25 [ours]: the curriculum takes at most a quarter of a run at any run length, and still leaves
+    # each of the 19 stages up to 1.3% of the run (tau alone: 3800 steps, more than a whole toy run). 0: no deadline.
     dtd_stages=0, dtd_patience=200, dtd_share=0.25, dtd_window=25,
     imf=False, omega_max=8.0, omega_beta=1.0,  # iMF: omega ~ p(omega) ~ omega^-beta on [1, omega_max]
 )
@@ -202,6 +188,7 @@ class MeanFlow:
     def net_kwargs(self):
         """Network options this recipe needs: iMF conditions on omega and its interval, in context."""
         return dict(in_context=True, guidance_cond=True, v_head=True) if self.imf else {}
+
     # ---- (t, r) sampling: logit-normal times, a share of r != t rows (MeanFlow Table 1a) --------
     def quantile(self, u):
         """Inverse CDF of one time draw: logit-normal sigmoid(P_mean + P_std * N(0,1)), or uniform."""
@@ -238,19 +225,12 @@ class MeanFlow:
         return l / (l.detach() + self.c) ** self.p
 
     def loss(self, net, x, y=None, progress=0.0, t=None, r=None, e=None):
-        """Scalar loss to backpropagate and a dict of detached diagnostics.
-
-        x: (B, ...) data; y: (B,) labels or None; progress = step / total steps in [0, 1] (beta, DTD's deadline).
-        t, r, e may be given (e.g. to restrict the interval); otherwise they are sampled.
-        net may be the bare network or its DistributedDataParallel wrapper.
-        logs: v_loss / u_loss = mean squared error per element on the r = t / r != t rows, beta = mean
-        beta on r != t rows, dtd_stage (the stage this batch was drawn at). A call with gradients enabled is a
-        training step: it advances the DTD curriculum (dtd_step); one call per optimizer step.
-
-        du/dt enters only through (t - r) du/dt, zero where r = t: the forward-mode pass runs on the r != t
-        rows only (rows [:n]), a plain forward on the r = t rows, and one backward goes through both.
-        Same loss and gradients as one pass over the whole batch (tested), at 1 + 0.25/3 of a flow-matching
-        step instead of 4/3."""
+        """(scalar loss, dict of detached logs) for data x (B, ...), labels y (B,) or None, progress = step / steps.
+        t, r, e are sampled unless given; net may be wrapped in DistributedDataParallel. logs: v_loss / u_loss
+        (mean squared error per element on the r = t / r != t rows), beta, dtd_stage. A call with gradients is a
+        training step: it advances DTD. du/dt enters only as (t - r) du/dt: the forward-mode pass runs on the
+        r != t rows [:n] only (same loss and gradients as one pass over the batch, tested; 1 + 0.25/3 of a
+        flow-matching step instead of 4/3)."""
         B = x.shape[0]
         if t is None:
             t, r = self.sample_t_r(B, x.device)
@@ -299,6 +279,7 @@ class MeanFlow:
         if self.beta_k is not None:
             logs["beta"] = (self.beta(t - r, progress) * (1 - fm)).sum() / (1 - fm).sum()
         return logs
+
     # ---- classifier-free guidance inside the target: v replaced by v_g (MeanFlow Sec. 4) -----------
     def drop_labels(self, y, n, num_classes):
         """Class dropout as the official code: k ~ Binomial(B, class_dropout) rows get the null label, and they
@@ -360,14 +341,11 @@ class MeanFlow:
         return w
 
     # ---- DTD: the curriculum advances inside loss(), from the v-loss it computes ------------------
-    # Pacing [ours, our reading of the DTD paper]: a stage ends when its v-loss has converged, and at the latest
-    # (a) after dtd_patience = tau steps (the paper's "maximum patience"), or (b) when progress reaches its
-    # share of the run: stage s by progress s * dtd_share / (N - 1), so the full range is reached by
-    # progress = dtd_share at any run length. (Reading tau as "steps without a new best loss" never ends a
-    # stage while the loss keeps improving.) "Converged": the mean v-loss of the last dtd_window steps is not
-    # below that of the window before by more than 2 standard errors. Each window costs one host sync and,
-    # under torch.distributed, one all-reduce of three numbers; every process then decides on the same
-    # global values at the same step, so all are at the same stage.
+    # Pacing [ours, our reading of the DTD paper]: a stage ends when its v-loss has converged (the mean of the last
+    # dtd_window steps not below the window before by 2 standard errors), at the latest after dtd_patience = tau
+    # steps (the paper's "maximum patience"; read as "steps without a new best" it never ends while the loss
+    # improves) or at progress s * dtd_share / (N - 1). One host sync and one all-reduce of 3 numbers a window:
+    # every process decides on the same global values at the same step.
     @torch.compiler.disable  # Python state and a host sync: never traced
     def dtd_step(self, v_loss, progress=0.0):
         """One training step of the curriculum; loss() calls it (calls under torch.no_grad() do not count).
@@ -415,6 +393,7 @@ class MeanFlow:
         self.dtd_stage, self._dtd_steps = int(d["dtd_stage"]), int(d["dtd_steps"])
         self._dtd_acc = torch.tensor(d["dtd_acc"], dtype=torch.float32)  # float32 -> float -> float32: exact
         self._dtd_prev = None if d["dtd_prev"] is None else tuple(d["dtd_prev"])
+
     # ---- iMF (Geng et al.): V = u + (t - r) sg(du/dt) along the network's own v, regressed on the guided v;
     # guidance (omega, [t_min, t_max]) as a network condition ----------------------------------
     def sample_imf_conditions(self, t, r):
@@ -469,6 +448,7 @@ class MeanFlow:
         l_u, l_v = sq_err(V, v_g), sq_err(v_head, v_g)  # compound u-prediction and the auxiliary v-head
         loss = (self.adaptive(l_u) + self.adaptive(l_v)).mean()
         return loss, self._logs(loss, l_u, t, r, 0.0, x)
+
     # ---- samplers: z_r = z_t - (t - r) u(z_t, t, r), one step or a few --------------------------
     def _conditions(self, e, omega, t_min, t_max):
         if not self.imf:
@@ -542,12 +522,9 @@ class Attention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(B, N, D))
 
 
-# ----------------------------------------------------------------------------------------------
-# DiT (Peebles & Xie) with two time embedders, as MeanFlow uses it.
-# adaLN-Zero blocks; 2-D sin-cos positions; label embedding with a null class; zero-initialised
-# output, so a fresh network predicts u = 0. The in-context variant prepends condition tokens
-# instead of modulating with adaLN (a light iMF stand-in; iMFDiT below is the official iMF network).
-# ----------------------------------------------------------------------------------------------
+# ---- DiT (Peebles & Xie) as MeanFlow uses it: adaLN-Zero blocks, 2-D sin-cos positions, embedders for t and t - r,
+# a null label, zero-initialised output (a fresh network predicts u = 0). The in-context variant prepends condition
+# tokens instead of adaLN (a light iMF stand-in; iMFDiT below is the official iMF network). ----------------------
 def timestep_embedding(t, dim=256, max_period=10000.0):
     """Sinusoidal features of t (B,) -> (B, dim). MeanFlow feeds t raw in [0, 1] (official code)."""
     half = dim // 2
@@ -727,15 +704,11 @@ class DiT(nn.Module):
         return (u, self.unpatchify(self.v_final_layer(x, c))) if return_v else u
 
 
-# ----------------------------------------------------------------------------------------------
-# The iMF network (Geng et al., iMF; official models/imfDiT.py): a plain pre-norm transformer
-# conditioned in context. Unlike the DiT above it sees h = t - r only (no t), has no adaLN and no
-# absolute positions: RMSNorm, QK-norm, rotary positions (RoPE) over the whole sequence (condition
-# tokens included), a bias-free SwiGLU MLP, zero-initialised residual gates, and an auxiliary v-head
-# that branches off before the last `head_depth` blocks (its blocks run only when return_v=True).
-# Plain PyTorch layers, as the DiT: inside jvp() its linear layers, SiLU, products and attention get the same
-# tangent rules; RMSNorm and RoPE go through PyTorch's own forward-mode AD (correct, a little more memory).
-# ----------------------------------------------------------------------------------------------
+# ---- The iMF network (Geng et al., iMF; official models/imfDiT.py): a pre-norm transformer conditioned in context.
+# Unlike the DiT it sees h = t - r only (no t), has no adaLN and no absolute positions: RMSNorm, QK-norm, RoPE over
+# the whole sequence (condition tokens included), a bias-free SwiGLU MLP, zero-initialised residual gates, and a
+# v-head that branches off before the last `head_depth` blocks (run only when return_v=True). Under the APPENDIX's
+# rules RMSNorm and RoPE keep PyTorch's own forward-mode AD (correct, a little more memory). ---------------------
 def rope_cos_sin(dim, n, theta=10000.0):
     """Rotary tables for positions 0..n-1: cos, sin of shape (n, dim/2), angle pos * theta^(-2i/dim)."""
     freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
@@ -898,9 +871,7 @@ class iMFDiT(nn.Module):
         return u, self.unpatchify(self.v_final_layer(x[:, self.prefix:]))
 
 
-# ----------------------------------------------------------------------------------------------
-# The toy network for 2-D data (same signature as the DiT)
-# ----------------------------------------------------------------------------------------------
+# ---- The toy network for 2-D data (same signature as the DiT) ----------------------------------------------------
 class MLP(nn.Module):
     """net(z, t, r, y=None, ...) -> u for vector data z: (B, dim): depth x (Linear, SiLU), then a Linear output.
 
@@ -941,10 +912,8 @@ class MLP(nn.Module):
         return (u, self.v_out(h)) if return_v else u
 
 
-# ----------------------------------------------------------------------------------------------
-# Size table, keyed as in the papers. Parameter counts for ImageNet latents (32x32x4, 1000 classes),
-# MeanFlow paper: B 131M, M 308M, L 459M, XL 676M. "Ti" is our own tiny size for tests and CPU notebooks.
-# ----------------------------------------------------------------------------------------------
+# ---- Size tables, keyed as in the papers. Parameter counts for ImageNet latents (32x32x4, 1000 classes), MeanFlow
+# paper: B 131M, M 308M, L 459M, XL 676M. "Ti" is our own tiny size for tests and CPU notebooks. -----------------
 DiT_sizes = {"Ti": (6, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "M": (16, 1024, 16),
              "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, hidden size, heads
 DiT_models = {f"{name}/{p}": partial(DiT, depth=d, hidden_size=h, num_heads=n, patch_size=p)
