@@ -948,10 +948,9 @@ imf_guidance = {
 }
 
 
-# ==============================================================================================
-# APPENDIX: speed only. Everything from this banner to the end makes jvp() cheaper and changes no result
-# (tested: a copy of this file cut here gives the same losses and gradients, in fp64, to 1e-8).
-# ==============================================================================================
+# ==== APPENDIX: speed only ======================================================================================
+# Everything from this banner to the end makes jvp() cheaper and changes no result (tested: a copy of this file
+# cut at the banner gives the same losses and gradients, in fp64, to 1e-8).
 # Forward-mode AD differentiates any PyTorch code, but (1) every tangent op that multiplies by a
 # parameter-dependent value is recorded for backward and keeps its inputs alive, although the tangent is
 # stop-gradiented and backward never visits it, (2) the built-in rule of a linear layer also multiplies by
