@@ -1,5 +1,6 @@
 """
-MeanFlow in one readable file: the network, the loss, the improved training, iMF, and the samplers.
+MeanFlow in one readable file: the loss, guidance in the target, the improved training, iMF, the samplers, and
+the networks (DiT, the iMF network, a toy MLP), in the order a reader meets them.
 
 Papers implemented here
 - MeanFlow:          Geng et al., "Mean Flows for One-step Generative Modeling", arXiv 2505.13447.
@@ -13,23 +14,19 @@ Papers implemented here
 Conventions (fixed once; every function below uses them)
 - data x, noise e ~ N(0, I), time t in [0, 1]: t = 1 is noise, t = 0 is data.
 - path z_t = (1 - t) x + t e, conditional velocity v = e - x (constant along the path).
-- average velocity u(z_t, r, t) = 1/(t - r) * integral_r^t v(z_s, s) ds, so z_r = z_t - (t - r) u,
-  and u(z, t, t) = v(z, t).
+- average velocity u(z_t, t, r) = 1/(t - r) * integral_r^t v(z_s, s) ds for r <= t, so z_r = z_t - (t - r) u,
+  and u(z, t, t) = v(z, t). Arguments in the code's call order net(z, t, r) everywhere here (the papers
+  write u(z_t, r, t): same function, r and t swapped in the argument list).
 - MeanFlow identity: u = v - (t - r) du/dt, with du/dt = v . d_z u + d_t u (r held fixed), i.e. the
   JVP of u along the tangent (dz, dt, dr) = (v, 1, 0).
 - every network is called as net(z, t, r, y=None) -> u, with t, r of shape (B,) and t >= r. Inside it
   embeds (t, t - r) (MeanFlow Table 1c), t raw in [0, 1]; the iMF network embeds t - r only (official).
   y = num_classes means "no label".
 
-How to run it
-    python train.py                                          # 2-D toy on CPU, about a minute
-    jupyter notebook notebooks/01_mean_velocity.ipynb        # what an average velocity is
-    torchrun --nproc_per_node=8 train.py --model XL/2 --data imagenet-latents --recipe improved-dtd
-
-Map: jvp() (one forward-mode pass) -> layers with explicit derivatives -> attention with a JVP rule ->
-DiT (+ in-context variant) -> the iMF network -> toy MLP -> size tables, guidance tables -> recipes ->
-MeanFlow: (t, r) sampling -> guidance -> improved-training weights (beta, MinSNR, DTD) -> loss -> iMF
-loss -> samplers.
+Map: helpers and jvp() -> recipes -> MeanFlow: (t, r) sampling -> the loss (JVP target, adaptive weight) ->
+guidance in the target -> improved training (beta, MinSNR, DTD) -> iMF -> samplers -> networks: DiT (+ in-context
+variant), the iMF network, the toy MLP, size and guidance tables -> APPENDIX (speed only: tangent rules for jvp();
+delete it and everything computes the same, slower).
 """
 import math
 from functools import partial
@@ -41,18 +38,15 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 
-def _module(net):
-    """The network itself, also when wrapped in DistributedDataParallel (which does not forward attributes)."""
+def _module(net):  # the network itself, also inside DistributedDataParallel (which does not forward attributes)
     return getattr(net, "module", net)
 
 
-def _rows(y, a, b):
-    """Rows a:b of the labels, or None without labels."""
+def _rows(y, a, b):  # rows a:b of the labels, or None without labels
     return None if y is None else y[a:b]
 
 
-def bcast(a, x):
-    """(B,) -> (B, 1, ..., 1) so that a per-sample scalar broadcasts against x."""
+def bcast(a, x):  # (B,) -> (B, 1, ..., 1): a per-sample scalar that broadcasts against x
     return a.view(-1, *([1] * (x.dim() - 1)))
 
 
@@ -60,8 +54,7 @@ def _at_least_fp32(x):
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def null_labels(x, num_classes):
-    """(B,) labels all equal to num_classes, the "no label" class of classifier-free guidance."""
+def null_labels(x, num_classes):  # (B,) labels all num_classes: the "no label" class of classifier-free guidance
     return torch.full((x.shape[0],), num_classes, dtype=torch.long, device=x.device)
 
 
@@ -73,18 +66,16 @@ def guidance_scalars(t, omega=None, t_min=None, t_max=None):
             ones if t_max is None else t_max]
 
 
-def sq_err(a, b):
-    """Per-sample squared error summed (not averaged) over all data dimensions: (B, ...) -> (B,)."""
+def sq_err(a, b):  # per-sample squared error summed (not averaged) over the data dimensions: (B, ...) -> (B,)
     return ((a.to(_at_least_fp32(a)) - b.to(_at_least_fp32(a))) ** 2).flatten(1).sum(1)
-
 
 @torch.compiler.disable  # Dynamo does not trace dual tensors under a TorchFunctionMode: this part runs eagerly
 def jvp(f, primals, tangents):
     """(f(*primals), the derivative of f at primals along tangents) in one forward-mode pass.
 
-    Like torch.func.jvp, with plain dual tensors. f is written in plain PyTorch; while it runs, JVP_RULES (below)
-    gives the few costly ops cheaper tangent rules. The tangent is computed outside autograd (stop-gradient:
-    the loss never differentiates it). f may return a tensor or a tuple of tensors."""
+    Like torch.func.jvp, with plain dual tensors. f is written in plain PyTorch and runs under JVP_RULES: below,
+    PyTorch's own forward-mode AD; with the APPENDIX, cheaper tangent rules for the costly ops. The tangent is
+    computed outside autograd (stop-gradient: the loss never differentiates it). f may return a tensor or a tuple."""
     with fwAD.dual_level(), JVP_RULES():
         out = f(*[fwAD.make_dual(p, d) for p, d in zip(primals, tangents)])
         pairs = [fwAD.unpack_dual(o) for o in (out if isinstance(out, tuple) else (out,))]
@@ -92,91 +83,8 @@ def jvp(f, primals, tangents):
     return (primal_out, tangent_out) if isinstance(out, tuple) else (primal_out[0], tangent_out[0])
 
 
-# ----------------------------------------------------------------------------------------------
-# Tangent rules, swapped in inside jvp() only; the networks are plain PyTorch.
-# Forward-mode AD differentiates any PyTorch code, but (1) every tangent op that multiplies by a
-# parameter-dependent value is recorded for backward and keeps its inputs alive, although the tangent is
-# stop-gradiented and backward never visits it, (2) the built-in rule of a linear layer also multiplies by
-# the weight's zero tangent (twice the matmuls), (3) an add or mul with a tangent on one side only takes a
-# slow path (a zero tangent for the other side: ~15x the op on the toy's small tensors), and (4)
-# F.scaled_dot_product_attention has no forward-mode rule at all (NotImplementedError). So inside jvp() the
-# ops below compute their value as usual on the primal inputs (autograd records it and runs its own backward)
-# and their tangent from the same primal values under no_grad (recorded nowhere). The tests check every
-# rule against finite differences. The MeanFlow loss runs jvp() on the r != t rows only.
-# ----------------------------------------------------------------------------------------------
-def _tangent_rule(tangent):
-    """An op with a tangent: op(*primals) as usual, and tangent(out, primals, tangents, **kwargs) under no_grad
-    (None for an input without tangent), paired again as a dual tensor."""
-
-    def rule(func, *args, **kwargs):
-        pairs = [fwAD.unpack_dual(a) if isinstance(a, torch.Tensor) else None for a in args]
-        ds = [None if p is None else p.tangent for p in pairs]
-        if all(d is None for d in ds):
-            return NotImplemented  # no tangent here: the op as usual
-        xs = [a if p is None else p.primal for a, p in zip(args, pairs)]
-        out = func(*xs, **kwargs)
-        with torch.no_grad():
-            d = tangent(out, xs, ds, **kwargs)
-        if d is NotImplemented:
-            return NotImplemented
-        d = d if d.shape == out.shape else d.expand(out.shape).contiguous()  # a broadcast input's tangent
-        return fwAD.make_dual(out, d.to(out.dtype))
-
-    return rule
-
-
-def _sum(terms):
-    """Sum of the tangent terms that exist (None: an input without tangent)."""
-    terms = [a for a in terms if a is not None]
-    return sum(terms[1:], terms[0])
-
-
-def _linear_tangent(y, xs, ds):  # y = x W^T + b: dx W^T (the weight's tangent is zero in the loss)
-    (x, W, *_), (dx, dW, *db) = xs, ds
-    return _sum([None if dx is None else F.linear(dx, W.to(dx.dtype)), None if dW is None else F.linear(x, dW),
-                 db[0] if db else None])
-
-
-def _gelu_tangent(y, xs, ds, approximate="none"):
-    return torch.ops.aten.gelu_backward(ds[0], xs[0], approximate=approximate)
-
-
-def _silu_tangent(y, xs, ds, inplace=False):
-    return torch.ops.aten.silu_backward(ds[0], xs[0])
-
-
-def _layer_norm_tangent(y, xs, ds, weight=None, bias=None, eps=1e-5):
-    """The tangent of the normalisation is its Jacobian times dx, the same map as its backward (the Jacobian is
-    symmetric): PyTorch's fused LayerNorm-backward kernel, from the mean and 1/std in fp32."""
-    (x, shape), dx = xs, ds[0]
-    if any(a is not None and fwAD.unpack_dual(a).tangent is not None for a in (weight, bias)):
-        return NotImplemented  # affine parameters with a tangent (not in the loss): PyTorch's own rule
-    x32 = x.to(_at_least_fp32(x))
-    _, mean, rstd = torch.native_layer_norm(x32, shape, None, None, eps)
-    Jdx = torch.ops.aten.native_layer_norm_backward(dx.to(x32.dtype), x32, shape, mean, rstd, None, None,
-                                                    [True, False, False])[0]
-    return Jdx if weight is None else Jdx * weight  # y = w * norm(x) + b: the weight acts after the Jacobian
-
-
-def _addcmul_tangent(y, xs, ds, value=1):  # y = a + value * b * c
-    (a, b, c), (da, db, dc) = xs, ds
-    bc = [None if db is None else db * c, None if dc is None else b * dc]
-    return _sum([da] + [None if t is None else value * t for t in bc])
-
-
-def _add_tangent(y, xs, ds, alpha=1):
-    return _sum([ds[0], None if len(ds) < 2 or ds[1] is None else alpha * ds[1]])
-
-
-def _mul_tangent(y, xs, ds):
-    (a, b), (da, db) = xs, ds
-    return _sum([None if da is None else da * b, None if db is None else a * db])
-
-
-# Attention: S = q k^T / sqrt(d), P = softmax(S), o = P v
-#   tangent: do = (P * dS) v - rowsum(P * dS) * o + P dv,   dS = (dq k^T + q dk^T) / sqrt(d)
-# The value is SDPA's (the fused kernel, and its own backward); P, which the kernel does not return, is
-# computed here for the tangent rows and freed at once.
+# F.scaled_dot_product_attention has no forward-mode rule (NotImplementedError): under jvp() it runs as math
+# attention, S = q k^T / sqrt(d), P = softmax(S), o = P v, which forward-mode AD differentiates.
 def _flat(x):  # (B, H, N, d) -> (B*H, N, d): bmm on 3-D operands is ~2x faster than matmul on 4-D views (CPU)
     return x.reshape(-1, *x.shape[-2:])
 
@@ -189,33 +97,9 @@ def _softmax_scores(q3, k3):
     return torch.softmax(S.to(_at_least_fp32(S)), dim=-1), qs
 
 
-def math_attention(q, k, v):
-    """Plain-ops attention: differentiable by every mode of autograd, but slow and memory-hungry."""
+def math_attention(q, k, v):  # plain ops: differentiable by every mode of autograd, but slow and memory-hungry
     P, _ = _softmax_scores(_flat(q), _flat(k))
     return torch.bmm(P.to(v.dtype), _flat(v)).view(v.shape)
-
-
-def _attention_tangent(o, xs, ds, **kwargs):
-    if kwargs:  # masks, dropout, causal, scale: not covered here
-        return NotImplemented
-    (q, k, v), (dq, dk, dv) = xs, ds
-    q3, k3, v3 = map(_flat, (q, k, v))  # (B*H, N, d) each
-    P, qs = _softmax_scores(q3, k3)  # (B*H, N, N) fp32, (B*H, N, d)
-    # dS = (dq k^T + q dk^T) / sqrt(d); matmuls in the inputs' dtype, products with P in fp32
-    if dq is None and dk is None:
-        dS = torch.zeros(P.shape, dtype=q.dtype, device=q.device)
-    elif dq is None:
-        dS = torch.bmm(qs, _flat(dk).transpose(1, 2))
-    else:
-        dS = torch.bmm(_flat(dq) * q3.shape[-1] ** -0.5, k3.transpose(1, 2))
-        if dk is not None:
-            dS.baddbmm_(qs, _flat(dk).transpose(1, 2))
-    PdS = dS.to(P.dtype).mul_(P)
-    do = torch.bmm(PdS.to(v3.dtype), v3)  # (B*H, N, d)
-    if dv is not None:
-        do.baddbmm_(P.to(v3.dtype), _flat(dv))
-    do = do.view(o.shape).to(o.dtype)  # (B, H, N, d)
-    return do.sub_(PdS.sum(-1, keepdim=True).to(o.dtype).view(*o.shape[:-1], 1) * o)
 
 
 class StockRules(TorchFunctionMode):
@@ -230,28 +114,381 @@ class StockRules(TorchFunctionMode):
         return func(*args, **kwargs) if out is NotImplemented else out
 
 
-_T = torch.Tensor
+JVP_RULES = StockRules  # what jvp() runs under; the APPENDIX sets its TangentRules (benchmark.py swaps to compare)
 
 
-class TangentRules(StockRules):
-    """Inside jvp(): linear layers, GELU, SiLU, LayerNorm, addcmul, add, mul and SDPA with the rules above."""
+# ==============================================================================================
+# The method. Recipes: every knob at its paper's value; MeanFlow(recipe=..., **overrides).
+# ==============================================================================================
+_meanflow = dict(
+    time_sampler="logit_normal",  # or "uniform"
+    P_mean=-0.4, P_std=1.0,  # logit-normal for t and r (ImageNet; the CIFAR code uses -2.0, 2.0)
+    ratio_r_neq_t=0.25,  # share of the batch with r != t (MeanFlow Table 1a: 25% best). The JAX code's
+    #                      data_proportion=0.75 is the r = t share; py-meanflow's ratio=0.75 is r != t.
+    p=1.0, c=0.01,  # adaptive weight l / sg((l + c)^p)  (ImageNet; CIFAR code: p=0.75, c=1e-3)
+    omega=1.0, kappa=0.0, t_lo=0.0, t_hi=1.0,  # guidance in the target; per size see paper_guidance
+    class_dropout=0.1,  # labels replaced by the null class, target v instead of v_g
+    beta_k=None,  # improved training: progressive u-weight beta(dt, s), s = 1 - progress^k (None: off)
+    minsnr_gamma=None,  # improved training: MinSNR-gamma weight alpha(t) on the r = t rows (None: off)
+    # improved training: DTD curriculum on the r = t rows (0 stages: off; pacing at MeanFlow.dtd_step).
+    # dtd_share = 0.25 [ours]: the curriculum takes at most a quarter of a run at any run length, and still leaves
+    # each of the 19 stages up to 1.3% of the run (tau alone: 3800 steps, more than a whole toy run). 0: no deadline.
+    dtd_stages=0, dtd_patience=200, dtd_share=0.25, dtd_window=25,
+    imf=False, omega_max=8.0, omega_beta=1.0,  # iMF: omega ~ p(omega) ~ omega^-beta on [1, omega_max]
+)
+RECIPES = {
+    "meanflow": _meanflow,
+    "improved-dtd": {**_meanflow, "beta_k": 1.0, "dtd_stages": 20},  # Kim et al.: best on L/2, XL/2
+    "improved-minsnr": {**_meanflow, "beta_k": 1.0, "minsnr_gamma": 5.0},  # Kim et al.: best on B/4
+    "imf": {**_meanflow, "ratio_r_neq_t": 0.5, "imf": True},  # Geng et al. (iMF)
+}
 
-    rules = {
-        F.linear: _tangent_rule(_linear_tangent),
-        F.gelu: _tangent_rule(_gelu_tangent),
-        F.silu: _tangent_rule(_silu_tangent),
-        F.layer_norm: _tangent_rule(_layer_norm_tangent),
-        F.scaled_dot_product_attention: _tangent_rule(_attention_tangent),
-        **{f: _tangent_rule(_addcmul_tangent) for f in (torch.addcmul, torch.Tensor.addcmul)},
-        **{f: _tangent_rule(_add_tangent) for f in (torch.add, _T.add, _T.__add__, _T.__radd__)},
-        **{f: _tangent_rule(_mul_tangent) for f in (torch.mul, _T.mul, _T.__mul__, _T.__rmul__)},
-    }
+# Low-dimensional data (the 2-D toys): one knob differs from the ImageNet recipe [ours, measured with the toy MLP
+# against the exact u of toy_data's Gaussian mixture and on the checkerboard, 3 seeds; README "The 2-D regime"].
+# - p = 0.5, not 1: with 2 dimensions the per-sample error is dominated by the spread of e - x, and
+#   l / (l + c)^p turns the regression into a median-like fit: with p = 1 the v error stays at 1.08 after 1500
+#   steps (untrained: 1.31). p = 0 learns v best (0.14 vs 0.28 with p = 0.5), but p = 0.5 learns the
+#   large-interval u that one step uses better (1-NFE jump error 0.07 vs 0.15) and puts more 1-NFE samples on
+#   the checkerboard's squares (78% vs 60-64% after 1500 steps).
+# Kept from the paper: logit-normal(-0.4, 1) and 25% r != t (shares 0.5, 0.75 changed nothing measurable; uniform t
+# and P_mean 0 were worse; P_mean -1.2 is faster on the checkerboard but slower on the mixture's 1-NFE map: the toy
+# test's distance 0.07-0.09 instead of 0.02-0.03, 3 seeds). train.py applies TOY_OVERRIDES to every 2-D data set;
+# the notebooks and the tests use it too.
+TOY_OVERRIDES = dict(p=0.5)
 
 
-JVP_RULES = TangentRules  # what jvp() runs under (benchmark.py swaps in StockRules to compare)
+class MeanFlow:
+    """The method: (t, r) sampling, the MeanFlow loss with its weights, and the samplers.
 
+        method = MeanFlow(recipe="improved-dtd", P_mean=-0.4)     # any knob of RECIPES by keyword
+        loss, logs = method.loss(net, x, y, progress=step / total_steps)  # also advances DTD
+        x0 = method.sample(net, e, y, steps=1)
+    """
+
+    def __init__(self, recipe="meanflow", **overrides):
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+        unknown = set(overrides) - set(RECIPES[recipe])
+        if unknown:
+            raise ValueError(f"unknown MeanFlow option(s) {sorted(unknown)}; the knobs are {sorted(RECIPES[recipe])}")
+        self.recipe = recipe
+        self.__dict__.update({**RECIPES[recipe], **overrides})
+        if self.imf and (self.beta_k or self.minsnr_gamma or self.dtd_stages):
+            raise ValueError("iMF has its own loss; beta, MinSNR and DTD weight the MeanFlow loss only")
+        # lambda normalises beta to mean 1 at the start: lambda = 1 / E[1 - dt] over the r != t rows.
+        self.lam = 1.0 / (1.0 - self._expect(lambda t: t, lambda u: 4 * u - 2))  # E[max - min]
+        # MinSNR alpha(t) is normalised to mean 1 under the t of the r = t rows (the max of two draws).
+        self.alpha_mean = self._expect(self._alpha_raw, lambda u: 2 * u) if self.minsnr_gamma else 1.0
+        if self.dtd_stages and not (self.dtd_patience >= 1 and self.dtd_window >= 1 and 0 <= self.dtd_share <= 1):
+            raise ValueError("DTD needs dtd_patience >= 1, dtd_window >= 1 and dtd_share in [0, 1] (0: no deadline)")
+        self.dtd_stage = 0
+        self._dtd_reset()
+
+    @property
+    def net_kwargs(self):
+        """Network options this recipe needs: iMF conditions on omega and its interval, in context."""
+        return dict(in_context=True, guidance_cond=True, v_head=True) if self.imf else {}
+
+    # ---- (t, r) sampling: logit-normal times, a share of r != t rows (MeanFlow Table 1a) --------
+    def quantile(self, u):
+        """Inverse CDF of one time draw: logit-normal sigmoid(P_mean + P_std * N(0,1)), or uniform."""
+        if self.time_sampler == "uniform":
+            return u
+        return torch.sigmoid(self.P_mean + self.P_std * torch.special.ndtri(u))
+
+    def _expect(self, g, density, n=200_000):
+        """E[g(quantile(u))] for u with the given density on (0, 1): midpoint rule, deterministic."""
+        u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        return (g(self.quantile(u)) * density(u)).mean().item()
+
+    def sample_t_r(self, B, device=None):
+        """t, r: (B,). Two draws sorted (t = max, r = min); the first round(ratio_r_neq_t * B) rows keep
+        r != t, the rest get r = t. The loss relies on this order: the forward-mode pass takes rows [:n]
+        without a host sync, and class dropout (drop_labels) takes the last rows, so only r = t rows lose
+        their label (as the official JAX code, which puts both at the front)."""
+        u = torch.rand(2, B, device=device, dtype=torch.float64)
+        u_hi, u_lo = u.max(0).values, u.min(0).values  # quantile is monotone: same as sorting t, r
+        fm = torch.arange(B, device=device) >= round(self.ratio_r_neq_t * B)  # r = t rows
+        if self.dtd_stages:
+            # DTD: the r = t rows draw t only from the unlocked, highest-noise clusters. Clusters have
+            # equal mass under the max-of-two law (CDF u^2 in u-space), so stage s keeps the top
+            # (s + 1)/N of that mass: q ~ U[1 - (s + 1)/N, 1], u = sqrt(q) [ours].
+            q = 1 - torch.rand(B, device=device, dtype=torch.float64) * (self.dtd_stage + 1) / self.dtd_stages
+            u_hi = torch.where(fm, q.sqrt(), u_hi)
+        t, r = self.quantile(u_hi).float(), self.quantile(u_lo).float()
+        return t, torch.where(fm, t, r)
+
+    # ---- the MeanFlow loss: u_tgt = v - (t - r) (v . d_z u + d_t u), error |u - sg(u_tgt)|^2 with the
+    # adaptive weight 1 / sg((l + c)^p) (MeanFlow: the identity as a loss; tangent (v, 1, 0): Table 1b) ----
+    def adaptive(self, l):
+        """l / sg((l + c)^p) per sample: p = 1 makes every sample's gradient about unit size."""
+        return l / (l.detach() + self.c) ** self.p
+
+    def loss(self, net, x, y=None, progress=0.0, t=None, r=None, e=None):
+        """(scalar loss, dict of detached logs) for data x (B, ...), labels y (B,) or None, progress = step / steps.
+        t, r, e are sampled unless given; net may be wrapped in DistributedDataParallel. logs: v_loss / u_loss
+        (mean squared error per element on the r = t / r != t rows), beta, dtd_stage. A call with gradients is a
+        training step: it advances DTD. du/dt enters only as (t - r) du/dt: the forward-mode pass runs on the
+        r != t rows [:n] only (same loss and gradients as one pass over the batch, tested; 1 + 0.25/3 of a
+        flow-matching step instead of 4/3)."""
+        B = x.shape[0]
+        if t is None:
+            t, r = self.sample_t_r(B, x.device)
+            n = round(self.ratio_r_neq_t * B)  # sample_t_r puts the r != t rows first: no host sync
+        else:  # given t, r: put the r != t rows first (a host sync; the loss is a mean, the order is free)
+            order = torch.argsort((t == r).int(), stable=True)
+            x, t, r = x[order], t[order], r[order]
+            y, e = (None if a is None else a[order] for a in (y, e))
+            n = int((t != r).sum())
+        e = torch.randn_like(x) if e is None else e
+        t_, r_ = bcast(t, x), bcast(r, x)
+        z_t = (1 - t_) * x + t_ * e
+        v = e - x
+        y_in, drop = (None, None) if y is None else self.drop_labels(y, n, _module(net).num_classes)
+        if self.imf:
+            return self.imf_loss(net, x, y, y_in, drop, z_t, v, t, r, n)
+        # The r = t rows: a plain forward; the target is v_g, their loss flow matching.
+        u_fm = net(z_t[n:], t[n:], t[n:], _rows(y_in, n, B)) if n < B else None
+        v_g = self.guided_velocity(net, z_t, t, v, y, drop, n, u_fm)
+        parts = [(u_fm, v_g[n:])] if n < B else []
+        if n > 0:
+            # The r != t rows: one forward-mode pass gives u and du/dt = v_g . d_z u + d_t u. The tangent is
+            # (v_g, 1, 0) in (z, t, r) order: dz/dt = v, dt/dt = 1, dr/dt = 0. Wrong tangents cost 2-5x in
+            # FID (Table 1b). Under bf16 autocast this pass runs in bf16 too: du/dt then carries ~5e-3 relative
+            # error, the target u_tgt ~6e-5 (DiT-S/2), below u's own bf16 error (~4e-3); an fp32 pass changed
+            # nothing measurable on the toy (README, Notes on the JVP).
+            u, dudt = jvp(lambda z, t, r: net(z, t, r, _rows(y_in, 0, n)), (z_t[:n], t[:n], r[:n]),
+                          (v_g[:n], torch.ones_like(t[:n]), torch.zeros_like(r[:n])))
+            # Stop-gradient on the target: it depends on the network itself; differentiating through it
+            # would chase a moving target (and costs a second-order pass).
+            parts.insert(0, (u, (v_g[:n] - (t_ - r_)[:n].clamp(0, 1) * dudt).detach()))
+        # Sum (not mean) over data dimensions, so that c and p mean the same at any resolution.
+        l = torch.cat([sq_err(u, u_tgt) for u, u_tgt in parts])  # (B,), rows in the order of t, r
+        w = self.weights(t, r, progress)
+        loss = (w * self.adaptive(l)).mean()
+        logs = self._logs(loss, l, t, r, progress, x)
+        self.dtd_step(logs["v_loss"], progress)  # the curriculum advances here: no call a training loop can forget
+        return loss, logs
+
+    def _logs(self, loss, l, t, r, progress, x):
+        # masked means without boolean indexing: no host-device sync (0/0 = nan)
+        fm = (t == r).float()
+        per_elem = l.detach() / x[0].numel()
+        logs = dict(loss=loss.detach(), v_loss=(per_elem * fm).sum() / fm.sum(),
+                    u_loss=(per_elem * (1 - fm)).sum() / (1 - fm).sum(), dtd_stage=self.dtd_stage)
+        if self.beta_k is not None:
+            logs["beta"] = (self.beta(t - r, progress) * (1 - fm)).sum() / (1 - fm).sum()
+        return logs
+
+    # ---- classifier-free guidance inside the target: v replaced by v_g (MeanFlow Sec. 4) -----------
+    def drop_labels(self, y, n, num_classes):
+        """Class dropout as the official code: k ~ Binomial(B, class_dropout) rows get the null label, and they
+        are r = t rows. Ours are the last k rows (rows [:n] have r != t; k is capped at B - n, so with no r = t
+        rows no label is dropped). Rates: ~13% of the r = t rows in MeanFlow (0.1 / 0.75), 20% in iMF (0.1 / 0.5),
+        none of the r != t rows. Returns the labels to use and the (B,) dropped mask; no host sync."""
+        B = y.shape[0]
+        k = (torch.rand(B, device=y.device) < self.class_dropout).sum()  # Binomial(B, p), a 0-d tensor
+        drop = torch.arange(B, device=y.device) >= (B - k).clamp(min=n)
+        return torch.where(drop, num_classes, y), drop
+
+    def guided_velocity(self, net, z_t, t, v, y, drop, n, u_fm=None):
+        """v_g = omega v + (1 - omega - kappa) u(z,t,t|null) + kappa u(z,t,t|y) on the rows inside [t_lo, t_hi]
+        whose label was kept, v on the others. Rows [:n] have r != t, rows [n:] r = t; drop from drop_labels.
+
+        The network terms are no-grad forwards at r = t, run only on the rows that use them (finding those rows
+        is one host sync). u_fm (B - n rows), if given, is the r = t rows' own forward u(z, t, t | y): their
+        kappa term without an extra pass (a dropped row's u_fm is unconditional, but dropped rows take v)."""
+        if y is None or (self.omega == 1.0 and self.kappa == 0.0):
+            return v
+        null = null_labels(y, _module(net).num_classes)
+        used = ((t >= self.t_lo) & (t <= self.t_hi) & ~drop).nonzero().squeeze(1)  # (m,)
+        if used.numel() == 0:
+            return v
+        # rows whose kappa term needs a forward of its own: with u_fm given, the r != t ones only
+        cond = used[:0] if not self.kappa else used[used < n] if u_fm is not None else used
+        rows = torch.cat([used, cond])
+        with torch.no_grad():  # both guidance terms in one batched forward, at r = t, no gradient
+            out = net(z_t[rows], t[rows], t[rows], torch.cat([null[used], y[cond]])).to(v.dtype)
+        u_null, u_cond = out[:used.numel()], torch.zeros_like(v)
+        if self.kappa:
+            if u_fm is not None:
+                u_cond[n:] = u_fm.detach()
+            u_cond[cond] = out[used.numel():]
+        v_g = v.clone()
+        v_g[used] = self.omega * v[used] + (1 - self.omega - self.kappa) * u_null + self.kappa * u_cond[used]
+        return v_g
+
+    # ---- improved training (Kim et al.): beta(t - r, s) on u, MinSNR alpha(t) or the DTD curriculum on v;
+    # weights applied after the adaptive normalisation -------------------------------------------
+    def beta(self, dt, progress):
+        """beta(dt, s) = (1 - s) + s * lam * (1 - dt), s = 1 - progress^k: favours small intervals early
+        (they build v, observation O2), mean 1 at progress 0 and exactly 1 at progress 1."""
+        s = 1 - progress**self.beta_k
+        return (1 - s) + s * self.lam * (1 - dt)
+
+    def _alpha_raw(self, t):
+        # MinSNR-gamma moved to the velocity loss [ours]: SNR = ((1 - t)/t)^2 and |x_hat - x|^2 =
+        # t^2 |v_hat - v|^2, so alpha(t) = t^2 min(SNR, gamma) = min((1 - t)^2, gamma t^2).
+        return torch.minimum((1 - t) ** 2, self.minsnr_gamma * t**2)
+
+    def weights(self, t, r, progress):
+        """w_i: beta(t - r, s) on r != t rows, alpha(t) on r = t rows (1 where a component is off)."""
+        fm, w = t == r, torch.ones_like(t)
+        if self.beta_k is not None:
+            w = torch.where(fm, w, self.beta(t - r, progress))
+        if self.minsnr_gamma:
+            w = torch.where(fm, self._alpha_raw(t) / self.alpha_mean, w)
+        return w
+
+    # ---- DTD: the curriculum advances inside loss(), from the v-loss it computes ------------------
+    # Pacing [ours, our reading of the DTD paper]: a stage ends when its v-loss has converged (the mean of the last
+    # dtd_window steps not below the window before by 2 standard errors), at the latest after dtd_patience = tau
+    # steps (the paper's "maximum patience"; read as "steps without a new best" it never ends while the loss
+    # improves) or at progress s * dtd_share / (N - 1). One host sync and one all-reduce of 3 numbers a window:
+    # every process decides on the same global values at the same step.
+    @torch.compiler.disable  # Python state and a host sync: never traced
+    def dtd_step(self, v_loss, progress=0.0):
+        """One training step of the curriculum; loss() calls it (calls under torch.no_grad() do not count).
+        v_loss: this process's 0-d mean squared error on its r = t rows (nan if it had none)."""
+        N = self.dtd_stages
+        if not N or self.dtd_stage >= N - 1 or not torch.is_grad_enabled():
+            return
+        v = v_loss.detach().float().reshape(())
+        ok = torch.isfinite(v)
+        acc = self._dtd_acc.to(v.device)  # window sums: v, v^2, count (on the device: no sync per step)
+        self._dtd_acc = acc + torch.stack([torch.where(ok, v, 0.0), torch.where(ok, v * v, 0.0), ok.float()])
+        self._dtd_steps += 1
+        done = self._dtd_steps >= self.dtd_patience
+        if self.dtd_share and progress * (N - 1) >= (self.dtd_stage + 1) * self.dtd_share:
+            done = True
+        if not done and self._dtd_steps % self.dtd_window == 0:
+            sums = self._dtd_acc.clone()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(sums)  # sums over processes and steps of the window
+            S, Q, n = sums.tolist()
+            self._dtd_acc = torch.zeros_like(sums)
+            if n > 0:
+                mean, var = S / n, max(Q / n - (S / n) ** 2, 0.0)
+                se2 = var / n  # squared standard error of the window mean
+                if self._dtd_prev is not None:
+                    prev_mean, prev_se2 = self._dtd_prev
+                    done = mean > prev_mean - 2 * math.sqrt(se2 + prev_se2)  # no significant improvement
+                self._dtd_prev = (mean, se2)
+        if done:
+            stage = self.dtd_stage + 1
+            if self.dtd_share:  # a deadline missed by more than a stage (e.g. a resumed run): catch up at once
+                stage = max(stage, min(N - 1, math.floor(progress * (N - 1) / self.dtd_share)))
+            self.dtd_stage = min(N - 1, stage)
+            self._dtd_reset()
+
+    def _dtd_reset(self):
+        self._dtd_steps, self._dtd_prev, self._dtd_acc = 0, None, torch.zeros(3)
+
+    def state_dict(self):
+        """The curriculum's state (train.py checkpoints it) as plain numbers: resuming continues bitwise."""
+        return dict(dtd_stage=self.dtd_stage, dtd_steps=self._dtd_steps, dtd_acc=self._dtd_acc.tolist(),
+                    dtd_prev=None if self._dtd_prev is None else list(self._dtd_prev))
+
+    def load_state_dict(self, d):
+        self.dtd_stage, self._dtd_steps = int(d["dtd_stage"]), int(d["dtd_steps"])
+        self._dtd_acc = torch.tensor(d["dtd_acc"], dtype=torch.float32)  # float32 -> float -> float32: exact
+        self._dtd_prev = None if d["dtd_prev"] is None else tuple(d["dtd_prev"])
+
+    # ---- iMF (Geng et al.): V = u + (t - r) sg(du/dt) along the network's own v, regressed on the guided v;
+    # guidance (omega, [t_min, t_max]) as a network condition ----------------------------------
+    def sample_imf_conditions(self, t, r):
+        """omega ~ p(omega) ~ omega^-beta on [1, omega_max] (inverse CDF); interval t_min ~ U[0, 0.5],
+        t_max ~ U[0.5, 1], except [0, 1] on the r = t rows (as the official code)."""
+        B, dev, fm = t.shape[0], t.device, t == r
+        U = torch.rand(B, device=dev)
+        if self.omega_beta == 1.0:
+            omega = self.omega_max**U
+        else:
+            a = 1 - self.omega_beta
+            omega = (1 + U * (self.omega_max**a - 1)) ** (1 / a)
+        t_min = torch.where(fm, 0.0, 0.5 * torch.rand(B, device=dev))
+        t_max = torch.where(fm, 1.0, 0.5 + 0.5 * torch.rand(B, device=dev))
+        return omega, t_min, t_max
+
+    def imf_loss(self, net, x, y, y_in, drop, z_t, v, t, r, n):
+        """Rows [:n] have r != t and take the forward-mode pass; rows [n:] have r = t and a plain forward."""
+        B = x.shape[0]
+        omega, t_min, t_max = self.sample_imf_conditions(t, r)
+        ones, zeros = torch.ones_like(t), torch.zeros_like(t)
+        inside = (t >= t_min) & (t <= t_max)  # always on r = t rows: their interval is [0, 1]
+        omega_m = torch.where(inside, omega, 1.0)  # outside [t_min, t_max] guidance is off
+        conds = lambda a, b: dict(y=_rows(y_in, a, b), omega=omega[a:b], t_min=t_min[a:b], t_max=t_max[a:b])
+        # The r = t rows: a plain forward. Their conditions are (omega, [0, 1]), so their v-head is also the
+        # conditional v of their guided target (rows with a kept label).
+        u_fm, v_fm = net(z_t[n:], t[n:], t[n:], **conds(n, B), return_v=True) if n < B else (None, None)
+        with torch.no_grad():  # the network's own v at r = t: conditional at each row's omega_m, unconditional
+            v_c, v_g = None, v
+            if y is None and n > 0:
+                v_c = net(z_t[:n], t[:n], t[:n], None, ones[:n], zeros[:n], ones[:n], return_v=True)[1]
+            elif y is not None:
+                null = null_labels(y, _module(net).num_classes)
+                used = (inside & ~drop).nonzero().squeeze(1)  # rows with guidance (one host sync)
+                rows = torch.cat([torch.arange(n, device=t.device), used])  # v_c of r != t rows, v_u of used rows
+                labels, omegas = torch.cat([y[:n], null[used]]), torch.cat([omega_m[:n], ones[used]])
+                out = v[:0] if rows.numel() == 0 else net(z_t[rows], t[rows], t[rows], labels, omegas, zeros[rows],
+                                                          ones[rows], return_v=True)[1].to(v.dtype)
+                v_c, v_u = out[:n], out[n:]  # (n, ...), (len(used), ...)
+                v_c_all = v_c if v_fm is None else torch.cat([v_c, v_fm.detach().to(v.dtype)])
+                v_g = v.clone()
+                v_g[used] = v[used] + bcast(1 - 1 / omega_m[used], v_u) * (v_c_all[used] - v_u)  # guided target
+        V, v_head = ([u_fm], [v_fm]) if n < B else ([], [])
+        if n > 0:
+            # The tangent is the network's own (guided-condition) velocity v_c, not e - x: then
+            # V = u + (t - r) sg(du/dt) depends on z_t alone and the loss is a regression on v.
+            (u, v_mf), (dudt, _) = jvp(lambda z, t, r: net(z, t, r, **conds(0, n), return_v=True),
+                                       (z_t[:n], t[:n], r[:n]), (v_c.to(z_t.dtype), ones[:n], zeros[:n]))
+            V.insert(0, u + bcast(t[:n] - r[:n], u) * dudt.detach())  # compound prediction of v
+            v_head.insert(0, v_mf)
+        V, v_head = torch.cat(V), torch.cat(v_head)
+        l_u, l_v = sq_err(V, v_g), sq_err(v_head, v_g)  # compound u-prediction and the auxiliary v-head
+        loss = (self.adaptive(l_u) + self.adaptive(l_v)).mean()
+        return loss, self._logs(loss, l_u, t, r, 0.0, x)
+
+    # ---- samplers: z_r = z_t - (t - r) u(z_t, t, r), one step or a few --------------------------
+    def _conditions(self, e, omega, t_min, t_max):
+        if not self.imf:
+            if (omega, t_min, t_max) != (1.0, 0.0, 1.0):
+                raise ValueError("omega and the guidance interval are sampling conditions of iMF only; MeanFlow "
+                                 "bakes guidance in at training (MeanFlow(omega=..., kappa=...))")
+            return {}
+        full = lambda a: torch.full((e.shape[0],), float(a), device=e.device)
+        return dict(omega=full(omega), t_min=full(t_min), t_max=full(t_max))
+
+    @torch.no_grad()
+    def sample(self, net, e, y=None, steps=1, omega=1.0, t_min=0.0, t_max=1.0):
+        """k-NFE MeanFlow sampling on a uniform grid 1 -> 0: z_r = z_t - (t - r) u(z_t, t, r).
+        Guidance needs no extra pass: MeanFlow bakes it into u, iMF takes omega as a condition."""
+        cond = self._conditions(e, omega, t_min, t_max)
+        return self._walk(e, steps, lambda z, t, r: net(z, t, r, y, **cond))
+
+    @torch.no_grad()
+    def sample_euler(self, net, e, y=None, steps=32, omega=1.0, t_min=0.0, t_max=1.0):
+        """Many-step Euler with the instantaneous velocity read out of the network: u(z, t, t)
+        (iMF: its v-head). The improved-training paper's probe of how well v is learned."""
+        cond = self._conditions(e, omega, t_min, t_max)
+        if self.imf:
+            return self._walk(e, steps, lambda z, t, r: net(z, t, t, y, **cond, return_v=True)[1])
+        return self._walk(e, steps, lambda z, t, r: net(z, t, t, y, **cond))
+
+    @staticmethod
+    def _walk(e, steps, velocity):
+        """z_r = z_t - (t - r) * velocity(z_t, t, r) over a uniform grid from t = 1 (noise) to 0 (data)."""
+        z, grid = e, torch.linspace(1.0, 0.0, steps + 1, device=e.device)
+        for t, r in zip(grid[:-1], grid[1:]):
+            z = z - (t - r) * velocity(z, t.expand(e.shape[0]), r.expand(e.shape[0])).to(z.dtype)
+        return z
+
+
+# ==============================================================================================
+# The networks, in plain PyTorch: DiT (+ in-context variant), the iMF network, the toy MLP, the size tables.
+# ==============================================================================================
 ATTENTION_BACKENDS = {
-    "sdpa": F.scaled_dot_product_attention,  # default: the fused kernel; inside jvp() the rules above take over
+    "sdpa": F.scaled_dot_product_attention,  # default: the fused kernel; inside jvp() JVP_RULES takes over
     "math": math_attention,  # reference: plain ops
 }
 
@@ -285,12 +522,9 @@ class Attention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(B, N, D))
 
 
-# ----------------------------------------------------------------------------------------------
-# DiT (Peebles & Xie) with two time embedders, as MeanFlow uses it.
-# adaLN-Zero blocks; 2-D sin-cos positions; label embedding with a null class; zero-initialised
-# output, so a fresh network predicts u = 0. The in-context variant prepends condition tokens
-# instead of modulating with adaLN (a light iMF stand-in; iMFDiT below is the official iMF network).
-# ----------------------------------------------------------------------------------------------
+# ---- DiT (Peebles & Xie) as MeanFlow uses it: adaLN-Zero blocks, 2-D sin-cos positions, embedders for t and t - r,
+# a null label, zero-initialised output (a fresh network predicts u = 0). The in-context variant prepends condition
+# tokens instead of adaLN (a light iMF stand-in; iMFDiT below is the official iMF network). ----------------------
 def timestep_embedding(t, dim=256, max_period=10000.0):
     """Sinusoidal features of t (B,) -> (B, dim). MeanFlow feeds t raw in [0, 1] (official code)."""
     half = dim // 2
@@ -470,15 +704,11 @@ class DiT(nn.Module):
         return (u, self.unpatchify(self.v_final_layer(x, c))) if return_v else u
 
 
-# ----------------------------------------------------------------------------------------------
-# The iMF network (Geng et al., iMF; official models/imfDiT.py): a plain pre-norm transformer
-# conditioned in context. Unlike the DiT above it sees h = t - r only (no t), has no adaLN and no
-# absolute positions: RMSNorm, QK-norm, rotary positions (RoPE) over the whole sequence (condition
-# tokens included), a bias-free SwiGLU MLP, zero-initialised residual gates, and an auxiliary v-head
-# that branches off before the last `head_depth` blocks (its blocks run only when return_v=True).
-# Plain PyTorch layers, as the DiT: inside jvp() its linear layers, SiLU, products and attention get the same
-# tangent rules; RMSNorm and RoPE go through PyTorch's own forward-mode AD (correct, a little more memory).
-# ----------------------------------------------------------------------------------------------
+# ---- The iMF network (Geng et al., iMF; official models/imfDiT.py): a pre-norm transformer conditioned in context.
+# Unlike the DiT it sees h = t - r only (no t), has no adaLN and no absolute positions: RMSNorm, QK-norm, RoPE over
+# the whole sequence (condition tokens included), a bias-free SwiGLU MLP, zero-initialised residual gates, and a
+# v-head that branches off before the last `head_depth` blocks (run only when return_v=True). Under the APPENDIX's
+# rules RMSNorm and RoPE keep PyTorch's own forward-mode AD (correct, a little more memory). ---------------------
 def rope_cos_sin(dim, n, theta=10000.0):
     """Rotary tables for positions 0..n-1: cos, sin of shape (n, dim/2), angle pos * theta^(-2i/dim)."""
     freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
@@ -641,9 +871,7 @@ class iMFDiT(nn.Module):
         return u, self.unpatchify(self.v_final_layer(x[:, self.prefix:]))
 
 
-# ----------------------------------------------------------------------------------------------
-# The toy network for 2-D data (same signature as the DiT)
-# ----------------------------------------------------------------------------------------------
+# ---- The toy network for 2-D data (same signature as the DiT) ----------------------------------------------------
 class MLP(nn.Module):
     """net(z, t, r, y=None, ...) -> u for vector data z: (B, dim): depth x (Linear, SiLU), then a Linear output.
 
@@ -684,10 +912,8 @@ class MLP(nn.Module):
         return (u, self.v_out(h)) if return_v else u
 
 
-# ----------------------------------------------------------------------------------------------
-# Size table, keyed as in the papers. Parameter counts for ImageNet latents (32x32x4, 1000 classes),
-# MeanFlow paper: B 131M, M 308M, L 459M, XL 676M. "Ti" is our own tiny size for tests and CPU notebooks.
-# ----------------------------------------------------------------------------------------------
+# ---- Size tables, keyed as in the papers. Parameter counts for ImageNet latents (32x32x4, 1000 classes), MeanFlow
+# paper: B 131M, M 308M, L 459M, XL 676M. "Ti" is our own tiny size for tests and CPU notebooks. -----------------
 DiT_sizes = {"Ti": (6, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "M": (16, 1024, 16),
              "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, hidden size, heads
 DiT_models = {f"{name}/{p}": partial(DiT, depth=d, hidden_size=h, num_heads=n, patch_size=p)
@@ -721,378 +947,131 @@ imf_guidance = {
     "XL/2": dict(omega=8.0, t_min=0.42, t_max=0.62),  # 1.72 (2-NFE 1.54 at omega 4.0 on [0.36, 0.64])
 }
 
+
+# ==== APPENDIX: speed only ======================================================================================
+# Everything from this banner to the end makes jvp() cheaper and changes no result (tested: a copy of this file
+# cut at the banner gives the same losses and gradients, in fp64, to 1e-8).
+# Forward-mode AD differentiates any PyTorch code, but (1) every tangent op that multiplies by a
+# parameter-dependent value is recorded for backward and keeps its inputs alive, although the tangent is
+# stop-gradiented and backward never visits it, (2) the built-in rule of a linear layer also multiplies by
+# the weight's zero tangent (twice the matmuls), (3) an add or mul with a tangent on one side only takes a
+# slow path (a zero tangent for the other side: ~15x the op on the toy's small tensors), and (4)
+# F.scaled_dot_product_attention has no forward-mode rule at all (NotImplementedError). So inside jvp() the
+# ops below compute their value as usual on the primal inputs (autograd records it and runs its own backward)
+# and their tangent from the same primal values under no_grad (recorded nowhere). The tests check every
+# rule against finite differences. The MeanFlow loss runs jvp() on the r != t rows only.
 # ----------------------------------------------------------------------------------------------
-# Recipes: every knob at its paper's value. MeanFlow(recipe=..., **overrides).
-# ----------------------------------------------------------------------------------------------
-_meanflow = dict(
-    time_sampler="logit_normal",  # or "uniform"
-    P_mean=-0.4, P_std=1.0,  # logit-normal for t and r (ImageNet; the CIFAR code uses -2.0, 2.0)
-    ratio_r_neq_t=0.25,  # share of the batch with r != t (MeanFlow Table 1a: 25% best). The JAX code's
-    #                      data_proportion=0.75 is the r = t share; py-meanflow's ratio=0.75 is r != t.
-    p=1.0, c=0.01,  # adaptive weight l / sg((l + c)^p)  (ImageNet; CIFAR code: p=0.75, c=1e-3)
-    omega=1.0, kappa=0.0, t_lo=0.0, t_hi=1.0,  # guidance in the target; per size see paper_guidance
-    class_dropout=0.1,  # labels replaced by the null class, target v instead of v_g
-    beta_k=None,  # improved training: progressive u-weight beta(dt, s), s = 1 - progress^k (None: off)
-    minsnr_gamma=None,  # improved training: MinSNR-gamma weight alpha(t) on the r = t rows (None: off)
-    # improved training: DTD curriculum on the r = t rows (0 stages: off). A stage ends when its v-loss has
-    # converged (windows of dtd_window steps), at the latest after dtd_patience = tau steps (paper: 200) or at
-    # progress stage * dtd_share / (stages - 1). dtd_share = 0.25 [ours]: the curriculum never takes more than
-    # a quarter of a run, so the low-noise t of the v-loss train for at least three quarters of it at any run
-    # length, while the deadline still leaves each of the 19 stages up to 1.3% of the run to converge (tau alone
-    # ends the curriculum within 3800 steps: 0.3% of an ImageNet run, more than a whole toy run). 0: no deadline.
-    dtd_stages=0, dtd_patience=200, dtd_share=0.25, dtd_window=25,
-    imf=False, omega_max=8.0, omega_beta=1.0,  # iMF: omega ~ p(omega) ~ omega^-beta on [1, omega_max]
-)
-RECIPES = {
-    "meanflow": _meanflow,
-    "improved-dtd": {**_meanflow, "beta_k": 1.0, "dtd_stages": 20},  # Kim et al.: best on L/2, XL/2
-    "improved-minsnr": {**_meanflow, "beta_k": 1.0, "minsnr_gamma": 5.0},  # Kim et al.: best on B/4
-    "imf": {**_meanflow, "ratio_r_neq_t": 0.5, "imf": True},  # Geng et al. (iMF)
-}
+def _tangent_rule(tangent):
+    """An op with a tangent: op(*primals) as usual, and tangent(out, primals, tangents, **kwargs) under no_grad
+    (None for an input without tangent), paired again as a dual tensor."""
 
-# Low-dimensional data (the 2-D toys): one knob differs from the ImageNet recipe [ours, measured with the toy MLP
-# against the exact u of toy_data's Gaussian mixture and on the checkerboard, 3 seeds; README "The 2-D regime"].
-# - p = 0.5, not 1: with 2 dimensions the per-sample error is dominated by the spread of e - x, and
-#   l / (l + c)^p turns the regression into a median-like fit: with p = 1 the v error stays at 1.08 after 1500
-#   steps (untrained: 1.31). p = 0 learns v best (0.14 vs 0.28 with p = 0.5), but p = 0.5 learns the
-#   large-interval u that one step uses better (1-NFE jump error 0.07 vs 0.15) and puts more 1-NFE samples on
-#   the checkerboard's squares (78% vs 60-64% after 1500 steps).
-# Kept from the paper: logit-normal(-0.4, 1) and 25% r != t (shares 0.5, 0.75 changed nothing measurable; uniform t
-# and P_mean 0 were worse; P_mean -1.2 is faster on the checkerboard but slower on the mixture's 1-NFE map: the toy
-# test's distance 0.07-0.09 instead of 0.02-0.03, 3 seeds). train.py applies TOY_OVERRIDES to every 2-D data set;
-# the notebooks and the tests use it too.
-TOY_OVERRIDES = dict(p=0.5)
+    def rule(func, *args, **kwargs):
+        pairs = [fwAD.unpack_dual(a) if isinstance(a, torch.Tensor) else None for a in args]
+        ds = [None if p is None else p.tangent for p in pairs]
+        if all(d is None for d in ds):
+            return NotImplemented  # no tangent here: the op as usual
+        xs = [a if p is None else p.primal for a, p in zip(args, pairs)]
+        out = func(*xs, **kwargs)
+        with torch.no_grad():
+            d = tangent(out, xs, ds, **kwargs)
+        if d is NotImplemented:
+            return NotImplemented
+        d = d if d.shape == out.shape else d.expand(out.shape).contiguous()  # a broadcast input's tangent
+        return fwAD.make_dual(out, d.to(out.dtype))
+
+    return rule
 
 
-class MeanFlow:
-    """The method: (t, r) sampling, the MeanFlow loss with its weights, and the samplers.
+def _sum(terms):
+    """Sum of the tangent terms that exist (None: an input without tangent)."""
+    terms = [a for a in terms if a is not None]
+    return sum(terms[1:], terms[0])
 
-        method = MeanFlow(recipe="improved-dtd", P_mean=-0.4)     # any knob of RECIPES by keyword
-        loss, logs = method.loss(net, x, y, progress=step / total_steps)  # also advances DTD
-        x0 = method.sample(net, e, y, steps=1)
-    """
 
-    def __init__(self, recipe="meanflow", **overrides):
-        if recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-        unknown = set(overrides) - set(RECIPES[recipe])
-        if unknown:
-            raise ValueError(f"unknown MeanFlow option(s) {sorted(unknown)}; the knobs are {sorted(RECIPES[recipe])}")
-        self.recipe = recipe
-        self.__dict__.update({**RECIPES[recipe], **overrides})
-        if self.imf and (self.beta_k or self.minsnr_gamma or self.dtd_stages):
-            raise ValueError("iMF has its own loss; beta, MinSNR and DTD weight the MeanFlow loss only")
-        # lambda normalises beta to mean 1 at the start: lambda = 1 / E[1 - dt] over the r != t rows.
-        self.lam = 1.0 / (1.0 - self._expect(lambda t: t, lambda u: 4 * u - 2))  # E[max - min]
-        # MinSNR alpha(t) is normalised to mean 1 under the t of the r = t rows (the max of two draws).
-        self.alpha_mean = self._expect(self._alpha_raw, lambda u: 2 * u) if self.minsnr_gamma else 1.0
-        if self.dtd_stages and not (self.dtd_patience >= 1 and self.dtd_window >= 1 and 0 <= self.dtd_share <= 1):
-            raise ValueError("DTD needs dtd_patience >= 1, dtd_window >= 1 and dtd_share in [0, 1] (0: no deadline)")
-        self.dtd_stage = 0
-        self._dtd_reset()
+def _linear_tangent(y, xs, ds):  # y = x W^T + b: dx W^T (the weight's tangent is zero in the loss)
+    (x, W, *_), (dx, dW, *db) = xs, ds
+    return _sum([None if dx is None else F.linear(dx, W.to(dx.dtype)), None if dW is None else F.linear(x, dW),
+                 db[0] if db else None])
 
-    @property
-    def net_kwargs(self):
-        """Network options this recipe needs: iMF conditions on omega and its interval, in context."""
-        return dict(in_context=True, guidance_cond=True, v_head=True) if self.imf else {}
 
-    # ---- (t, r) sampling --------------------------------------------------------------------
-    def quantile(self, u):
-        """Inverse CDF of one time draw: logit-normal sigmoid(P_mean + P_std * N(0,1)), or uniform."""
-        if self.time_sampler == "uniform":
-            return u
-        return torch.sigmoid(self.P_mean + self.P_std * torch.special.ndtri(u))
+def _gelu_tangent(y, xs, ds, approximate="none"):
+    return torch.ops.aten.gelu_backward(ds[0], xs[0], approximate=approximate)
 
-    def _expect(self, g, density, n=200_000):
-        """E[g(quantile(u))] for u with the given density on (0, 1): midpoint rule, deterministic."""
-        u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-        return (g(self.quantile(u)) * density(u)).mean().item()
 
-    def sample_t_r(self, B, device=None):
-        """t, r: (B,). Two draws sorted (t = max, r = min); the first round(ratio_r_neq_t * B) rows keep
-        r != t, the rest get r = t. The loss relies on this order: the forward-mode pass takes rows [:n]
-        without a host sync, and class dropout (drop_labels) takes the last rows, so only r = t rows lose
-        their label (as the official JAX code, which puts both at the front)."""
-        u = torch.rand(2, B, device=device, dtype=torch.float64)
-        u_hi, u_lo = u.max(0).values, u.min(0).values  # quantile is monotone: same as sorting t, r
-        fm = torch.arange(B, device=device) >= round(self.ratio_r_neq_t * B)  # r = t rows
-        if self.dtd_stages:
-            # DTD: the r = t rows draw t only from the unlocked, highest-noise clusters. Clusters have
-            # equal mass under the max-of-two law (CDF u^2 in u-space), so stage s keeps the top
-            # (s + 1)/N of that mass: q ~ U[1 - (s + 1)/N, 1], u = sqrt(q) [ours].
-            q = 1 - torch.rand(B, device=device, dtype=torch.float64) * (self.dtd_stage + 1) / self.dtd_stages
-            u_hi = torch.where(fm, q.sqrt(), u_hi)
-        t, r = self.quantile(u_hi).float(), self.quantile(u_lo).float()
-        return t, torch.where(fm, t, r)
+def _silu_tangent(y, xs, ds, inplace=False):
+    return torch.ops.aten.silu_backward(ds[0], xs[0])
 
-    # ---- classifier-free guidance inside the target (MeanFlow Sec. 4) -------------------------
-    def drop_labels(self, y, n, num_classes):
-        """Class dropout as the official code: k ~ Binomial(B, class_dropout) rows get the null label, and they
-        are r = t rows. Ours are the last k rows (rows [:n] have r != t; k is capped at B - n, so with no r = t
-        rows no label is dropped). Rates: ~13% of the r = t rows in MeanFlow (0.1 / 0.75), 20% in iMF (0.1 / 0.5),
-        none of the r != t rows. Returns the labels to use and the (B,) dropped mask; no host sync."""
-        B = y.shape[0]
-        k = (torch.rand(B, device=y.device) < self.class_dropout).sum()  # Binomial(B, p), a 0-d tensor
-        drop = torch.arange(B, device=y.device) >= (B - k).clamp(min=n)
-        return torch.where(drop, num_classes, y), drop
 
-    def guided_velocity(self, net, z_t, t, v, y, drop, n, u_fm=None):
-        """v_g = omega v + (1 - omega - kappa) u(z,t,t|null) + kappa u(z,t,t|y) on the rows inside [t_lo, t_hi]
-        whose label was kept, v on the others. Rows [:n] have r != t, rows [n:] r = t; drop from drop_labels.
+def _layer_norm_tangent(y, xs, ds, weight=None, bias=None, eps=1e-5):
+    """The tangent of the normalisation is its Jacobian times dx, the same map as its backward (the Jacobian is
+    symmetric): PyTorch's fused LayerNorm-backward kernel, from the mean and 1/std in fp32."""
+    (x, shape), dx = xs, ds[0]
+    if any(a is not None and fwAD.unpack_dual(a).tangent is not None for a in (weight, bias)):
+        return NotImplemented  # affine parameters with a tangent (not in the loss): PyTorch's own rule
+    x32 = x.to(_at_least_fp32(x))
+    _, mean, rstd = torch.native_layer_norm(x32, shape, None, None, eps)
+    Jdx = torch.ops.aten.native_layer_norm_backward(dx.to(x32.dtype), x32, shape, mean, rstd, None, None,
+                                                    [True, False, False])[0]
+    return Jdx if weight is None else Jdx * weight  # y = w * norm(x) + b: the weight acts after the Jacobian
 
-        The network terms are no-grad forwards at r = t, run only on the rows that use them (finding those rows
-        is one host sync). u_fm (B - n rows), if given, is the r = t rows' own forward u(z, t, t | y): their
-        kappa term without an extra pass (a dropped row's u_fm is unconditional, but dropped rows take v)."""
-        if y is None or (self.omega == 1.0 and self.kappa == 0.0):
-            return v
-        null = null_labels(y, _module(net).num_classes)
-        used = ((t >= self.t_lo) & (t <= self.t_hi) & ~drop).nonzero().squeeze(1)  # (m,)
-        if used.numel() == 0:
-            return v
-        # rows whose kappa term needs a forward of its own: with u_fm given, the r != t ones only
-        cond = used[:0] if not self.kappa else used[used < n] if u_fm is not None else used
-        rows = torch.cat([used, cond])
-        with torch.no_grad():  # both guidance terms in one batched forward, at r = t, no gradient
-            out = net(z_t[rows], t[rows], t[rows], torch.cat([null[used], y[cond]])).to(v.dtype)
-        u_null, u_cond = out[:used.numel()], torch.zeros_like(v)
-        if self.kappa:
-            if u_fm is not None:
-                u_cond[n:] = u_fm.detach()
-            u_cond[cond] = out[used.numel():]
-        v_g = v.clone()
-        v_g[used] = self.omega * v[used] + (1 - self.omega - self.kappa) * u_null + self.kappa * u_cond[used]
-        return v_g
 
-    # ---- improved training (Kim et al.): weights applied after the adaptive normalisation ---------
-    def beta(self, dt, progress):
-        """beta(dt, s) = (1 - s) + s * lam * (1 - dt), s = 1 - progress^k: favours small intervals early
-        (they build v, observation O2), mean 1 at progress 0 and exactly 1 at progress 1."""
-        s = 1 - progress**self.beta_k
-        return (1 - s) + s * self.lam * (1 - dt)
+def _addcmul_tangent(y, xs, ds, value=1):  # y = a + value * b * c
+    (a, b, c), (da, db, dc) = xs, ds
+    bc = [None if db is None else db * c, None if dc is None else b * dc]
+    return _sum([da] + [None if t is None else value * t for t in bc])
 
-    def _alpha_raw(self, t):
-        # MinSNR-gamma moved to the velocity loss [ours]: SNR = ((1 - t)/t)^2 and |x_hat - x|^2 =
-        # t^2 |v_hat - v|^2, so alpha(t) = t^2 min(SNR, gamma) = min((1 - t)^2, gamma t^2).
-        return torch.minimum((1 - t) ** 2, self.minsnr_gamma * t**2)
 
-    def weights(self, t, r, progress):
-        """w_i: beta(t - r, s) on r != t rows, alpha(t) on r = t rows (1 where a component is off)."""
-        fm, w = t == r, torch.ones_like(t)
-        if self.beta_k is not None:
-            w = torch.where(fm, w, self.beta(t - r, progress))
-        if self.minsnr_gamma:
-            w = torch.where(fm, self._alpha_raw(t) / self.alpha_mean, w)
-        return w
+def _add_tangent(y, xs, ds, alpha=1):
+    return _sum([ds[0], None if len(ds) < 2 or ds[1] is None else alpha * ds[1]])
 
-    # ---- DTD: the curriculum advances inside loss(), from the v-loss it computes ------------------
-    # Pacing [ours, our reading of the DTD paper]: a stage ends when its v-loss has converged, and at the latest
-    # (a) after dtd_patience = tau steps (the paper's "maximum patience"), or (b) when progress reaches its
-    # share of the run: stage s by progress s * dtd_share / (N - 1), so the full range is reached by
-    # progress = dtd_share at any run length. (Reading tau as "steps without a new best loss" never ends a
-    # stage while the loss keeps improving.) "Converged": the mean v-loss of the last dtd_window steps is not
-    # below that of the window before by more than 2 standard errors. Each window costs one host sync and,
-    # under torch.distributed, one all-reduce of three numbers; every process then decides on the same
-    # global values at the same step, so all are at the same stage.
-    @torch.compiler.disable  # Python state and a host sync: never traced
-    def dtd_step(self, v_loss, progress=0.0):
-        """One training step of the curriculum; loss() calls it (calls under torch.no_grad() do not count).
-        v_loss: this process's 0-d mean squared error on its r = t rows (nan if it had none)."""
-        N = self.dtd_stages
-        if not N or self.dtd_stage >= N - 1 or not torch.is_grad_enabled():
-            return
-        v = v_loss.detach().float().reshape(())
-        ok = torch.isfinite(v)
-        acc = self._dtd_acc.to(v.device)  # window sums: v, v^2, count (on the device: no sync per step)
-        self._dtd_acc = acc + torch.stack([torch.where(ok, v, 0.0), torch.where(ok, v * v, 0.0), ok.float()])
-        self._dtd_steps += 1
-        done = self._dtd_steps >= self.dtd_patience
-        if self.dtd_share and progress * (N - 1) >= (self.dtd_stage + 1) * self.dtd_share:
-            done = True
-        if not done and self._dtd_steps % self.dtd_window == 0:
-            sums = self._dtd_acc.clone()
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(sums)  # sums over processes and steps of the window
-            S, Q, n = sums.tolist()
-            self._dtd_acc = torch.zeros_like(sums)
-            if n > 0:
-                mean, var = S / n, max(Q / n - (S / n) ** 2, 0.0)
-                se2 = var / n  # squared standard error of the window mean
-                if self._dtd_prev is not None:
-                    prev_mean, prev_se2 = self._dtd_prev
-                    done = mean > prev_mean - 2 * math.sqrt(se2 + prev_se2)  # no significant improvement
-                self._dtd_prev = (mean, se2)
-        if done:
-            stage = self.dtd_stage + 1
-            if self.dtd_share:  # a deadline missed by more than a stage (e.g. a resumed run): catch up at once
-                stage = max(stage, min(N - 1, math.floor(progress * (N - 1) / self.dtd_share)))
-            self.dtd_stage = min(N - 1, stage)
-            self._dtd_reset()
 
-    def _dtd_reset(self):
-        self._dtd_steps, self._dtd_prev, self._dtd_acc = 0, None, torch.zeros(3)
+def _mul_tangent(y, xs, ds):
+    (a, b), (da, db) = xs, ds
+    return _sum([None if da is None else da * b, None if db is None else a * db])
 
-    def state_dict(self):
-        """The curriculum's state (train.py checkpoints it) as plain numbers: resuming continues bitwise."""
-        return dict(dtd_stage=self.dtd_stage, dtd_steps=self._dtd_steps, dtd_acc=self._dtd_acc.tolist(),
-                    dtd_prev=None if self._dtd_prev is None else list(self._dtd_prev))
 
-    def load_state_dict(self, d):
-        self.dtd_stage, self._dtd_steps = int(d["dtd_stage"]), int(d["dtd_steps"])
-        self._dtd_acc = torch.tensor(d["dtd_acc"], dtype=torch.float32)  # float32 -> float -> float32: exact
-        self._dtd_prev = None if d["dtd_prev"] is None else tuple(d["dtd_prev"])
+# Attention tangent: do = (P * dS) v - rowsum(P * dS) * o + P dv,   dS = (dq k^T + q dk^T) / sqrt(d)
+# The value is SDPA's (the fused kernel, and its own backward); P, which the kernel does not return, is
+# computed here for the tangent rows and freed at once.
+def _attention_tangent(o, xs, ds, **kwargs):
+    if kwargs:  # masks, dropout, causal, scale: not covered here
+        return NotImplemented
+    (q, k, v), (dq, dk, dv) = xs, ds
+    q3, k3, v3 = map(_flat, (q, k, v))  # (B*H, N, d) each
+    P, qs = _softmax_scores(q3, k3)  # (B*H, N, N) fp32, (B*H, N, d)
+    # dS = (dq k^T + q dk^T) / sqrt(d); matmuls in the inputs' dtype, products with P in fp32
+    if dq is None and dk is None:
+        dS = torch.zeros(P.shape, dtype=q.dtype, device=q.device)
+    elif dq is None:
+        dS = torch.bmm(qs, _flat(dk).transpose(1, 2))
+    else:
+        dS = torch.bmm(_flat(dq) * q3.shape[-1] ** -0.5, k3.transpose(1, 2))
+        if dk is not None:
+            dS.baddbmm_(qs, _flat(dk).transpose(1, 2))
+    PdS = dS.to(P.dtype).mul_(P)
+    do = torch.bmm(PdS.to(v3.dtype), v3)  # (B*H, N, d)
+    if dv is not None:
+        do.baddbmm_(P.to(v3.dtype), _flat(dv))
+    do = do.view(o.shape).to(o.dtype)  # (B, H, N, d)
+    return do.sub_(PdS.sum(-1, keepdim=True).to(o.dtype).view(*o.shape[:-1], 1) * o)
 
-    # ---- the MeanFlow loss ------------------------------------------------------------------
-    def adaptive(self, l):
-        """l / sg((l + c)^p) per sample: p = 1 makes every sample's gradient about unit size."""
-        return l / (l.detach() + self.c) ** self.p
 
-    def loss(self, net, x, y=None, progress=0.0, t=None, r=None, e=None):
-        """Scalar loss to backpropagate and a dict of detached diagnostics.
+_T = torch.Tensor
 
-        x: (B, ...) data; y: (B,) labels or None; progress = step / total steps in [0, 1] (beta, DTD's deadline).
-        t, r, e may be given (e.g. to restrict the interval); otherwise they are sampled.
-        net may be the bare network or its DistributedDataParallel wrapper.
-        logs: v_loss / u_loss = mean squared error per element on the r = t / r != t rows, beta = mean
-        beta on r != t rows, dtd_stage (the stage this batch was drawn at). A call with gradients enabled is a
-        training step: it advances the DTD curriculum (dtd_step); one call per optimizer step.
 
-        du/dt enters only through (t - r) du/dt, zero where r = t: the forward-mode pass runs on the r != t
-        rows only (rows [:n]), a plain forward on the r = t rows, and one backward goes through both.
-        Same loss and gradients as one pass over the whole batch (tested), at 1 + 0.25/3 of a flow-matching
-        step instead of 4/3."""
-        B = x.shape[0]
-        if t is None:
-            t, r = self.sample_t_r(B, x.device)
-            n = round(self.ratio_r_neq_t * B)  # sample_t_r puts the r != t rows first: no host sync
-        else:  # given t, r: put the r != t rows first (a host sync; the loss is a mean, the order is free)
-            order = torch.argsort((t == r).int(), stable=True)
-            x, t, r = x[order], t[order], r[order]
-            y, e = (None if a is None else a[order] for a in (y, e))
-            n = int((t != r).sum())
-        e = torch.randn_like(x) if e is None else e
-        t_, r_ = bcast(t, x), bcast(r, x)
-        z_t = (1 - t_) * x + t_ * e
-        v = e - x
-        y_in, drop = (None, None) if y is None else self.drop_labels(y, n, _module(net).num_classes)
-        if self.imf:
-            return self.imf_loss(net, x, y, y_in, drop, z_t, v, t, r, n)
-        # The r = t rows: a plain forward; the target is v_g, their loss flow matching.
-        u_fm = net(z_t[n:], t[n:], t[n:], _rows(y_in, n, B)) if n < B else None
-        v_g = self.guided_velocity(net, z_t, t, v, y, drop, n, u_fm)
-        parts = [(u_fm, v_g[n:])] if n < B else []
-        if n > 0:
-            # The r != t rows: one forward-mode pass gives u and du/dt = v_g . d_z u + d_t u. The tangent is
-            # (v_g, 1, 0) in (z, t, r) order: dz/dt = v, dt/dt = 1, dr/dt = 0. Wrong tangents cost 2-5x in
-            # FID (Table 1b). Under bf16 autocast this pass runs in bf16 too: du/dt then carries ~5e-3 relative
-            # error, the target u_tgt ~6e-5 (DiT-S/2), below u's own bf16 error (~4e-3); an fp32 pass changed
-            # nothing measurable on the toy (README, Notes on the JVP).
-            u, dudt = jvp(lambda z, t, r: net(z, t, r, _rows(y_in, 0, n)), (z_t[:n], t[:n], r[:n]),
-                          (v_g[:n], torch.ones_like(t[:n]), torch.zeros_like(r[:n])))
-            # Stop-gradient on the target: it depends on the network itself; differentiating through it
-            # would chase a moving target (and costs a second-order pass).
-            parts.insert(0, (u, (v_g[:n] - (t_ - r_)[:n].clamp(0, 1) * dudt).detach()))
-        # Sum (not mean) over data dimensions, so that c and p mean the same at any resolution.
-        l = torch.cat([sq_err(u, u_tgt) for u, u_tgt in parts])  # (B,), rows in the order of t, r
-        w = self.weights(t, r, progress)
-        loss = (w * self.adaptive(l)).mean()
-        logs = self._logs(loss, l, t, r, progress, x)
-        self.dtd_step(logs["v_loss"], progress)  # the curriculum advances here: no call a training loop can forget
-        return loss, logs
+class TangentRules(StockRules):
+    """Inside jvp(): linear layers, GELU, SiLU, LayerNorm, addcmul, add, mul and SDPA with the rules above."""
 
-    def _logs(self, loss, l, t, r, progress, x):
-        # masked means without boolean indexing: no host-device sync (0/0 = nan)
-        fm = (t == r).float()
-        per_elem = l.detach() / x[0].numel()
-        logs = dict(loss=loss.detach(), v_loss=(per_elem * fm).sum() / fm.sum(),
-                    u_loss=(per_elem * (1 - fm)).sum() / (1 - fm).sum(), dtd_stage=self.dtd_stage)
-        if self.beta_k is not None:
-            logs["beta"] = (self.beta(t - r, progress) * (1 - fm)).sum() / (1 - fm).sum()
-        return logs
+    rules = {
+        F.linear: _tangent_rule(_linear_tangent),
+        F.gelu: _tangent_rule(_gelu_tangent),
+        F.silu: _tangent_rule(_silu_tangent),
+        F.layer_norm: _tangent_rule(_layer_norm_tangent),
+        F.scaled_dot_product_attention: _tangent_rule(_attention_tangent),
+        **{f: _tangent_rule(_addcmul_tangent) for f in (torch.addcmul, torch.Tensor.addcmul)},
+        **{f: _tangent_rule(_add_tangent) for f in (torch.add, _T.add, _T.__add__, _T.__radd__)},
+        **{f: _tangent_rule(_mul_tangent) for f in (torch.mul, _T.mul, _T.__mul__, _T.__rmul__)},
+    }
 
-    # ---- iMF (Geng et al.): guidance as a condition, a plain regression on v -------------------
-    def sample_imf_conditions(self, t, r):
-        """omega ~ p(omega) ~ omega^-beta on [1, omega_max] (inverse CDF); interval t_min ~ U[0, 0.5],
-        t_max ~ U[0.5, 1], except [0, 1] on the r = t rows (as the official code)."""
-        B, dev, fm = t.shape[0], t.device, t == r
-        U = torch.rand(B, device=dev)
-        if self.omega_beta == 1.0:
-            omega = self.omega_max**U
-        else:
-            a = 1 - self.omega_beta
-            omega = (1 + U * (self.omega_max**a - 1)) ** (1 / a)
-        t_min = torch.where(fm, 0.0, 0.5 * torch.rand(B, device=dev))
-        t_max = torch.where(fm, 1.0, 0.5 + 0.5 * torch.rand(B, device=dev))
-        return omega, t_min, t_max
 
-    def imf_loss(self, net, x, y, y_in, drop, z_t, v, t, r, n):
-        """Rows [:n] have r != t and take the forward-mode pass; rows [n:] have r = t and a plain forward."""
-        B = x.shape[0]
-        omega, t_min, t_max = self.sample_imf_conditions(t, r)
-        ones, zeros = torch.ones_like(t), torch.zeros_like(t)
-        inside = (t >= t_min) & (t <= t_max)  # always on r = t rows: their interval is [0, 1]
-        omega_m = torch.where(inside, omega, 1.0)  # outside [t_min, t_max] guidance is off
-        conds = lambda a, b: dict(y=_rows(y_in, a, b), omega=omega[a:b], t_min=t_min[a:b], t_max=t_max[a:b])
-        # The r = t rows: a plain forward. Their conditions are (omega, [0, 1]), so their v-head is also the
-        # conditional v of their guided target (rows with a kept label).
-        u_fm, v_fm = net(z_t[n:], t[n:], t[n:], **conds(n, B), return_v=True) if n < B else (None, None)
-        with torch.no_grad():  # the network's own v at r = t: conditional at each row's omega_m, unconditional
-            v_c, v_g = None, v
-            if y is None and n > 0:
-                v_c = net(z_t[:n], t[:n], t[:n], None, ones[:n], zeros[:n], ones[:n], return_v=True)[1]
-            elif y is not None:
-                null = null_labels(y, _module(net).num_classes)
-                used = (inside & ~drop).nonzero().squeeze(1)  # rows with guidance (one host sync)
-                rows = torch.cat([torch.arange(n, device=t.device), used])  # v_c of r != t rows, v_u of used rows
-                labels, omegas = torch.cat([y[:n], null[used]]), torch.cat([omega_m[:n], ones[used]])
-                out = v[:0] if rows.numel() == 0 else net(z_t[rows], t[rows], t[rows], labels, omegas, zeros[rows],
-                                                          ones[rows], return_v=True)[1].to(v.dtype)
-                v_c, v_u = out[:n], out[n:]  # (n, ...), (len(used), ...)
-                v_c_all = v_c if v_fm is None else torch.cat([v_c, v_fm.detach().to(v.dtype)])
-                v_g = v.clone()
-                v_g[used] = v[used] + bcast(1 - 1 / omega_m[used], v_u) * (v_c_all[used] - v_u)  # guided target
-        V, v_head = ([u_fm], [v_fm]) if n < B else ([], [])
-        if n > 0:
-            # The tangent is the network's own (guided-condition) velocity v_c, not e - x: then
-            # V = u + (t - r) sg(du/dt) depends on z_t alone and the loss is a regression on v.
-            (u, v_mf), (dudt, _) = jvp(lambda z, t, r: net(z, t, r, **conds(0, n), return_v=True),
-                                       (z_t[:n], t[:n], r[:n]), (v_c.to(z_t.dtype), ones[:n], zeros[:n]))
-            V.insert(0, u + bcast(t[:n] - r[:n], u) * dudt.detach())  # compound prediction of v
-            v_head.insert(0, v_mf)
-        V, v_head = torch.cat(V), torch.cat(v_head)
-        l_u, l_v = sq_err(V, v_g), sq_err(v_head, v_g)  # compound u-prediction and the auxiliary v-head
-        loss = (self.adaptive(l_u) + self.adaptive(l_v)).mean()
-        return loss, self._logs(loss, l_u, t, r, 0.0, x)
-
-    # ---- samplers -----------------------------------------------------------------------------
-    def _conditions(self, e, omega, t_min, t_max):
-        if not self.imf:
-            if (omega, t_min, t_max) != (1.0, 0.0, 1.0):
-                raise ValueError("omega and the guidance interval are sampling conditions of iMF only; MeanFlow "
-                                 "bakes guidance in at training (MeanFlow(omega=..., kappa=...))")
-            return {}
-        full = lambda a: torch.full((e.shape[0],), float(a), device=e.device)
-        return dict(omega=full(omega), t_min=full(t_min), t_max=full(t_max))
-
-    @torch.no_grad()
-    def sample(self, net, e, y=None, steps=1, omega=1.0, t_min=0.0, t_max=1.0):
-        """k-NFE MeanFlow sampling on a uniform grid 1 -> 0: z_r = z_t - (t - r) u(z_t, r, t).
-        Guidance needs no extra pass: MeanFlow bakes it into u, iMF takes omega as a condition."""
-        cond = self._conditions(e, omega, t_min, t_max)
-        return self._walk(e, steps, lambda z, t, r: net(z, t, r, y, **cond))
-
-    @torch.no_grad()
-    def sample_euler(self, net, e, y=None, steps=32, omega=1.0, t_min=0.0, t_max=1.0):
-        """Many-step Euler with the instantaneous velocity read out of the network: u(z, t, t)
-        (iMF: its v-head). The improved-training paper's probe of how well v is learned."""
-        cond = self._conditions(e, omega, t_min, t_max)
-        if self.imf:
-            return self._walk(e, steps, lambda z, t, r: net(z, t, t, y, **cond, return_v=True)[1])
-        return self._walk(e, steps, lambda z, t, r: net(z, t, t, y, **cond))
-
-    @staticmethod
-    def _walk(e, steps, velocity):
-        """z_r = z_t - (t - r) * velocity(z_t, t, r) over a uniform grid from t = 1 (noise) to 0 (data)."""
-        z, grid = e, torch.linspace(1.0, 0.0, steps + 1, device=e.device)
-        for t, r in zip(grid[:-1], grid[1:]):
-            z = z - (t - r) * velocity(z, t.expand(e.shape[0]), r.expand(e.shape[0])).to(z.dtype)
-        return z
+JVP_RULES = TangentRules  # replaces the StockRules set above

@@ -2274,3 +2274,57 @@ def test_ddp_hooks_fire_through_plain_forward_jvp_and_guidance_forward(tmp_path)
         assert all(torch.equal(a, b) for a, b in zip(r0["ddp"], r1["ddp"]))
         assert max(rel(a, b) for a, b in zip(r0["ddp"], r0["global"])) < 1e-12
         assert max(rel(a, b) for a, b in zip(r0["own"], r0["global"])) > 1e-2  # the all-reduce did something
+
+
+# --- reading order: the APPENDIX is speed only ---
+def _meanflow_without_appendix(tmp_path):
+    """meanflow.py cut at its APPENDIX banner, imported under another name."""
+    lines = open(mf.__file__).read().split("\n")
+    cut = next(i for i, line in enumerate(lines) if line.startswith("# ====") and "APPENDIX" in line)
+    path = tmp_path / "meanflow_cut.py"
+    path.write_text("\n".join(lines[:cut]) + "\n")
+    spec = importlib.util.spec_from_file_location("meanflow_cut", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, cut
+
+
+def _loss_and_grads(module, make_net, state, recipe, overrides, x, y):
+    method = module.MeanFlow(recipe, **overrides)
+    net = make_net(module, method).double()
+    net.load_state_dict(state)
+    torch.manual_seed(1)
+    loss, _ = method.loss(net, x, y, progress=0.3)
+    loss.backward()
+    return loss.detach(), [p.grad for p in net.parameters()]
+
+
+def test_meanflow_without_appendix_computes_the_same(tmp_path):
+    cut_mf, cut = _meanflow_without_appendix(tmp_path)
+    assert not hasattr(cut_mf, "TangentRules") and cut_mf.JVP_RULES is cut_mf.StockRules
+    assert mf.JVP_RULES is mf.TangentRules and cut > 100
+    dit = lambda m, method: m.DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=2,
+                                  num_classes=5, **method.net_kwargs)
+    imf_dit = lambda m, method: m.iMF_models["Ti/2"](input_size=8, in_channels=2, hidden_size=32, num_heads=2,
+                                                     depth=3, head_depth=1, num_classes=5)
+    mlp = lambda m, method: m.MLP(dim=2, hidden=32, depth=2, **method.net_kwargs)
+    guided = dict(omega=2.0, kappa=0.3, t_hi=0.9)
+    cases = [(mlp, "meanflow", dict(mf.TOY_OVERRIDES), (16, 2), None),
+             (dit, "meanflow", guided, (8, 2, 8, 8), 5),
+             (dit, "improved-dtd", dict(guided, dtd_patience=1), (8, 2, 8, 8), 5),
+             (dit, "improved-minsnr", guided, (8, 2, 8, 8), 5),
+             (dit, "imf", {}, (8, 2, 8, 8), 5),
+             (imf_dit, "imf", {}, (8, 2, 8, 8), 5)]
+    for make_net, recipe, overrides, shape, classes in cases:
+        torch.manual_seed(0)
+        state = make_net(mf, mf.MeanFlow(recipe, **overrides)).double().state_dict()
+        for v in state.values():  # zero-initialised layers would hide differences: perturb every parameter
+            v.add_(0.05 * torch.randn_like(v))
+        x = torch.randn(*shape, dtype=torch.float64)
+        y = None if classes is None else torch.randint(0, classes, (shape[0],))
+        full = _loss_and_grads(mf, make_net, state, recipe, overrides, x, y)
+        short = _loss_and_grads(cut_mf, make_net, state, recipe, overrides, x, y)
+        assert torch.isfinite(full[0]) and full[0] > 0, recipe
+        torch.testing.assert_close(short[0], full[0], rtol=1e-8, atol=1e-8, msg=recipe)
+        for a, b in zip(short[1], full[1]):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8, msg=recipe)

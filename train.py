@@ -43,6 +43,7 @@ import time
 import urllib.request
 import zlib
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -912,7 +913,10 @@ def get_lr(step, args):  # a pure function of the step, so that resuming needs n
     return args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
 
 
-def run(args):
+# The run, top to bottom: set_up -> (sampling only: sample_to_npz) -> resume -> train, whose loop calls
+# train_step, log_window, evaluate and checkpoint. `job` carries what the steps share (a plain namespace).
+def set_up(args):
+    """Processes, device, precision, the method, the data, the networks and the optimizer."""
     # Distributed only under torchrun (RANK set), as in nanoGPT; nccl on GPUs, gloo on CPUs.
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
@@ -950,141 +954,175 @@ def run(args):
         opt = torch.optim.AdamW(net.parameters(), **adamw, fused=True)
     except RuntimeError:  # no fused kernel for this device
         opt = torch.optim.AdamW(net.parameters(), **adamw)
-    ckpt_path, log_path, step, history = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl"), 0, []
-    fits = f"{ckpt_path} does not fit --model {args.model} (other shapes); pass the run's own settings"
-    if args.sample is not None:
-        try:
-            net.load_state_dict(load_checkpoint(ckpt_path, args)["ema"])
-        except RuntimeError:
-            raise Fail(fits)
-        return sample_to_npz(args, method, net.eval(), data, rank, world, device)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    return SimpleNamespace(rank=rank, world=world, device=device, autocast=autocast, method=method, data=data,
+                           net=net, ema=ema, opt=opt, ckpt_path=ckpt_path, log_path=os.path.join(args.out, "log.jsonl"),
+                           fits=f"{ckpt_path} does not fit --model {args.model} (other shapes); pass the run's own settings",
+                           step=0, history=[], elapsed=0.0, vae=None)
 
-    torch.manual_seed(args.seed * world + rank)  # each process its own noise, (t, r) and label drops
-    np.random.seed(args.seed * world + rank)
-    random.seed(args.seed * world + rank)
-    elapsed = 0.0  # seconds of the run before this process: `time` in the log goes on across resumes
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path, args)
-        step = ckpt["step"]
+
+def resume(args, job):
+    """Each process's random streams; with --resume, the weights, optimizer, curriculum, streams and log of the
+    checkpoint (bitwise: a resumed run continues as the uninterrupted one)."""
+    torch.manual_seed(args.seed * job.world + job.rank)  # each process its own noise, (t, r) and label drops
+    np.random.seed(args.seed * job.world + job.rank)
+    random.seed(args.seed * job.world + job.rank)
+    if args.resume:  # job.elapsed: seconds of the run before this process (`time` in the log goes on)
+        ckpt = load_checkpoint(job.ckpt_path, args)
+        job.step = step = ckpt["step"]
         if step > args.steps or (args.stop_at is not None and args.stop_at <= step):
             bad = f"--stop-at {args.stop_at}" if step <= args.steps else f"--steps {args.steps}"
-            raise Fail(f"{ckpt_path} is at step {step}, not before {bad}; pass a later step to train on")
+            raise Fail(f"{job.ckpt_path} is at step {step}, not before {bad}; pass a later step to train on")
         try:
-            net.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-            opt.load_state_dict(ckpt["opt"])
-            method.load_state_dict(ckpt["method"])
-            if len(ckpt["rng"]) == world:
-                set_rng_state(ckpt["rng"][rank])
-            elif rank == 0:
-                print(f"resuming a {len(ckpt['rng'])}-process run on {world}: fresh random streams", file=sys.stderr)
+            job.net.load_state_dict(ckpt["model"])
+            job.ema.load_state_dict(ckpt["ema"])
+            job.opt.load_state_dict(ckpt["opt"])
+            job.method.load_state_dict(ckpt["method"])
+            if len(ckpt["rng"]) == job.world:
+                set_rng_state(ckpt["rng"][job.rank])
+            elif job.rank == 0:
+                print(f"resuming a {len(ckpt['rng'])}-process run on {job.world}: fresh random streams", file=sys.stderr)
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError):
-            raise Fail(fits)
-        history = read_log(log_path, step)
-        elapsed = ckpt.get("time", history[-1]["time"] if history else 0.0)
-        if rank == 0:  # drop the lines logged after the checkpoint
-            save_atomic(log_path, lambda f: f.write("".join(map(log_line, history)).encode()))
-    vae = load_vae(args, device) if args.data == "imagenet-latents" and rank == 0 else None  # for the pictures
+            raise Fail(job.fits)
+        job.history = history = read_log(job.log_path, step)
+        job.elapsed = ckpt.get("time", history[-1]["time"] if history else 0.0)
+        if job.rank == 0:  # drop the lines logged after the checkpoint
+            save_atomic(job.log_path, lambda f: f.write("".join(map(log_line, history)).encode()))
+    if args.data == "imagenet-latents" and job.rank == 0:
+        job.vae = load_vae(args, job.device)  # for the pictures
 
+
+def train_step(args, job, loss_fn, x, y):
+    """One optimizer step; returns the logged numbers (LOG_KEYS), averaged over the processes."""
+    for group in job.opt.param_groups:
+        group["lr"] = get_lr(job.step, args)
+    loss, logs = loss_fn(x, y, job.step / args.steps)
+    # One tiny all-reduce a step: the logged numbers are global, and all processes see a non-finite loss at
+    # the same step and stop before the weights are touched. (DTD advances inside method.loss.)
+    stats = torch.stack([torch.as_tensor(logs.get(k, 1.0 if k == "beta" else math.nan),  # no beta: 1
+                                         dtype=torch.float32, device=job.device) for k in LOG_KEYS])
+    if job.world > 1:
+        dist.all_reduce(stats)
+        stats /= job.world
+    stats = stats.tolist()
+    if not math.isfinite(stats[0]):
+        last = f"{job.ckpt_path} is the last good checkpoint" if os.path.exists(job.ckpt_path) else "no checkpoint yet"
+        raise Fail(f"the loss is {stats[0]} at step {job.step + 1}; stopped, {last}; lower --lr and --resume")
+    job.opt.zero_grad(set_to_none=True)
+    loss.backward()  # under DDP: gradients averaged over the processes here
+    job.opt.step()
+    update_ema(job.ema, job.net, args.ema)
+    job.step += 1
+    return stats
+
+
+def log_window(args, job, acc, seconds):
+    """One log line: the means of the steps since the last one (acc), img/s over their training time."""
+    means = [np.mean([a for a in col if math.isfinite(a)] or [math.nan]) for col in zip(*acc)]
+    line = dict(step=job.step, **dict(zip(LOG_KEYS, means)), lr=get_lr(job.step - 1, args),
+                img_per_s=len(acc) * args.batch_size / seconds, time=time.time() - job.t_start)
+    job.history.append(line)
+    if job.rank == 0:
+        append_log(job.log_path, line)
+    return line
+
+
+def evaluate(args, job):
+    """Pictures of the EMA network's 1-NFE and 2-NFE samples (toys: and their distances to the data)."""
+    method, ema, device, step = job.method, job.ema, job.device, job.step
+    path = os.path.join(args.out, f"step-{step:07d}.png")
+    if job.data is None:  # data, 1-NFE and 2-NFE samples, loss curves; and the distances to the data
+        panels = [(f"data: {args.data}", toy_data.sample(args.data, 2000, torch.Generator().manual_seed(1)))]
+        for k in (1, 2):
+            x, _ = generate(args, method, ema, range(2000), k, device)
+            ed, sw = toy_distances(args, x)
+            board = f", {100 * toy_data.on_squares(x):.1f}% on the squares" if args.data == "checkerboard" else ""
+            panels.append((f"{k}-NFE (EMA): energy distance {ed:.4f}{board}", x))
+            print(f"step {step}: {k}-NFE energy distance {ed:.4f}, sliced Wasserstein {sw:.3f}{board}")
+        save_figure(path, panels, job.history, toy_data.checkerboard_squares() if args.data == "checkerboard" else ())
+    else:  # 8x8 grids, 1-NFE | 2-NFE, and the loss curves in loss.png
+        save_grids(path, [generate(args, method, ema, range(64), k, device, job.vae)[0] for k in (1, 2)])
+        save_figure(os.path.join(args.out, "loss.png"), [], job.history)
+    return path
+
+
+def checkpoint(args, job):
+    """Weights, EMA, optimizer, curriculum and every process's random streams, written atomically by rank 0."""
+    rngs = [rng_state()] * job.world  # every process's random streams
+    if job.world > 1:
+        dist.all_gather_object(rngs, rng_state())
+        hi = torch.stack([p.detach().float().sum() for p in job.net.parameters()])  # replicas still identical?
+        lo = hi.clone()
+        dist.all_reduce(hi, dist.ReduceOp.MAX)
+        dist.all_reduce(lo, dist.ReduceOp.MIN)
+        if not torch.equal(hi, lo):
+            raise Fail(f"the processes' weights differ at step {job.step}: their gradients were not synchronised")
+    if job.rank == 0:
+        state = dict(model=job.net.state_dict(), ema=job.ema.state_dict(), opt=job.opt.state_dict(), step=job.step,
+                     rng=rngs, method=job.method.state_dict(), recipe=args.recipe, args=vars(args),
+                     time=time.time() - job.t_start)
+        save_atomic(job.ckpt_path, lambda f: torch.save(state, f))
+    if job.world > 1:
+        dist.barrier()
+
+
+def train(args, job):
+    """The training loop: a step, and at their intervals a log line, pictures and a checkpoint; stops cleanly on
+    SIGINT/SIGTERM (all processes at the same step, checkpoint written) and at --stop-at."""
     # Data parallel: DDP's gradient hooks fire through all of the loss's forwards (the plain one, the forward-mode
     # pass on dual tensors, the no-grad guidance one) and one backward (tested against one process on the global
     # batch). The buffers are constants (positions): no broadcast each forward.
-    model = torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False) if world > 1 else net
+    model = torch.nn.parallel.DistributedDataParallel(job.net, broadcast_buffers=False) if job.world > 1 else job.net
 
     def loss_fn(x, y, progress):
-        with autocast:  # the JVP too (an fp32 JVP measured no better; README); meanflow.py sums errors in fp32
-            return method.loss(model, x, y, progress=progress)
+        with job.autocast:  # the JVP too (an fp32 JVP measured no better; README); meanflow.py sums errors in fp32
+            return job.method.loss(model, x, y, progress=progress)
 
     if args.compile:
         loss_fn = torch.compile(loss_fn)
-
-    def checkpoint():
-        rngs = [rng_state()] * world  # every process's random streams
-        if world > 1:
-            dist.all_gather_object(rngs, rng_state())
-            hi = torch.stack([p.detach().float().sum() for p in net.parameters()])  # replicas still identical?
-            lo = hi.clone()
-            dist.all_reduce(hi, dist.ReduceOp.MAX)
-            dist.all_reduce(lo, dist.ReduceOp.MIN)
-            if not torch.equal(hi, lo):
-                raise Fail(f"the processes' weights differ at step {step}: their gradients were not synchronised")
-        if rank == 0:
-            state = dict(model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step, rng=rngs,
-                         method=method.state_dict(), recipe=args.recipe, args=vars(args), time=time.time() - t_start)
-            save_atomic(ckpt_path, lambda f: torch.save(state, f))
-        if world > 1:
-            dist.barrier()
-
-    def evaluate():
-        path = os.path.join(args.out, f"step-{step:07d}.png")
-        if data is None:  # data, 1-NFE and 2-NFE samples, loss curves; and the distances to the data
-            panels = [(f"data: {args.data}", toy_data.sample(args.data, 2000, torch.Generator().manual_seed(1)))]
-            for k in (1, 2):
-                x, _ = generate(args, method, ema, range(2000), k, device)
-                ed, sw = toy_distances(args, x)
-                board = f", {100 * toy_data.on_squares(x):.1f}% on the squares" if args.data == "checkerboard" else ""
-                panels.append((f"{k}-NFE (EMA): energy distance {ed:.4f}{board}", x))
-                print(f"step {step}: {k}-NFE energy distance {ed:.4f}, sliced Wasserstein {sw:.3f}{board}")
-            save_figure(path, panels, history, toy_data.checkerboard_squares() if args.data == "checkerboard" else ())
-        else:  # 8x8 grids, 1-NFE | 2-NFE, and the loss curves in loss.png
-            save_grids(path, [generate(args, method, ema, range(64), k, device, vae)[0] for k in (1, 2)])
-            save_figure(os.path.join(args.out, "loss.png"), [], history)
-        return path
-
-    acc, t_start, t_log, paused, figure = [], time.time() - elapsed, time.time(), 0.0, None
-    with StopSignals() as signals, tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True) as bar:
-        while step < args.steps:
-            x, y = get_batch(args, data, step, rank, world)
-            x, y = x.to(device, non_blocking=True), None if y is None else y.to(device, non_blocking=True)
-            for group in opt.param_groups:
-                group["lr"] = get_lr(step, args)
-            loss, logs = loss_fn(x, y, step / args.steps)
-            # One tiny all-reduce a step: the logged numbers are global, and all processes see a non-finite loss at
-            # the same step and stop before the weights are touched. (DTD advances inside method.loss.)
-            stats = torch.stack([torch.as_tensor(logs.get(k, 1.0 if k == "beta" else math.nan),  # no beta: 1
-                                                 dtype=torch.float32, device=device) for k in LOG_KEYS])
-            if world > 1:
-                dist.all_reduce(stats)
-                stats /= world
-            stats = stats.tolist()
-            if not math.isfinite(stats[0]):
-                last = f"{ckpt_path} is the last good checkpoint" if os.path.exists(ckpt_path) else "no checkpoint yet"
-                raise Fail(f"the loss is {stats[0]} at step {step + 1}; stopped, {last}; lower --lr and --resume")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # under DDP: gradients averaged over the processes here
-            opt.step()
-            update_ema(ema, net, args.ema)
-            step += 1
-            acc.append(stats)
+    acc, t_log, paused, figure = [], time.time(), 0.0, None
+    job.t_start = time.time() - job.elapsed
+    with StopSignals() as signals, tqdm(total=args.steps, initial=job.step, disable=job.rank != 0,
+                                        dynamic_ncols=True) as bar:
+        while job.step < args.steps:
+            x, y = get_batch(args, job.data, job.step, job.rank, job.world)
+            x, y = x.to(job.device, non_blocking=True), None if y is None else y.to(job.device, non_blocking=True)
+            acc.append(train_step(args, job, loss_fn, x, y))
             bar.update()
-
+            step = job.step
             if step % args.log_every == 0 or step == args.steps:
-                means = [np.mean([a for a in col if math.isfinite(a)] or [math.nan]) for col in zip(*acc)]
-                line = dict(step=step, **dict(zip(LOG_KEYS, means)), lr=get_lr(step - 1, args),
-                            img_per_s=len(acc) * args.batch_size / (time.time() - t_log - paused),
-                            time=time.time() - t_start)
-                history.append(line)
+                line = log_window(args, job, acc, time.time() - t_log - paused)
                 bar.set_postfix(loss=f"{line['loss']:.4f}", v_loss=f"{line['v_loss']:.3f}",
                                 u_loss=f"{line['u_loss']:.3f}", beta=f"{line['beta']:.3f}", dtd=int(line["dtd_stage"]),
                                 img_s=f"{line['img_per_s']:.0f}")
-                if rank == 0:
-                    append_log(log_path, line)
                 acc, t_log, paused = [], time.time(), 0.0
             t_pause = time.time()
-            stop = signals.agreed(device) if step not in (args.steps, args.stop_at) else 0  # SIGINT, SIGTERM
-            if rank == 0 and not stop and (step % args.eval_every == 0 or step == args.steps):
-                figure = evaluate()
+            stop = signals.agreed(job.device) if step not in (args.steps, args.stop_at) else 0  # SIGINT, SIGTERM
+            if job.rank == 0 and not stop and (step % args.eval_every == 0 or step == args.steps):
+                figure = evaluate(args, job)
             if step % args.ckpt_every == 0 or step in (args.steps, args.stop_at) or stop:
-                checkpoint()
+                checkpoint(args, job)
             paused += time.time() - t_pause  # img/s counts training alone
             if step == args.stop_at:
                 break
             if stop:
                 raise Stopped(f"stopped by {signal.Signals(stop).name} after step {step} of {args.steps}; "
-                              f"checkpoint {ckpt_path}", stop)
-    if rank == 0:
-        print(f"{step} steps in {time.time() - t_start:.0f} s; checkpoint {ckpt_path}"
+                              f"checkpoint {job.ckpt_path}", stop)
+    if job.rank == 0:
+        print(f"{job.step} steps in {time.time() - job.t_start:.0f} s; checkpoint {job.ckpt_path}"
               + (f"; samples and loss curves {figure}" if figure else ""))
+
+
+def run(args):
+    job = set_up(args)
+    if args.sample is not None:  # --sample: the EMA weights of the checkpoint draw samples into an .npz
+        try:
+            job.net.load_state_dict(load_checkpoint(job.ckpt_path, args)["ema"])
+        except RuntimeError:
+            raise Fail(job.fits)
+        return sample_to_npz(args, job.method, job.net.eval(), job.data, job.rank, job.world, job.device)
+    resume(args, job)
+    train(args, job)
 
 
 def resume_command(argv):

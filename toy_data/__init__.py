@@ -6,15 +6,15 @@ What this file holds, top to bottom:
      coordinate has mean 0 and variance 1 (the noise e ~ N(0, I) has the same scale). `DATASETS`, `sample`;
      `on_squares`: the share of points on the checkerboard's squares, a score for its samples.
   2. `GaussianMixture`: data whose marginal velocity v(z, t) is known in closed form, and whose average
-     velocity u(z, r, t) we get by accurate ODE integration. These are the exact fields that a MeanFlow
+     velocity u(z, t, r) we get by accurate ODE integration. These are the exact fields that a MeanFlow
      network should learn; tests check the MeanFlow identity on them, notebooks draw their trajectories.
   3. Distances between two sample sets, to score 1-NFE samples: `energy_distance`, `sliced_wasserstein`.
 
 Conventions (as in meanflow.py): data x, noise e ~ N(0, I), t = 1 is noise, t = 0 is data.
   z_t = (1 - t) x + t e,   conditional velocity e - x,   v(z, t) = E[e - x | z_t = z].
-  u(z, r, t) = 1/(t - r) ∫_r^t v(z_τ, τ) dτ along dz/dτ = v(z, τ) from z_t = z, so z_r = z_t - (t - r) u,
+  u(z, t, r) = 1/(t - r) ∫_r^t v(z_τ, τ) dτ along dz/dτ = v(z, τ) from z_t = z, so z_r = z_t - (t - r) u,
   and u(z, t, t) = v(z, t). MeanFlow identity: u = v - (t - r) du/dt, du/dt = v · ∂_z u + ∂_t u.
-The papers write u(z, r, t); here, as for the networks, the call is u(z, t, r): the later time first.
+The papers write u(z, r, t); here, as for the networks, u(z, t, r): the later time first.
 """
 
 import math
