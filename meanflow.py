@@ -508,6 +508,15 @@ def gated_residual(x, gate, a):  # x + gate * a, gate (B, D) from adaLN or (D,) 
     return torch.addcmul(x, gate.unsqueeze(1) if gate.dim() == 2 else gate, a)
 
 
+def set_attention(net, backend):
+    """Every attention layer of net (DiT or iMFDiT) to one of ATTENTION_BACKENDS; returns net."""
+    assert backend in ATTENTION_BACKENDS, f"unknown attention backend {backend!r}"
+    for m in net.modules():
+        if hasattr(m, "backend"):
+            m.backend = backend
+    return net
+
+
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, backend="sdpa"):
         super().__init__()
@@ -659,11 +668,7 @@ class DiT(nn.Module):
                 nn.init.zeros_(m.linear.bias)
 
     def set_attention(self, backend):
-        assert backend in ATTENTION_BACKENDS, f"unknown attention backend {backend!r}"
-        for m in self.modules():
-            if isinstance(m, Attention):
-                m.backend = backend
-        return self
+        return set_attention(self, backend)
 
     def patchify(self, z):  # (B, C, H, W) -> (B, N, C*p*p), N = (H/p)*(W/p)
         B, C, H, W = z.shape
@@ -841,11 +846,7 @@ class iMFDiT(nn.Module):
             nn.init.zeros_(m.linear.weight)
 
     def set_attention(self, backend):
-        assert backend in ATTENTION_BACKENDS, f"unknown attention backend {backend!r}"
-        for m in self.modules():
-            if isinstance(m, iMFAttention):
-                m.backend = backend
-        return self
+        return set_attention(self, backend)
 
     def forward(self, z, t, r, y=None, omega=None, t_min=None, t_max=None, return_v=False):
         x = self.x_embedder(self.patchify(z))  # (B, N, D): no absolute positions, RoPE does it
