@@ -1,6 +1,6 @@
 """Convergence study, toy part: exact u error per interval bin and 1-NFE distance against steps, per recipe and seed.
 
-    python notebooks/convergence_study.py --out runs/study-toy.jsonl --workers 2   # every recipe x seed; resumable
+    python notebooks/convergence_study.py --out notebooks/results/study-toy.jsonl --workers 1   # ~13 min, resumable
     python notebooks/convergence_study.py --out /tmp/smoke.jsonl --steps 20 --eval-every 10 --seeds 0 --recipes meanflow improved-dtd
 
 Each (recipe, seed) run trains the toy MLP on fresh samples of toy_data's Gaussian mixture, as train.py trains a
