@@ -712,8 +712,7 @@ class DiT(nn.Module):
 # ---- The iMF network (Geng et al., iMF; official models/imfDiT.py): a pre-norm transformer conditioned in context.
 # Unlike the DiT it sees h = t - r only (no t), has no adaLN and no absolute positions: RMSNorm, QK-norm, RoPE over
 # the whole sequence (condition tokens included), a bias-free SwiGLU MLP, zero-initialised residual gates, and a
-# v-head that branches off before the last `head_depth` blocks (run only when return_v=True). Under the APPENDIX's
-# rules RMSNorm and RoPE keep PyTorch's own forward-mode AD (correct, a little more memory). ---------------------
+# v-head that branches off before the last `head_depth` blocks (run only when return_v=True). -------------------
 def rope_cos_sin(dim, n, theta=10000.0):
     """Rotary tables for positions 0..n-1: cos, sin of shape (n, dim/2), angle pos * theta^(-2i/dim)."""
     freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
@@ -721,6 +720,9 @@ def rope_cos_sin(dim, n, theta=10000.0):
     return angles.cos().float(), angles.sin().float()
 
 
+# One function to a TorchFunctionMode (wrap_torch_function: called with a mode active, it goes to the mode as
+# apply_rope itself), so that the APPENDIX can give the rotation its tangent rule; without a mode, plain ops.
+@torch.overrides.wrap_torch_function(lambda x, cos, sin: (x, cos, sin))
 def apply_rope(x, cos, sin):
     """Rotate each pair of channels (2i, 2i+1) of x: (B, H, N, d) by its position's angle (as the official
     code's complex view). In fp32 at least, as the official code; the caller casts back."""
@@ -732,7 +734,8 @@ def apply_rope(x, cos, sin):
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight over the last dim, normalised in fp32 at least (under bf16 autocast
-    torch's fused rms_norm refuses bf16 input with an fp32 weight and warns)."""
+    torch's fused rms_norm refuses bf16 input with an fp32 weight and warns: so F.rms_norm gets the fp32 input
+    and no weight, and the weight multiplies after the cast back; one call, which the APPENDIX gives a rule)."""
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -740,7 +743,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.to(_at_least_fp32(x))
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return F.rms_norm(x32, x.shape[-1:], eps=self.eps).to(x.dtype) * self.weight
 
 
 class iMFAttention(nn.Module):
@@ -1016,6 +1019,25 @@ def _layer_norm_tangent(y, xs, ds, weight=None, bias=None, eps=1e-5):
     return Jdx if weight is None else Jdx * weight  # y = w * norm(x) + b: the weight acts after the Jacobian
 
 
+def _rms_norm_tangent(y, xs, ds, weight=None, eps=None):
+    """n = x r, r = 1/sqrt(mean(x^2) + eps): dn = r (dx - n mean(n dx)) over the normalised dims, in fp32."""
+    (x, shape), dx = xs, ds[0]
+    if weight is not None and fwAD.unpack_dual(weight).tangent is not None:
+        return NotImplemented  # a weight with a tangent (not in the loss): PyTorch's own rule
+    x32, dims = x.to(_at_least_fp32(x)), tuple(range(-len(shape), 0))
+    eps = torch.finfo(x32.dtype).eps if eps is None else eps  # F.rms_norm's default
+    r = torch.rsqrt(x32.pow(2).mean(dims, keepdim=True) + eps)
+    n, dx = x32 * r, dx.to(x32.dtype)
+    Jdx = r * (dx - n * (n * dx).mean(dims, keepdim=True))
+    return Jdx if weight is None else Jdx * weight
+
+
+def _rope_tangent(y, xs, ds):  # the rotation is linear in x and cos, sin carry no tangent: the same rotation of dx
+    if ds[1] is not None or ds[2] is not None:
+        return NotImplemented
+    return apply_rope(ds[0], xs[1], xs[2])
+
+
 def _addcmul_tangent(y, xs, ds, value=1):  # y = a + value * b * c
     (a, b, c), (da, db, dc) = xs, ds
     bc = [None if db is None else db * c, None if dc is None else b * dc]
@@ -1061,13 +1083,16 @@ _T = torch.Tensor
 
 
 class TangentRules(StockRules):
-    """Inside jvp(): linear layers, GELU, SiLU, LayerNorm, addcmul, add, mul and SDPA with the rules above."""
+    """Inside jvp(): linear layers, GELU, SiLU, LayerNorm, RMSNorm, RoPE, addcmul, add, mul and SDPA with the
+    rules above."""
 
     rules = {
         F.linear: _tangent_rule(_linear_tangent),
         F.gelu: _tangent_rule(_gelu_tangent),
         F.silu: _tangent_rule(_silu_tangent),
         F.layer_norm: _tangent_rule(_layer_norm_tangent),
+        F.rms_norm: _tangent_rule(_rms_norm_tangent),
+        apply_rope: _tangent_rule(_rope_tangent),
         F.scaled_dot_product_attention: _tangent_rule(_attention_tangent),
         **{f: _tangent_rule(_addcmul_tangent) for f in (torch.addcmul, torch.Tensor.addcmul)},
         **{f: _tangent_rule(_add_tangent) for f in (torch.add, _T.add, _T.__add__, _T.__radd__)},

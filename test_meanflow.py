@@ -2328,3 +2328,75 @@ def test_meanflow_without_appendix_computes_the_same(tmp_path):
         torch.testing.assert_close(short[0], full[0], rtol=1e-8, atol=1e-8, msg=recipe)
         for a, b in zip(short[1], full[1]):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8, msg=recipe)
+
+
+# --- tangent rules of the iMF network (RMSNorm, RoPE) ---
+def _imf_rule_cases():
+    g = torch.Generator().manual_seed(1)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+    F = torch.nn.functional
+    cos, sin = (a.double() for a in mf.rope_cos_sin(6, 4))
+    return {
+        "rms_norm": (lambda x: F.rms_norm(x, (5,), eps=1e-6), (rnd(2, 3, 5),)),
+        "rms_norm_default_eps": (lambda x: F.rms_norm(x, (5,)), (rnd(2, 3, 5),)),
+        "rms_norm_two_dims": (lambda x: F.rms_norm(x, (3, 5), eps=1e-6), (rnd(2, 3, 5),)),
+        "rms_norm_weight": (lambda x, w: F.rms_norm(x, (5,), w, eps=1e-6), (rnd(2, 3, 5), rnd(5))),
+        "RMSNorm": (lambda x, w: torch.func.functional_call(mf.RMSNorm(5), {"weight": w}, (x,)),
+                    (rnd(2, 3, 5), rnd(5))),
+        "apply_rope": (lambda x: mf.apply_rope(x, cos, sin), (rnd(2, 2, 4, 6),)),
+        "apply_rope_tables": (mf.apply_rope, (rnd(2, 2, 4, 6), cos.clone().requires_grad_(),
+                                              sin.clone().requires_grad_())),
+    }
+
+
+@pytest.mark.parametrize("name", list(_imf_rule_cases()))
+def test_imf_tangent_rules_match_numerical_derivatives(name):
+    """As test_tangent_rules_match_numerical_derivatives, for the iMF network's RMSNorm and RoPE rules."""
+    fn, args = _imf_rule_cases()[name]
+
+    def under_rules(*a):
+        with mf.JVP_RULES():
+            return fn(*a)
+
+    assert torch.autograd.gradcheck(under_rules, args, check_forward_ad=True, check_backward_ad=True)
+    for i in range(len(args)):  # only input i has a tangent
+        other = [a.detach() if j != i else a for j, a in enumerate(args)]
+        assert torch.autograd.gradcheck(under_rules, other, check_forward_ad=True, check_backward_ad=False)
+
+
+def test_imf_rules_are_used_and_record_no_tangent():
+    """RMSNorm and RoPE reach the rules as one call each (F.rms_norm, apply_rope), and in the iMF network's
+    forward-mode pass nothing autograd saves for backward holds a tangent (as test_saved_values_carry_no_tangent)."""
+    seen, rules = [], mf.JVP_RULES
+    mode = type("Spy", (rules,), {"__torch_function__": lambda self, f, ty, a=(), k=None: (
+        seen.append(f), rules.__torch_function__(self, f, ty, a, k))[1]})
+    net = randomize(tiny_imf(num_classes=3))
+    z, t, r, y = inputs_for(net, dtype=torch.float32)
+    saved = []
+
+    def pack(a):
+        saved.append(torch.autograd.forward_ad.unpack_dual(a).tangent is None)
+        return a
+
+    ours, mf.JVP_RULES = mf.JVP_RULES, mode
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda a: a):
+            u, dudt = mf.jvp(lambda z, t, r: net(z, t, r, y, return_v=True), (z, t, r),
+                             (z, torch.ones_like(t), torch.zeros_like(r)))
+    finally:
+        mf.JVP_RULES = ours
+    assert torch.nn.functional.rms_norm in seen and mf.apply_rope in seen
+    assert len(saved) > 50 and all(saved), (len(saved), saved.count(False))
+    assert not any(d.requires_grad for d in dudt)
+
+
+def test_rms_norm_keeps_fp32_under_bf16_autocast():
+    """Under bf16 autocast RMSNorm normalises in fp32, casts back to bf16, then multiplies by the fp32 weight: the
+    fp32 normalisation of the bf16 input, rounded once (a bf16 normalisation would differ by several ulps)."""
+    norm, x = mf.RMSNorm(64), 100 * torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+    norm.weight.data.uniform_(0.5, 1.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x.bfloat16())
+    x32 = x.bfloat16().float()
+    ref = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16() * norm.weight
+    assert out.dtype == ref.dtype and (out != ref).float().mean() < 1e-3
