@@ -69,6 +69,7 @@ def guidance_scalars(t, omega=None, t_min=None, t_max=None):
 def sq_err(a, b):  # per-sample squared error summed (not averaged) over the data dimensions: (B, ...) -> (B,)
     return ((a.to(_at_least_fp32(a)) - b.to(_at_least_fp32(a))) ** 2).flatten(1).sum(1)
 
+
 @torch.compiler.disable  # Dynamo does not trace dual tensors under a TorchFunctionMode: this part runs eagerly
 def jvp(f, primals, tangents):
     """(f(*primals), the derivative of f at primals along tangents) in one forward-mode pass.
