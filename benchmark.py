@@ -28,6 +28,10 @@ import sys
 import time
 
 RECIPES = ["meanflow", "meanflow+cfg", "improved-dtd", "improved-minsnr", "imf"]
+# Where a MeanFlow step's time goes (pass them in --recipes): flow matching with the batch in MeanFlow's two calls
+# (rows [:n] and [n:], n = 25%), the same plus the forward-mode pass on rows [:n] (its tangent unused), and flow
+# matching on both heads of iMF's network (u and the v-head: what training the v-head alone costs).
+PARTS = ["fm-split", "fm-split+jvp", "fm-imf+v"]
 
 
 def peak_rss_mb():
@@ -77,7 +81,8 @@ def build(model, kind, batch, bf16, compile_, baseline=None):
         torch.set_num_threads(1)  # as train.py: the toy MLP is too small for threads to pay
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    recipe = {"fm": "meanflow", "meanflow+cfg": "meanflow", "fm-imf": "imf"}.get(name, name)
+    recipe = {"fm": "meanflow", "meanflow+cfg": "meanflow", "fm-imf": "imf", "fm-imf+v": "imf"}.get(name, name)
+    recipe = "meanflow" if name.startswith("fm-split") else recipe
     guidance = dict(omega=1.0, kappa=0.5) if name == "meanflow+cfg" else {}  # B/2's setting
     method = mf.MeanFlow(recipe, **guidance)
     if model == "mlp":
@@ -94,11 +99,24 @@ def build(model, kind, batch, bf16, compile_, baseline=None):
     y = torch.randint(0, 10 if model == "mlp" else 1000, (batch,), device=dev)  # class-conditional, like ImageNet
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=dev == "cuda")
 
+    n = round(method.ratio_r_neq_t * batch)
+
     def fm_loss():  # r = t everywhere: no JVP, the target is v; the same adaptive weight as MeanFlow
         t = method.sample_t_r(batch, dev)[0]
         e = torch.randn_like(x)
         t_ = mf.bcast(t, x)
-        return method.adaptive(mf.sq_err(net((1 - t_) * x + t_ * e, t, t, y), e - x)).mean()
+        z, v = (1 - t_) * x + t_ * e, e - x
+        if name == "fm-imf+v":  # both heads, each with its own loss, as iMF trains them
+            return sum(method.adaptive(mf.sq_err(u, v)) for u in net(z, t, t, y, return_v=True)).mean()
+        if name == "fm-split":
+            u = torch.cat([net(z[:n], t[:n], t[:n], y[:n]), net(z[n:], t[n:], t[n:], y[n:])])
+        elif name == "fm-split+jvp":
+            ones = torch.ones_like(t[:n])
+            u0 = mf.jvp(lambda z, t, r: net(z, t, r, y[:n]), (z[:n], t[:n], t[:n]), (v[:n], ones, 0 * ones))[0]
+            u = torch.cat([u0, net(z[n:], t[n:], t[n:], y[n:])])
+        else:
+            u = net(z, t, t, y)
+        return method.adaptive(mf.sq_err(u, v)).mean()
 
     def step():
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
@@ -166,7 +184,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mlp,S/2,B/4", help="comma-separated: mlp and/or keys of DiT_models")
     ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated, from: " + ", ".join(RECIPES)
-                    + "; a suffix @stock times PyTorch's own forward-mode AD in the tangent part, @base the --baseline")
+                    + "; the parts of a step: " + ", ".join(PARTS) + "; a suffix @stock times PyTorch's own forward-mode AD in the tangent part, @base the --baseline")
     ap.add_argument("--baseline", default=None, help="another meanflow.py, timed as RECIPE@base in the same run "
                     "(e.g. git show 8bdd848:meanflow.py > /tmp/base/meanflow.py: the whole-batch JVP)")
     ap.add_argument("--batch", type=int, default=16, help="batch per step for the DiTs (the MLP uses 256)")
@@ -199,11 +217,11 @@ def main():
     rows, base = [], {}
     for model in args.models.split(","):
         recipes = args.recipes.split(",")
-        kinds = ["fm"] + ["fm-imf"] * any(k.startswith("imf") for k in recipes) + recipes
+        kinds = list(dict.fromkeys(["fm"] + ["fm-imf"] * any("imf" in k for k in recipes) + recipes))
         if args.pairwise:  # each recipe in its own process with its flow-matching step: two networks in memory
             timing = dict(times={})
             for kind in kinds:
-                ref = "fm-imf" if kind.startswith("imf") else "fm"
+                ref = "fm-imf" if "imf" in kind else "fm"
                 pair = child(args, "--child", model, ",".join(dict.fromkeys([ref, kind])))
                 timing.update({k: v for k, v in pair.items() if k != "times"})
                 timing["times"][kind] = pair["times"][kind]
@@ -220,7 +238,7 @@ def main():
                        img_per_s=round(timing["batch"] / step_s, 1), peak_mb=round(peak, 1))
             if kind.startswith("fm"):
                 base[kind] = row
-            ref = base["fm-imf" if kind.startswith("imf") else "fm"]  # the same network
+            ref = base["fm-imf" if "imf" in kind else "fm"]  # the same network
             row["time_ratio"] = round(row["step_s"] / ref["step_s"], 2)
             row["cpu_ratio"] = round(row["cpu_s"] / ref["cpu_s"], 2)
             if args.pairwise:  # ratios to the flow-matching step timed in the same process

@@ -2085,6 +2085,35 @@ def test_study_runner_appends_and_resumes(tmp_path, capsys):
     assert study.main(argv + ["1"]) == 0 and "2 runs to do, 2 already" in capsys.readouterr().out
 
 
+def test_study_runner_images(tmp_path, monkeypatch):
+    """The image half: Fashion-MNIST files (training and test split) in the official format, a DiT per run, 1- and
+    2-NFE samples scored by the classifier against the test split, with the real-data floor."""
+    spec = importlib.util.spec_from_file_location("study", os.path.join(os.path.dirname(__file__), "notebooks",
+                                                                        "convergence_study.py"))
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    folder = str(tmp_path / "fm")
+    make_fashion(folder)
+    rng = np.random.default_rng(1)
+    write_idx(os.path.join(folder, "t10k-images-idx3-ubyte.gz"), rng.integers(0, 256, (60, 28, 28)))
+    write_idx(os.path.join(folder, "t10k-labels-idx1-ubyte.gz"), np.arange(60) % 10)
+    monkeypatch.setattr(study, "N_PER_CLASS", 2)  # 2 real test images per class for the floor, the other 4 the reference
+    monkeypatch.setattr(study, "NET", dict(patch_size=8, depth=1, hidden_size=32, num_heads=2))
+    out = tmp_path / "study.jsonl"
+    argv = ["--part", "images", "--out", str(out), "--steps", "2", "--eval-every", "1", "--classifier-steps", "2",
+            "--recipes", "meanflow", "improved-dtd", "--seeds", "0", "--data-path", folder]
+    assert study.main(argv) == 0
+    runs = [json.loads(s) for s in open(out)]
+    assert [d["recipe"] for d in runs] == ["meanflow", "improved-dtd"] and runs[0]["batch_size"] == 64
+    last = runs[1]["curve"][-1]
+    assert [c["step"] for c in runs[0]["curve"]] == [0, 1, 2] and last["dtd_stage"] >= 0
+    assert all(0 <= last[f"acc {k}-NFE"] <= 1 and last[f"fd {k}-NFE"] >= 0 for k in (1, 2))
+    assert 0 <= runs[0]["floor"]["acc"] <= 1 and runs[0]["floor"]["fd"] >= 0
+    os.remove(os.path.join(folder, "t10k-labels-idx1-ubyte.gz"))
+    with pytest.raises(SystemExit, match="no Fashion-MNIST test split"):
+        study.main(argv[:-1] + [folder, "--seeds", "1"])
+
+
 # --- tangent on r != t rows ---
 # The loss runs the forward-mode pass on the r != t rows only and the guidance forwards only on the rows that use
 # them. The reference below is the straightforward loss: one forward-mode pass over the whole batch through stock

@@ -1,11 +1,18 @@
-"""Convergence study, toy part: exact u error per interval bin and 1-NFE distance against steps, per recipe and seed.
+"""Convergence study: quality against training steps, per recipe and seed, on the 2-D toy and on Fashion-MNIST.
 
     python notebooks/convergence_study.py --out notebooks/results/study-toy.jsonl --workers 1   # ~13 min, resumable
+    python notebooks/convergence_study.py --part images --out notebooks/results/study-images.jsonl --workers 2
     python notebooks/convergence_study.py --out /tmp/smoke.jsonl --steps 20 --eval-every 10 --seeds 0 --recipes meanflow improved-dtd
 
-Each (recipe, seed) run trains the toy MLP on fresh samples of toy_data's Gaussian mixture, as train.py trains a
+toy: each (recipe, seed) run trains the toy MLP on fresh samples of toy_data's Gaussian mixture, as train.py trains a
 2-D toy (AdamW, betas (0.9, 0.95), EMA, meanflow.TOY_OVERRIDES, progress = step / steps), and evaluates the EMA
 weights every --eval-every steps on one fixed evaluation set against the exact fields (v in closed form, u by RK4).
+images: each run trains a small class-conditional DiT (patch 8, depth 4, hidden 128: 16 tokens, ~1.3M parameters) on
+Fashion-MNIST's training split (60,000 images padded to 32 x 32), batch 64, and scores 1-NFE and 2-NFE samples of the
+EMA weights (100 per class, one fixed set of noises) with a small CNN classifier trained once on the same training
+split: class accuracy and Frechet distance on its 64-d features to the test split; 1000 real test images scored the
+same way are the floor. It needs the test split (t10k-*) next to the training files: apt-get install
+dataset-fashion-mnist, or the four official files in data/fashion-mnist.
 One line of JSON per finished run is appended to --out; runs already there are skipped, so a killed study resumes.
 Every process uses one thread (small nets: threads cost more than they give).
 """
@@ -16,12 +23,14 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # meanflow.py, toy_data/
 import meanflow as mf  # noqa: E402
 import toy_data as td  # noqa: E402
+import train  # noqa: E402  (Fashion-MNIST files, EMA update, Frechet distance: the ones train.py uses)
 
 # The ablation rows of the improved-training paper, as overrides of the plain recipe, next to the full recipes.
 RECIPES = {
@@ -34,6 +43,7 @@ RECIPES = {
     "imf": ("imf", {}),
     "flow matching": ("meanflow", dict(ratio_r_neq_t=0.0)),
 }
+IMAGE_RECIPES = ["meanflow", "improved-dtd", "improved-minsnr", "beta only", "dtd only", "minsnr only"]
 BINS = [(0.0, 0.1), (0.1, 0.3), (0.3, 0.5), (0.5, 0.7), (0.7, 0.9)]
 
 
@@ -90,34 +100,155 @@ def run(name, seed, args, sets, data):
                 seconds=time.time() - t0, curve=curve)
 
 
+# --- images: Fashion-MNIST, a small DiT, scored by a classifier trained on the real training split ---
+NET = dict(patch_size=8, depth=4, hidden_size=128, num_heads=4)
+N_PER_CLASS, K = 100, 10
+
+
+def fashion_mnist(path=None):
+    """(train x, train y), (test x, test y): uint8 (N, 1, 32, 32) and int labels, from path (the four official files),
+    or by default Debian's copy or data/fashion-mnist."""
+    x, y = train.load_fashion_mnist(path or train.DATA_PATHS["fashion-mnist"])
+    for folder in [path] if path else [train.FASHION_DEBIAN, train.DATA_PATHS["fashion-mnist"]]:
+        files = [os.path.join(folder, f"t10k-{n}-idx{d}-ubyte.gz") for n, d in (("images", 3), ("labels", 1))]
+        if all(map(os.path.exists, files)):
+            tx, ty = map(train.read_idx, files)
+            return (x, y), (np.pad(tx, ((0, 0), (2, 2), (2, 2)))[:, None], ty)
+    raise SystemExit("no Fashion-MNIST test split (t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in "
+                     f"{path or train.FASHION_DEBIAN + ' or ' + train.DATA_PATHS['fashion-mnist']}: apt-get install "
+                     "dataset-fashion-mnist, or put the official files there")
+
+
+def classifier(data, steps=1500):
+    """A small CNN trained once (seed 0) on the training split; its penultimate 64-d layer are the features."""
+    torch.manual_seed(0)
+    clf = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 32, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3, 2, 1), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(64 * 8 * 8, 64), torch.nn.ReLU(), torch.nn.Linear(64, K))
+    opt, g = torch.optim.Adam(clf.parameters(), lr=2e-3), torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x, y = data.get(torch.randint(len(data), (128,), generator=g), g)
+        loss = torch.nn.functional.cross_entropy(clf(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return clf.eval().requires_grad_(False)
+
+
+class ImageScores:
+    """Scores of a (K * N_PER_CLASS, 1, 32, 32) sample set in class blocks: class accuracy, Frechet distance of the
+    classifier's features to the test split's. REAL, 100 test images per class, is scored as a sample set: the floor
+    a perfect generator reaches with this many samples. The reference is the other 9000 test images."""
+
+    def __init__(self, clf, test):
+        self.features, self.head = clf[:-1], clf[-1]
+        idx = [torch.nonzero(test.labels == k)[:, 0] for k in range(K)]
+        real = torch.cat([i[:N_PER_CLASS] for i in idx])
+        ref = torch.cat([i[N_PER_CLASS:] for i in idx])
+        with torch.no_grad():
+            self.ref = self.features(test.get(ref, None)[0]).double().numpy()
+            x, y = test.get(torch.arange(len(test)), None)
+            self.test_accuracy = (self.head(self.features(x)).argmax(1) == y).float().mean().item()
+        self.floor = self(test.get(real, None)[0])
+
+    @torch.no_grad()
+    def __call__(self, x):
+        f = self.features(x.clamp(-1, 1))
+        y = torch.arange(K).repeat_interleave(len(x) // K)
+        return dict(acc=(self.head(f).argmax(1) == y).float().mean().item(),
+                    fd=train.frechet_distance(f.double().numpy(), self.ref))
+
+
+def image_eval_set(clf_steps, path=None):
+    (x, y), (tx, ty) = fashion_mnist(path)
+    data, test = train.Pixels(x, y, flip=False), train.Pixels(tx, ty, flip=False)
+    g = torch.Generator().manual_seed(123)
+    noise = torch.randn(K * N_PER_CLASS, 1, 32, 32, generator=g), torch.arange(K).repeat_interleave(N_PER_CLASS)
+    return data, ImageScores(classifier(data, clf_steps), test), noise
+
+
+@torch.no_grad()
+def evaluate_images(method, net, scores, noise):
+    e, y = noise
+    return {f"{k} {n}-NFE": v for n in (1, 2) for k, v in scores(method.sample(net, e, y, steps=n)).items()}
+
+
+def run_images(name, seed, args, data, scores, noise):
+    recipe, overrides = RECIPES[name]
+    method = mf.MeanFlow(recipe, **overrides)
+    torch.manual_seed(seed)
+    net = mf.DiT(input_size=32, in_channels=1, num_classes=K, **NET, **method.net_kwargs)
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    curve, t0, logs = [dict(step=0, **evaluate_images(method, ema, scores, noise))], time.time(), []
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / 50)  # 50 warm-up steps, then constant
+        x, y = data.get(torch.randint(len(data), (args.batch_size,), generator=gen), gen)
+        loss, log = method.loss(net, x, y, progress=step / args.steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        train.update_ema(ema, net, min(args.ema, (1 + step) / (10 + step)))
+        logs.append([log["v_loss"].item(), log["u_loss"].item()])
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            v, u = np.mean(logs, 0)
+            curve.append(dict(step=step + 1, dtd_stage=method.dtd_stage, v_loss=v, u_loss=u,
+                              **evaluate_images(method, ema, scores, noise)))
+            logs = []
+    return dict(recipe=name, seed=seed, steps=args.steps, lr=args.lr, batch_size=args.batch_size, ema=args.ema,
+                net=NET, seconds=time.time() - t0, floor=scores.floor, classifier_test_accuracy=scores.test_accuracy,
+                curve=curve)
+
+
 def worker(rank, args, jobs):
     torch.set_num_threads(1)
-    sets, data = eval_set()
+    if args.part == "toy":
+        sets, data = eval_set()
+    else:
+        data, scores, noise = image_eval_set(args.classifier_steps, args.data_path)
     for name, seed in jobs[rank :: args.workers]:
-        result = run(name, seed, args, sets, data)
+        if args.part == "toy":
+            result = run(name, seed, args, sets, data)
+        else:
+            result = run_images(name, seed, args, data, scores, noise)
         with open(args.out, "a") as f:  # one short line per run: appends from several processes do not interleave
             f.write(json.dumps(result) + "\n")
-        print(f"{name} seed {seed}: {result['seconds']:.0f} s, 1-NFE distance "
-              f"{result['curve'][-1]['energy distance 1-NFE']:.4f}", flush=True)
+        last = result["curve"][-1]
+        score = last.get("energy distance 1-NFE", last.get("fd 1-NFE"))
+        print(f"{name} seed {seed}: {result['seconds']:.0f} s, final 1-NFE score {score:.4f}", flush=True)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/study-toy.jsonl")
-    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--part", choices=["toy", "images"], default="toy")
+    p.add_argument("--out", help="default runs/study-<part>.jsonl")
+    p.add_argument("--recipes", nargs="+", choices=list(RECIPES), help=f"default: all (toy), {IMAGE_RECIPES} (images)")
+    p.add_argument("--seeds", nargs="+", type=int, help="default 0-4 (toy), 0-2 (images)")
+    p.add_argument("--steps", type=int, help="default 3000 (toy), 2000 (images)")
     p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, help="default 256 (toy), 64 (images)")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--ema", type=float, help="default 0.995 (toy), 0.99 (images)")
+    p.add_argument("--classifier-steps", type=int, default=1500, help="images: training steps of the scoring CNN")
+    p.add_argument("--data-path", help="images: a folder with the four official Fashion-MNIST files (default: Debian's "
+                   "copy, else data/fashion-mnist)")
     p.add_argument("--workers", type=int, default=1, help="processes, one thread each")
     args = p.parse_args(argv)
+    toy = args.part == "toy"
+    args.out = args.out or f"runs/study-{args.part}.jsonl"
+    args.recipes = args.recipes or (list(RECIPES) if toy else IMAGE_RECIPES)
+    args.seeds = args.seeds if args.seeds is not None else [0, 1, 2, 3, 4] if toy else [0, 1, 2]
+    args.steps = args.steps or (3000 if toy else 2000)
+    args.batch_size = args.batch_size or (256 if toy else 64)
+    args.ema = args.ema or (0.995 if toy else 0.99)
     done = set()
     if os.path.exists(args.out):
         done = {(d["recipe"], d["seed"]) for d in map(json.loads, open(args.out)) if d["steps"] == args.steps}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     jobs = [(r, s) for s in args.seeds for r in args.recipes if (r, s) not in done]
+    jobs.sort(key=lambda j: (args.recipes.index(j[0]) >= 3, j[1]))  # the first three recipes' seeds first
     print(f"{len(jobs)} runs to do, {len(done)} already in {args.out}", flush=True)
     args.workers = max(1, min(args.workers, len(jobs)))
     if args.workers == 1:
