@@ -425,14 +425,14 @@ class MeanFlow:
         with torch.no_grad():  # the network's own v at r = t: conditional at each row's omega_m, unconditional
             v_c, v_g = None, v
             if y is None and n > 0:
-                v_c = net(z_t[:n], t[:n], t[:n], None, ones[:n], zeros[:n], ones[:n], return_v=True)[1]
+                v_c = net(z_t[:n], t[:n], t[:n], None, ones[:n], zeros[:n], ones[:n], return_v="only")
             elif y is not None:
                 null = null_labels(y, _module(net).num_classes)
                 used = (inside & ~drop).nonzero().squeeze(1)  # rows with guidance (one host sync)
                 rows = torch.cat([torch.arange(n, device=t.device), used])  # v_c of r != t rows, v_u of used rows
                 labels, omegas = torch.cat([y[:n], null[used]]), torch.cat([omega_m[:n], ones[used]])
                 out = v[:0] if rows.numel() == 0 else net(z_t[rows], t[rows], t[rows], labels, omegas, zeros[rows],
-                                                          ones[rows], return_v=True)[1].to(v.dtype)
+                                                          ones[rows], return_v="only").to(v.dtype)
                 v_c, v_u = out[:n], out[n:]  # (n, ...), (len(used), ...)
                 v_c_all = v_c if v_fm is None else torch.cat([v_c, v_fm.detach().to(v.dtype)])
                 v_g = v.clone()
@@ -473,7 +473,7 @@ class MeanFlow:
         (iMF: its v-head). The improved-training paper's probe of how well v is learned."""
         cond = self._conditions(e, omega, t_min, t_max)
         if self.imf:
-            return self._walk(e, steps, lambda z, t, r: net(z, t, t, y, **cond, return_v=True)[1])
+            return self._walk(e, steps, lambda z, t, r: net(z, t, t, y, **cond, return_v="only"))
         return self._walk(e, steps, lambda z, t, r: net(z, t, t, y, **cond))
 
     @staticmethod
@@ -619,6 +619,7 @@ class DiT(nn.Module):
     dropout:       on each block's MLP branch while training (0: none; CIFAR-10 recipe 0.2).
     v_head:        a second output layer predicting the instantaneous velocity v (iMF's auxiliary head;
                    the official iMF, iMFDiT below, branches its last 8 blocks; this one at the output layer [ours]).
+                   return_v=True returns (u, v), return_v="only" v alone.
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
@@ -706,6 +707,8 @@ class DiT(nn.Module):
         for block in self.blocks:
             x = block(x, c)
         x = x[:, prefix:]  # drop the condition tokens: (B, N, D)
+        if return_v == "only":
+            return self.unpatchify(self.v_final_layer(x, c))
         u = self.unpatchify(self.final_layer(x, c))
         return (u, self.unpatchify(self.v_final_layer(x, c))) if return_v else u
 
@@ -803,7 +806,8 @@ class iMFFinalLayer(nn.Module):
 
 
 class iMFDiT(nn.Module):
-    """net(z, t, r, y=None, omega=None, t_min=None, t_max=None, return_v=False) -> u (B, C, H, W), or (u, v).
+    """net(z, t, r, y=None, omega=None, t_min=None, t_max=None, return_v=False) -> u (B, C, H, W), (u, v) with
+    return_v=True, v alone with return_v="only" (then the u-head's blocks are skipped).
 
     The sequence is [8 class | 4 omega | 2 t_min | 2 t_max | 4 time | N patch] tokens: each condition adds its
     embedding (class; h = t - r; 1 - 1/omega; t_min; t_max) to its own learned tokens. depth blocks make u
@@ -865,15 +869,17 @@ class iMFDiT(nn.Module):
         cos, sin = self.rope_cos, self.rope_sin
         for block in self.blocks:
             x = block(x, cos, sin)
-        h_u = x
-        for block in self.u_blocks:
-            h_u = block(h_u, cos, sin)
-        u = self.unpatchify(self.u_final_layer(h_u[:, self.prefix:]))
-        if not return_v:
-            return u
-        for block in self.v_blocks:
+        if return_v != "only":  # the u-head: its own head_depth blocks
+            h_u = x
+            for block in self.u_blocks:
+                h_u = block(h_u, cos, sin)
+            u = self.unpatchify(self.u_final_layer(h_u[:, self.prefix:]))
+            if not return_v:
+                return u
+        for block in self.v_blocks:  # the v-head
             x = block(x, cos, sin)
-        return u, self.unpatchify(self.v_final_layer(x[:, self.prefix:]))
+        v = self.unpatchify(self.v_final_layer(x[:, self.prefix:]))
+        return v if return_v == "only" else (u, v)
 
 
 # ---- The toy network for 2-D data (same signature as the DiT) ----------------------------------------------------
@@ -913,6 +919,8 @@ class MLP(nn.Module):
         if self.y_embedder is not None:
             h = h + self.y_embedder(null_labels(t, self.num_classes) if y is None else y)
         h = self.body[1:](h)
+        if return_v == "only":
+            return self.v_out(h)
         u = self.out(h)
         return (u, self.v_out(h)) if return_v else u
 

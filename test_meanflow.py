@@ -1217,6 +1217,15 @@ def test_imf_network_zero_init_conditions_on_h_only_and_branches_the_v_head():
     assert net.prefix == 20 and net.rope_cos.shape == (20 + 16, 8)  # 8 + 4 + 2 + 2 + 4 tokens, then 16 patches
     u, v = net(z, t, r, y, return_v=True)
     assert torch.equal(net(z, t, r, y), u)  # the u path does not depend on whether the v-head runs
+    calls = []  # return_v="only" (iMF's own v at r = t in the loss, its Euler sampler): v alone, no u-head block runs
+    hooks = [b.register_forward_hook(lambda *_: calls.append(1)) for b in net.u_blocks]
+    assert torch.equal(net(z, t, r, y, return_v="only"), v) and not calls
+    for h in hooks:
+        h.remove()
+    for other in (tiny_dit(in_context=True, guidance_cond=True, v_head=True), mf.MLP(dim=2, v_head=True)):
+        other = randomize(other, std=0.3)
+        a = inputs_for(other, dtype=torch.float32)
+        assert torch.equal(other(*a, return_v="only"), other(*a, return_v=True)[1])
     shift = 0.05 * torch.ones_like(t)
     assert torch.allclose(net(z, t + shift, r + shift, y), u, atol=1e-6)  # same h = t - r: same u (no t input)
     assert not torch.allclose(net(z, t, r * 0.5, y), u, atol=1e-3)  # another h: another u
