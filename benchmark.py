@@ -184,7 +184,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mlp,S/2,B/4", help="comma-separated: mlp and/or keys of DiT_models")
     ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated, from: " + ", ".join(RECIPES)
-                    + "; the parts of a step: " + ", ".join(PARTS) + "; a suffix @stock times PyTorch's own forward-mode AD in the tangent part, @base the --baseline")
+                    + "; the parts of a step: " + ", ".join(PARTS)
+                    + "; a suffix @stock times PyTorch's own forward-mode AD in the tangent part, @base the --baseline")
     ap.add_argument("--baseline", default=None, help="another meanflow.py, timed as RECIPE@base in the same run "
                     "(e.g. git show 8bdd848:meanflow.py > /tmp/base/meanflow.py: the whole-batch JVP)")
     ap.add_argument("--batch", type=int, default=16, help="batch per step for the DiTs (the MLP uses 256)")

@@ -228,7 +228,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--part", choices=["toy", "images"], default="toy")
     p.add_argument("--out", help="default runs/study-<part>.jsonl")
-    p.add_argument("--recipes", nargs="+", choices=list(RECIPES), help=f"default: {TOY_RECIPES} (toy), {IMAGE_RECIPES} (images)")
+    p.add_argument("--recipes", nargs="+", choices=list(RECIPES),
+                   help=f"default: {TOY_RECIPES} (toy), {IMAGE_RECIPES} (images)")
     p.add_argument("--seeds", nargs="+", type=int, help="default 0-4 (toy), 0-2 (images)")
     p.add_argument("--steps", type=int, help="default 3000 (toy), 2000 (images)")
     p.add_argument("--eval-every", type=int, default=100)
