@@ -81,8 +81,8 @@ def build(model, kind, batch, bf16, compile_, baseline=None):
         torch.set_num_threads(1)  # as train.py: the toy MLP is too small for threads to pay
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    recipe = {"fm": "meanflow", "meanflow+cfg": "meanflow", "fm-imf": "imf", "fm-imf+v": "imf"}.get(name, name)
-    recipe = "meanflow" if name.startswith("fm-split") else recipe
+    recipe = {"fm": "meanflow", "fm-split": "meanflow", "fm-split+jvp": "meanflow", "meanflow+cfg": "meanflow",
+              "fm-imf": "imf", "fm-imf+v": "imf"}.get(name, name)
     guidance = dict(omega=1.0, kappa=0.5) if name == "meanflow+cfg" else {}  # B/2's setting
     method = mf.MeanFlow(recipe, **guidance)
     if model == "mlp":

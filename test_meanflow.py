@@ -206,10 +206,9 @@ def _graph_nodes(t):
     return seen
 
 
-def test_saved_values_carry_no_tangent():
-    """Inside the forward-mode pass, what autograd saves for backward must not hold a tangent: else every tangent
-    stays alive to the end of the pass (one more copy of every activation at the peak)."""
-    net = randomize(tiny_dit(num_classes=3))
+def jvp_saving(net, **kw):
+    """mf.jvp through net on random inputs; also, for each tensor autograd saves for backward, whether it is free of
+    a tangent. Returns (out, tangent, flags)."""
     z, t, r, y = inputs_for(net, dtype=torch.float32)
     saved = []
 
@@ -218,7 +217,15 @@ def test_saved_values_carry_no_tangent():
         return a
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda a: a):
-        mf.jvp(lambda z, t, r: net(z, t, r, y), (z, t, r), (z, torch.ones_like(t), torch.zeros_like(r)))
+        out, tangent = mf.jvp(lambda z, t, r: net(z, t, r, y, **kw), (z, t, r),
+                              (z, torch.ones_like(t), torch.zeros_like(r)))
+    return out, tangent, saved
+
+
+def test_saved_values_carry_no_tangent():
+    """Inside the forward-mode pass, what autograd saves for backward must not hold a tangent: else every tangent
+    stays alive to the end of the pass (one more copy of every activation at the peak)."""
+    saved = jvp_saving(randomize(tiny_dit(num_classes=3)))[2]
     assert len(saved) > 50 and all(saved), (len(saved), saved.count(False))
 
 
@@ -2403,19 +2410,9 @@ def test_imf_rules_are_used_and_record_no_tangent():
     seen, rules = [], mf.JVP_RULES
     mode = type("Spy", (rules,), {"__torch_function__": lambda self, f, ty, a=(), k=None: (
         seen.append(f), rules.__torch_function__(self, f, ty, a, k))[1]})
-    net = randomize(tiny_imf(num_classes=3))
-    z, t, r, y = inputs_for(net, dtype=torch.float32)
-    saved = []
-
-    def pack(a):
-        saved.append(torch.autograd.forward_ad.unpack_dual(a).tangent is None)
-        return a
-
     ours, mf.JVP_RULES = mf.JVP_RULES, mode
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda a: a):
-            u, dudt = mf.jvp(lambda z, t, r: net(z, t, r, y, return_v=True), (z, t, r),
-                             (z, torch.ones_like(t), torch.zeros_like(r)))
+        _, dudt, saved = jvp_saving(randomize(tiny_imf(num_classes=3)), return_v=True)
     finally:
         mf.JVP_RULES = ours
     assert torch.nn.functional.rms_norm in seen and mf.apply_rope in seen

@@ -94,10 +94,7 @@ def run(name, seed, args, sets, data):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))  # EMA warm-up: early steps are not averaged with the init
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1 - decay)
+        train.update_ema(ema, net, min(args.ema, (1 + step) / (10 + step)))  # warm-up: the init is not averaged in
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             curve.append(dict(step=step + 1, dtd_stage=method.dtd_stage, **evaluate(method, ema, sets, data)))
     return dict(recipe=name, seed=seed, steps=args.steps, lr=args.lr, batch_size=args.batch_size, ema=args.ema,
@@ -194,7 +191,7 @@ def run_images(name, seed, args, data, scores, noise):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        train.update_ema(ema, net, min(args.ema, (1 + step) / (10 + step)))
+        train.update_ema(ema, net, min(args.ema, (1 + step) / (10 + step)))  # as the toy runs
         logs.append([log["v_loss"].item(), log["u_loss"].item()])
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             v, u = np.mean(logs, 0)
