@@ -1048,7 +1048,7 @@ def _rope_tangent(y, xs, ds):  # the rotation is linear in x and cos, sin carry 
 
 
 def _addcmul_tangent(y, xs, ds, value=1):  # y = a + value * b * c
-    (a, b, c), (da, db, dc) = xs, ds
+    (_, b, c), (da, db, dc) = xs, ds
     bc = [None if db is None else db * c, None if dc is None else b * dc]
     return _sum([da] + [None if t is None else value * t for t in bc])
 

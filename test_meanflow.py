@@ -2136,7 +2136,7 @@ def test_study_runner_images(tmp_path, monkeypatch):
 # PyTorch layers (torch.func.jvp, math attention), every guidance term on every row.
 def reference_loss(method, net, x, y, t, r, e, progress, seed):
     torch.manual_seed(seed)  # the same label drops (and iMF conditions) as method.loss after the same seed
-    B, n = x.shape[0], int((t != r).sum())
+    n = int((t != r).sum())
     t_, r_ = mf.bcast(t, x), mf.bcast(r, x)
     z, v = (1 - t_) * x + t_ * e, e - x
     ones, zeros = torch.ones_like(t), torch.zeros_like(t)
