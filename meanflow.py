@@ -493,9 +493,6 @@ ATTENTION_BACKENDS = {
     "math": math_attention,  # reference: plain ops
 }
 
-# Plain PyTorch layers under the names the toy MLP below uses.
-Linear, SiLU = nn.Linear, nn.SiLU
-
 
 def layer_norm(x, eps=1e-6):
     return F.layer_norm(x, x.shape[-1:], eps=eps)
@@ -892,8 +889,7 @@ class MLP(nn.Module):
     mixture with exact u, 3 seeds]: 2 x 32 of them next to the 2 coordinates of z drown z at initialisation,
     and MeanFlow sat ~250 steps at the untrained error before learning; on the raw inputs v is learned within
     ~100 steps. Their low frequencies (max_period 10^4 on t in [0, 1]) are nearly linear in t anyway.
-    Linear and SiLU are nn.Linear and nn.SiLU with explicit derivative rules (see above): the same
-    parameters and values, a cheaper forward-mode pass."""
+    Inside jvp() the APPENDIX gives F.linear and F.silu cheaper tangent rules: the same values."""
 
     def __init__(self, dim=2, hidden=256, depth=4, num_classes=0, guidance_cond=False, v_head=False,
                  in_context=False):
@@ -903,11 +899,11 @@ class MLP(nn.Module):
         self.y_embedder = nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None
         layers = []
         for _ in range(depth):
-            layers += [Linear(width, hidden), SiLU()]
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
             width = hidden
         self.body = nn.Sequential(*layers)
-        self.out = Linear(hidden, dim)
-        self.v_out = Linear(hidden, dim) if v_head else None  # iMF's auxiliary v-head
+        self.out = nn.Linear(hidden, dim)
+        self.v_out = nn.Linear(hidden, dim) if v_head else None  # iMF's auxiliary v-head
         for m in (self.out, self.v_out):
             if m is not None:
                 nn.init.zeros_(m.weight)
