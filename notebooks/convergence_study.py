@@ -80,25 +80,43 @@ def evaluate(method, net, sets, data):
     return out
 
 
+def fit(method, net, args, seed, batch, evaluate, log_losses=False):
+    """Train net from its initialisation as train.py trains (AdamW, betas (0.9, 0.95), lr with args.warmup steps of
+    warm-up, EMA with a warm-up: the init is not averaged in), on batch(generator) -> (x,) or (x, y); evaluate(ema)
+    every args.eval_every steps. Returns the curve (log_losses: with the mean v- and u-loss since the last point)
+    and the seconds it took."""
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    curve, t0, logs = [dict(step=0, **evaluate(ema))], time.time(), []
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = train.get_lr(step, args)
+        loss, log = method.loss(net, *batch(gen), progress=step / args.steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        train.update_ema(ema, net, min(args.ema, (1 + step) / (10 + step)))
+        logs.append(torch.stack([log["v_loss"], log["u_loss"]]).detach())
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            point = dict(step=step + 1, dtd_stage=method.dtd_stage)
+            if log_losses:
+                point["v_loss"], point["u_loss"] = torch.stack(logs).double().mean(0).tolist()
+            curve.append({**point, **evaluate(ema)})
+            logs = []
+    return curve, time.time() - t0
+
+
 def run(name, seed, args, sets, data):
     recipe, overrides = RECIPES[name]
     method = mf.MeanFlow(recipe, **{**mf.TOY_OVERRIDES, **overrides})
     torch.manual_seed(seed)
     net = mf.MLP(dim=2, **method.net_kwargs)
-    ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    gm, gen = td.GaussianMixture.default(), torch.Generator().manual_seed(10_000 + seed)
-    curve, t0 = [dict(step=0, **evaluate(method, ema, sets, data))], time.time()
-    for step in range(args.steps):
-        loss, logs = method.loss(net, gm.sample(args.batch_size, gen), progress=step / args.steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        train.update_ema(ema, net, min(args.ema, (1 + step) / (10 + step)))  # warm-up: the init is not averaged in
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            curve.append(dict(step=step + 1, dtd_stage=method.dtd_stage, **evaluate(method, ema, sets, data)))
+    gm = td.GaussianMixture.default()
+    curve, seconds = fit(method, net, args, seed, lambda g: (gm.sample(args.batch_size, g),),
+                         lambda ema: evaluate(method, ema, sets, data))
     return dict(recipe=name, seed=seed, steps=args.steps, lr=args.lr, batch_size=args.batch_size, ema=args.ema,
-                seconds=time.time() - t0, curve=curve)
+                seconds=seconds, curve=curve)
 
 
 # --- images: Fashion-MNIST, a small DiT, scored by a classifier trained on the real training split ---
@@ -179,27 +197,11 @@ def run_images(name, seed, args, data, scores, noise):
     method = mf.MeanFlow(recipe, **overrides)
     torch.manual_seed(seed)
     net = mf.DiT(input_size=32, in_channels=1, num_classes=K, **NET, **method.net_kwargs)
-    ema = copy.deepcopy(net).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    curve, t0, logs = [dict(step=0, **evaluate_images(method, ema, scores, noise))], time.time(), []
-    for step in range(args.steps):
-        for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / 50)  # 50 warm-up steps, then constant
-        x, y = data.get(torch.randint(len(data), (args.batch_size,), generator=gen), gen)
-        loss, log = method.loss(net, x, y, progress=step / args.steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        train.update_ema(ema, net, min(args.ema, (1 + step) / (10 + step)))  # as the toy runs
-        logs.append([log["v_loss"].item(), log["u_loss"].item()])
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            v, u = np.mean(logs, 0)
-            curve.append(dict(step=step + 1, dtd_stage=method.dtd_stage, v_loss=v, u_loss=u,
-                              **evaluate_images(method, ema, scores, noise)))
-            logs = []
+    batch = lambda g: data.get(torch.randint(len(data), (args.batch_size,), generator=g), g)
+    curve, seconds = fit(method, net, args, seed, batch, lambda ema: evaluate_images(method, ema, scores, noise),
+                         log_losses=True)
     return dict(recipe=name, seed=seed, steps=args.steps, lr=args.lr, batch_size=args.batch_size, ema=args.ema,
-                net=NET, seconds=time.time() - t0, floor=scores.floor, classifier_test_accuracy=scores.test_accuracy,
+                net=NET, seconds=seconds, floor=scores.floor, classifier_test_accuracy=scores.test_accuracy,
                 curve=curve)
 
 
@@ -207,13 +209,12 @@ def worker(rank, args, jobs):
     torch.set_num_threads(1)
     if args.part == "toy":
         sets, data = eval_set()
+        run_one = lambda name, seed: run(name, seed, args, sets, data)
     else:
         data, scores, noise = image_eval_set(args.classifier_steps, args.data_path)
+        run_one = lambda name, seed: run_images(name, seed, args, data, scores, noise)
     for name, seed in jobs[rank :: args.workers]:
-        if args.part == "toy":
-            result = run(name, seed, args, sets, data)
-        else:
-            result = run_images(name, seed, args, data, scores, noise)
+        result = run_one(name, seed)
         with open(args.out, "a") as f:  # one short line per run: appends from several processes do not interleave
             f.write(json.dumps(result) + "\n")
         last = result["curve"][-1]
@@ -245,6 +246,7 @@ def main(argv=None):
     args.steps = args.steps or (3000 if toy else 2000)
     args.batch_size = args.batch_size or (256 if toy else 64)
     args.ema = args.ema or (0.995 if toy else 0.99)
+    args.warmup = 0 if toy else 50  # lr warm-up steps (train.get_lr): the toy as train.py's, none
     done = set()
     if os.path.exists(args.out):
         done = {(d["recipe"], d["seed"]) for d in map(json.loads, open(args.out)) if d["steps"] == args.steps}
