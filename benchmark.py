@@ -48,6 +48,10 @@ def jvp_rules(mf, rules):
         mf.JVP_RULES = ours
 
 
+def reference(kind):  # the flow-matching step each kind is compared with: the same network
+    return "fm-imf" if "imf" in kind else "fm"
+
+
 def load_meanflow(variant, baseline):
     """meanflow.py of this folder, or (variant "base") the one at --baseline, e.g. an older commit's."""
     import importlib.util
@@ -55,9 +59,7 @@ def load_meanflow(variant, baseline):
     import meanflow as mf
 
     if variant != "base":
-        return mf
-    if not baseline:
-        raise SystemExit("benchmark.py: error: a kind RECIPE@base needs --baseline PATH/meanflow.py")
+        return mf  # (main checks that a RECIPE@base comes with --baseline)
     spec = importlib.util.spec_from_file_location("meanflow_base", baseline)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -221,15 +223,14 @@ def main():
         kinds = list(dict.fromkeys(["fm"] + ["fm-imf"] * any("imf" in k for k in recipes) + recipes))
         if args.pairwise:  # each recipe in its own process with its flow-matching step: two networks in memory
             timing = dict(times={})
-            for kind in kinds:
-                ref = "fm-imf" if "imf" in kind else "fm"
-                pair = child(args, "--child", model, ",".join(dict.fromkeys([ref, kind])))
+            for kind in kinds:  # the references come first: each row's own time is its pair's
+                pair = child(args, "--child", model, ",".join(dict.fromkeys([reference(kind), kind])))
                 timing.update({k: v for k, v in pair.items() if k != "times"})
                 timing["times"][kind] = pair["times"][kind]
-                timing["times"].setdefault(ref, pair["times"][ref])  # the first pair's: the reference of every row
-                timing.setdefault("ref_of", {})[kind] = [pair["times"][ref], pair["times"][kind]]
+                timing.setdefault("ref_of", {})[kind] = pair["times"][reference(kind)]
         else:
             timing = child(args, "--child", model, ",".join(kinds))
+            timing["ref_of"] = {kind: timing["times"][reference(kind)] for kind in kinds}
         for kind in kinds:
             peak = child(args, "--child", model, kind, "--child-memory")["peak_mb"]
             step_s, cpu_s = timing["times"][kind]
@@ -239,13 +240,9 @@ def main():
                        img_per_s=round(timing["batch"] / step_s, 1), peak_mb=round(peak, 1))
             if kind.startswith("fm"):
                 base[kind] = row
-            ref = base["fm-imf" if "imf" in kind else "fm"]  # the same network
-            row["time_ratio"] = round(row["step_s"] / ref["step_s"], 2)
-            row["cpu_ratio"] = round(row["cpu_s"] / ref["cpu_s"], 2)
-            if args.pairwise:  # ratios to the flow-matching step timed in the same process
-                (fm_wall, fm_cpu), (wall, cpu) = timing["ref_of"][kind]
-                row["time_ratio"], row["cpu_ratio"] = round(wall / fm_wall, 2), round(cpu / fm_cpu, 2)
-            row["mem_ratio"] = round(row["peak_mb"] / ref["peak_mb"], 2)
+            fm_wall, fm_cpu = timing["ref_of"][kind]  # --pairwise: the flow-matching step timed in the same process
+            row["time_ratio"], row["cpu_ratio"] = round(step_s / fm_wall, 2), round(cpu_s / fm_cpu, 2)
+            row["mem_ratio"] = round(row["peak_mb"] / base[reference(kind)]["peak_mb"], 2)
             print(json.dumps(row), flush=True)
             if args.out:
                 with open(args.out, "a") as f:
