@@ -3,8 +3,10 @@
 Run: python -m pytest -q test_meanflow.py      (CPU; a few minutes on 2 cores)
 """
 import argparse
+import contextlib
 import copy
 import gzip
+import hashlib
 import importlib.util
 import io
 import json
@@ -494,8 +496,9 @@ def test_toy_meanflow_learns_one_step_map_and_wrong_tangent_does_not(monkeypatch
     # the exact average velocity: the learned u over the full jump [0, 1] is close to it
     g = torch.Generator().manual_seed(6)
     e, ones = torch.randn(2000, 2, generator=g), torch.ones(2000)
+    jump_err = lambda net: mf.sq_err(net(e, ones, 0 * ones), gm.u(e, ones, 0 * ones)).mean().item()  # 1-NFE jump
     with torch.no_grad():
-        u_err = ((net(e, ones, 0 * ones) - gm.u(e, ones, 0 * ones)) ** 2).sum(1).mean().item()
+        u_err = jump_err(net)
     noise = td.energy_distance(torch.randn(3000, 2), gm.sample(3000))
 
     real_jvp = mf.jvp
@@ -507,7 +510,7 @@ def test_toy_meanflow_learns_one_step_map_and_wrong_tangent_does_not(monkeypatch
     bad_net, _ = train_toy(mf.MeanFlow("meanflow", **mf.TOY_OVERRIDES))
     bad = one_step_distance(method, bad_net, gm)
     with torch.no_grad():
-        bad_u_err = ((bad_net(e, ones, 0 * ones) - gm.u(e, ones, 0 * ones)) ** 2).sum(1).mean().item()
+        bad_u_err = jump_err(bad_net)
     # Measured with the raw-input MLP, seeds 0, 1, 2: good 0.022, 0.026, 0.029 (noise 0.051); u_err 0.105, 0.113,
     # 0.132; wrong tangent: distance 0.064, 0.62, 0.40 and u error 0.23, 1.22, 0.81.
     assert good < 0.04 and good < noise / 1.5, (good, noise)
@@ -760,11 +763,15 @@ def make_cifar_tarball(folder, per_batch=6, batches=2):
             if name.startswith("data_batch"):
                 xs.append(d[b"data"])
                 ys.append(d[b"labels"])
-            raw = pickle.dumps(d, protocol=2)
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
+            add_pickle(tar, f"cifar-10-batches-py/{name}", d)
     return np.concatenate(xs).reshape(-1, 3, 32, 32), np.concatenate(ys)
+
+
+def add_pickle(tar, name, d):  # a member of the tarball holding d pickled, as CIFAR's official files
+    raw = pickle.dumps(d, protocol=2)
+    info = tarfile.TarInfo(name)
+    info.size = len(raw)
+    tar.addfile(info, io.BytesIO(raw))
 
 
 def test_fashion_mnist_loader_reads_idx(tmp_path):
@@ -902,13 +909,14 @@ def _train_tiny(rank, world, sync, steps=4, B=16):
     return torch.cat([p.detach().flatten() for p in net.parameters()])
 
 
-def _ddp_worker(rank, world, port, out):
+@contextlib.contextmanager
+def gloo(rank, world, port):
+    """This process as rank of a CPU process group (gloo, one thread) for the duration of the block."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.save({mode: _train_tiny(rank, world, sync=mode == "synced") for mode in ("synced", "naive")},
-                   os.path.join(out, f"rank{rank}.pt"))
+        yield
     finally:
         dist.destroy_process_group()
 
@@ -917,6 +925,12 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out):
+    with gloo(rank, world, port):
+        torch.save({mode: _train_tiny(rank, world, sync=mode == "synced") for mode in ("synced", "naive")},
+                   os.path.join(out, f"rank{rank}.pt"))
 
 
 def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
@@ -1469,7 +1483,6 @@ def test_imf_network_under_bf16_autocast_is_close_to_fp32(recwarn):
 # --- Fashion-MNIST download ---
 # Without Debian's package the default path downloads the official files; offline, urllib is replaced by a
 # stand-in that serves files the test writes.
-import hashlib  # noqa: E402  (here, with the only tests that use it)
 
 
 def fake_urlopen(served, requested):
@@ -1780,10 +1793,7 @@ def cifar_tarball(folder, labels):
     os.makedirs(folder, exist_ok=True)
     d = {b"data": np.zeros((len(labels), 3072), np.uint8), b"labels": list(labels)}
     with tarfile.open(os.path.join(folder, "cifar-10-python.tar.gz"), "w:gz") as tar:
-        raw = pickle.dumps(d, protocol=2)
-        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
-        info.size = len(raw)
-        tar.addfile(info, io.BytesIO(raw))
+        add_pickle(tar, "cifar-10-batches-py/data_batch_1", d)
 
 
 def test_bad_data_files_are_one_line_errors(tmp_path, capsys):
@@ -2007,21 +2017,21 @@ def test_dtd_state_resumes_bitwise(tmp_path):
     assert len(set(whole)) > 5
 
 
+# DTD paced by convergence alone: no deadline, no patience bound, short windows
+DTD_BY_CONVERGENCE = dict(dtd_share=0, dtd_patience=10**6, dtd_window=5)
+
+
 def _dtd_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo(rank, world, port):
         # (a) local losses chosen so that each process alone would decide differently: flat on rank 0 (converged
         # after two windows), steeply falling on rank 1 (never converged before the fall flattens out)
         g = torch.Generator().manual_seed(rank)
         k = torch.arange(300)
         local = 1 + 0.05 * torch.randn(300, generator=g) + (3 * torch.exp(-k / 60) if rank == 1 else 0)
-        kw = dict(dtd_share=0, dtd_patience=10**6, dtd_window=5)
-        synthetic = _dtd_stages(mf.MeanFlow("improved-dtd", **kw), local)
+        synthetic = _dtd_stages(mf.MeanFlow("improved-dtd", **DTD_BY_CONVERGENCE), local)
         # (b) a plain data-parallel loop through loss(): each process its own data, gradients synced by hand
         torch.manual_seed(0)
-        method, net = mf.MeanFlow("improved-dtd", **kw), mf.MLP(dim=2, hidden=32)
+        method, net = mf.MeanFlow("improved-dtd", **DTD_BY_CONVERGENCE), mf.MLP(dim=2, hidden=32)
         opt = torch.optim.Adam(net.parameters(), lr=1e-2)
         torch.manual_seed(100 + rank)
         v_losses, stages = [], []
@@ -2037,15 +2047,12 @@ def _dtd_worker(rank, world, port, out):
             stages.append(method.dtd_stage)
         torch.save(dict(local=local, synthetic=synthetic, v_losses=v_losses, stages=stages),
                    os.path.join(out, f"dtd{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_dtd_two_processes_agree_on_the_stage(tmp_path):
     mp.spawn(_dtd_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"dtd{r}.pt") for r in range(2))
-    kw = dict(dtd_share=0, dtd_patience=10**6, dtd_window=5)
-    alone = [_dtd_stages(mf.MeanFlow("improved-dtd", **kw), r["local"]) for r in (r0, r1)]
+    alone = [_dtd_stages(mf.MeanFlow("improved-dtd", **DTD_BY_CONVERGENCE), r["local"]) for r in (r0, r1)]
     assert alone[0] != alone[1]  # on its own loss, each process would be at another stage
     assert r0["synthetic"] == r1["synthetic"] and r0["synthetic"] not in alone
     assert r0["v_losses"] != r1["v_losses"] and r0["stages"] == r1["stages"] and r0["stages"][-1] > 0
@@ -2084,13 +2091,17 @@ def test_toy_run_prints_and_draws_the_on_board_share(tmp_path, capsys):
     assert 0 <= share <= 100 and (tmp_path / "step-0000002.png").exists()
 
 
+def load_study():  # notebooks/convergence_study.py as a module
+    spec = importlib.util.spec_from_file_location("study", os.path.join(HERE, "notebooks", "convergence_study.py"))
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    return study
+
+
 def test_study_runner_appends_and_resumes(tmp_path, capsys):
     """notebooks/convergence_study.py (the study's toy runner): one JSON line per (recipe, seed), finished runs
     skipped."""
-    spec = importlib.util.spec_from_file_location("study", os.path.join(os.path.dirname(__file__), "notebooks",
-                                                                        "convergence_study.py"))
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = load_study()
 
     out = tmp_path / "study.jsonl"
     argv = ["--out", str(out), "--steps", "4", "--eval-every", "2", "--recipes", "meanflow", "dtd only", "--seeds", "0"]
@@ -2104,10 +2115,7 @@ def test_study_runner_appends_and_resumes(tmp_path, capsys):
 def test_study_runner_images(tmp_path, monkeypatch):
     """The image half: Fashion-MNIST files (training and test split) in the official format, a DiT per run, 1- and
     2-NFE samples scored by the classifier against the test split, with the real-data floor."""
-    spec = importlib.util.spec_from_file_location("study", os.path.join(os.path.dirname(__file__), "notebooks",
-                                                                        "convergence_study.py"))
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = load_study()
     folder = str(tmp_path / "fm")
     make_fashion(folder)
     rng = np.random.default_rng(1)
@@ -2284,10 +2292,7 @@ def _ddp_grads(net, method, model, rows, data):
 
 
 def _ddp_loss_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo(rank, world, port):
         results = {}
         for recipe in ("meanflow", "imf"):  # MeanFlow with guidance forwards (B/2's setting), iMF
             method = mf.MeanFlow(recipe, class_dropout=0.0, **({} if recipe == "imf" else dict(omega=1.0, kappa=0.5)))
@@ -2307,8 +2312,6 @@ def _ddp_loss_worker(rank, world, port, out):
                 results[recipe]["global"] = [(a + b) / 2 for a, b in zip(*halves)]
                 results[recipe]["own"] = halves[0]
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_hooks_fire_through_plain_forward_jvp_and_guidance_forward(tmp_path):
