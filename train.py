@@ -65,7 +65,7 @@ FASHION_MD5 = {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
 CIFAR_URL, CIFAR_MD5 = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"
 LATENT_SCALE = 0.18215  # SD-VAE latents times this have about unit variance (as DiT, MeanFlow)
 PAPER = dict(recipe="improved-dtd", batch_size=256, lr=1e-4, ema=0.9999, log_every=100, eval_every=10_000,
-             ckpt_every=10_000)
+             ckpt_every=10_000, epochs=240)
 # 2-D toys: under a minute on a CPU core, plain MeanFlow with meanflow.TOY_OVERRIDES and the raw-input MLP. Twice the
 # steps buys little (checkerboard, seed 0: 1-NFE on the squares 84.5% at 3000 steps, 85.4% at 6000, and a v-loss
 # spike on the way; README "The 2-D regime").
@@ -173,7 +173,6 @@ def get_args(argv=None):
                 **{k: v for k, v in own.items() if k not in ("knobs", "dropout")}}
     for k, v in defaults.items():
         setattr(args, k, v if getattr(args, k, None) is None else getattr(args, k))
-    args.epochs = defaults.get("epochs", 240)  # (paper)
     args.class_cond = not toy and args.class_cond is not False
     if imf and not toy and args.model not in mf.iMF_models:
         raise Fail(f"--recipe imf trains the iMF network; --model {args.model} is not one of its sizes: "
@@ -181,8 +180,6 @@ def get_args(argv=None):
     args.dropout = (0.0 if imf or toy else own.get("dropout", 0.0)) if args.dropout is None else args.dropout
     if args.dropout and (imf or toy):
         raise Fail(f"--dropout is an option of the MeanFlow DiT, not of the {'iMF network' if imf else 'toy MLP'}")
-    if not 0 <= args.dropout < 1:
-        raise Fail(f"--dropout {args.dropout} is not a probability in [0, 1)")
     args.knobs, args.set_knobs = own.get("knobs", {}), parse_sets(args.set, args.recipe)
     args.data_path = args.data_path or DATA_PATHS.get("imagenet-latents" if args.prepare_imagenet else args.data)
     args.out = args.out or os.path.join("runs", f"{args.data}-{args.model.replace('/', '')}-{args.recipe}")
@@ -255,23 +252,30 @@ def read_idx(path):
     return data.reshape(dims)
 
 
+def fetch(urls, md5):
+    """The bytes at the first of urls whose md5 matches; OSError (the first reason) if none."""
+    errors = []
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                raw = r.read()
+            if hashlib.md5(raw).hexdigest() == md5:
+                return raw
+            errors.append("md5 mismatch")
+        except OSError as err:
+            errors.append(str(err))
+    raise OSError(errors[0])
+
+
 def download_fashion_mnist(path):
     """The official training files into path (those already there are kept), each md5-checked before it is saved."""
     for name, md5 in FASHION_MD5.items():
         if os.path.exists(os.path.join(path, name)):
             continue
-        errors = []
-        for url in FASHION_URLS:  # Zalando's repository first, its S3 mirror second
-            try:
-                with urllib.request.urlopen(url + name, timeout=30) as r:
-                    raw = r.read()
-                if hashlib.md5(raw).hexdigest() == md5:
-                    break
-                errors.append("md5 mismatch")
-            except OSError as err:
-                errors.append(str(err))
-        else:
-            raise Fail(f"could not download Fashion-MNIST ({errors[0]}); put {name} from {FASHION_URLS[0]} "
+        try:
+            raw = fetch([url + name for url in FASHION_URLS], md5)  # Zalando's repository first, its S3 mirror second
+        except OSError as err:
+            raise Fail(f"could not download Fashion-MNIST ({err}); put {name} from {FASHION_URLS[0]} "
                        f"in {path}, or apt-get install dataset-fashion-mnist")
         save_atomic(os.path.join(path, name), lambda f: f.write(raw))
 
@@ -312,10 +316,7 @@ def load_cifar10(path, rank):
     if rank == 0 and not os.path.exists(tar_path):
         print(f"downloading {CIFAR_URL} to {path}")
         try:
-            with urllib.request.urlopen(CIFAR_URL, timeout=30) as r:
-                raw = r.read()
-            if hashlib.md5(raw).hexdigest() != CIFAR_MD5:
-                raise OSError("md5 mismatch")
+            raw = fetch([CIFAR_URL], CIFAR_MD5)
         except OSError as err:
             raise Fail(f"could not download CIFAR-10 ({err}); put cifar-10-python.tar.gz from {CIFAR_URL} in {path}")
         save_atomic(tar_path, lambda f: f.write(raw))
@@ -722,14 +723,13 @@ def generate(args, method, net, numbers, steps, device, vae=None, batch=256):
     over processes gives the same set): (points (n, 2) float, None) or (images (n, H, W, 3) uint8, labels).
     Labels are balanced, the classes in turn (sample i has class i mod K), not drawn at random as the official
     evaluations draw them; iMF samples at args.sample_guidance (omega, interval)."""
-    C, H, K = IMAGE_DATA.get(args.data, (2, None, 0))
-    K = K if args.class_cond else 0
+    (C, H, _), K = IMAGE_DATA.get(args.data, (2, None, 0)), net.num_classes
     xs, ys = [], []
     for chunk in torch.as_tensor(numbers, dtype=torch.long).split(batch):
         e = torch.stack([torch.randn((C, H, H) if H else (C,), generator=torch.Generator().manual_seed(int(i)))
                          for i in chunk + args.seed * 1_000_003]).to(device)
         y = (chunk % K).to(device) if K else None  # the classes in turn
-        x = method.sample(net, e, y, steps=steps, **getattr(args, "sample_guidance", {}))
+        x = method.sample(net, e, y, steps=steps, **args.sample_guidance)
         if args.data == "imagenet-latents":
             x = vae.decode(x / LATENT_SCALE).sample if vae is not None else x[:, :3]
         xs.append(to_uint8(x) if H else x.float().cpu().numpy())
