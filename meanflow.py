@@ -964,7 +964,7 @@ imf_guidance = {
 # parameter-dependent value is recorded for backward and keeps its inputs alive, although the tangent is
 # stop-gradiented and backward never visits it, (2) the built-in rule of a linear layer also multiplies by
 # the weight's zero tangent (twice the matmuls), (3) an add or mul with a tangent on one side only takes a
-# slow path (a zero tangent for the other side: ~15x the op on the toy's small tensors), and (4)
+# slow path (a zero tangent for the other side: a 64x256 add ~100 us against ~2-3 us without tangent), and (4)
 # F.scaled_dot_product_attention has no forward-mode rule at all (NotImplementedError). So inside jvp() the
 # ops below compute their value as usual on the primal inputs (autograd records it and runs its own backward)
 # and their tangent from the same primal values under no_grad (recorded nowhere). The tests check every

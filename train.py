@@ -78,7 +78,7 @@ LOG_KEYS = ("loss", "v_loss", "u_loss", "beta", "dtd_stage")
 DATA_RECIPES = {"cifar10": dict(recipe="meanflow", class_cond=False, dropout=0.2, lr=6e-4, batch_size=1024,
                                 knobs=dict(P_mean=-2.0, P_std=2.0, p=0.75, c=1e-3, ratio_r_neq_t=0.75))}
 # iMF's own training budget (official configs/train_config.yml, B/2; the same for every size there). Its 10 warm-up
-# epochs are not a default here: pass --warmup (12,510 steps on ImageNet at batch 1024).
+# epochs are not a default here: pass --warmup (10 epochs: 12,512 steps on ImageNet at batch 1024).
 IMF_TRAINING = dict(batch_size=1024, epochs=640)
 # iMF's sample pictures for sizes without an entry in meanflow.imf_guidance: the official training config's setting.
 IMF_PICTURE_GUIDANCE = dict(omega=7.5, t_min=0.4, t_max=0.65)

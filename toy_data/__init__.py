@@ -253,7 +253,7 @@ def energy_distance(a, b):
 
     The plug-in (V-statistic) form keeps the zero-distance pairs i = j in the within-set means: it is
     never negative, exactly 0 for identical inputs, and biased upwards by O(1/n) for two independent
-    samples of one distribution (about 0.002 at n = 2000 on these unit-scale sets). It is zero only if
+    samples of one distribution (0.001-0.004 at n = 2000 on these unit-scale sets, five draws each). It is zero only if
     the two distributions are equal, and grows like |shift|^2 for a small shift, |shift| for a large one.
     """
     a, b = a.to(torch.float64), b.to(torch.float64)
