@@ -1425,6 +1425,7 @@ def _stand_in_features(images, device):  # 6 cheap, deterministic features: chan
 
 def test_fid_uses_the_reference_mu_sigma_when_the_file_has_them(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "inception_features", _stand_in_features)
+    monkeypatch.setattr(train, "FID_DIMS", 6)
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (400, 8, 8, 3), dtype=np.uint8)
     b = rng.integers(0, 256, (400, 8, 8, 3), dtype=np.uint8)
@@ -1441,13 +1442,23 @@ def test_fid_uses_the_reference_mu_sigma_when_the_file_has_them(tmp_path, monkey
     np.savez(tmp_path / "bad.npz", arr_0=b.astype(np.float32))
     with pytest.raises(train.Fail, match="uint8"):
         train.fid_reference(str(tmp_path / "bad.npz"))
-    with pytest.raises(train.Fail, match="2048-d"):
-        train.fid(a, (np.zeros(5), np.eye(5)), "cpu")
+    np.savez(tmp_path / "dims.npz", mu=np.zeros(5), sigma=np.eye(5))  # statistics of other features
+    with pytest.raises(train.Fail, match="6-d pool features"):
+        train.fid_reference(str(tmp_path / "dims.npz"))
     # end to end: --sample --fid-ref says what it compared against and which number to compare with papers
     make_fashion(str(tmp_path / "fm"))
     common = ["--data", "fashion-mnist", "--data-path", tmp_path / "fm", "--model", "Ti/4", "--batch-size", 4,
               "--out", tmp_path / "run"]
     assert run_main(common + ["--steps", 1], capsys)[0] == 0
+    (tmp_path / "garbage.npz").write_bytes(b"garbage")
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "images.npz").read_bytes()[:200])  # a truncated zip
+    np.save(tmp_path / "array.npy", b)
+    os.rename(tmp_path / "array.npy", tmp_path / "array.npz")  # an .npy under an .npz name
+    before = sorted(os.listdir(tmp_path / "run"))
+    for bad in ("garbage.npz", "cut.npz", "array.npz", "dims.npz"):  # refused before any sample is drawn
+        code, _, err = run_main(common + ["--sample", 20, "--fid-ref", tmp_path / bad], capsys)
+        assert_one_line_error(code, err, f"--fid-ref {tmp_path / bad}")
+    assert sorted(os.listdir(tmp_path / "run")) == before
     np.savez(tmp_path / "ref32.npz", arr_0=np.zeros((2, 32, 32, 3), np.uint8), mu=fb.mean(0), sigma=np.cov(fb, rowvar=False))
     code, out, err = run_main(common + ["--sample", 20, "--fid-ref", tmp_path / "ref32.npz"], capsys)
     assert code == 0, err
@@ -1593,6 +1604,17 @@ BAD_NUMBERS = [
     (["--stop-at", 5, "--steps", 4], ["--stop-at 5", "--steps 4"]), (["--kappa", 1], ["--kappa 1.0"]),
     (["--t-lo", 0.8, "--t-hi", 0.2], ["--t-lo 0.8"]), (["--resume", "--overwrite"], ["--overwrite"]),
     (["--data", "fashion-mnist", "--model", "Ti/4", "--steps", 0], ["--steps 0"]),
+    # --set goes through the same ranges as the flags; argparse's own errors are one line too
+    (["--set", "kappa=1"], ["--set kappa=1", "[0, 1)"]), (["--set", "c=-1"], ["--set c=-1", "> 0"]),
+    (["--set", "ratio_r_neq_t=5"], ["ratio_r_neq_t=5", "[0, 1]"]), (["--set", "P_std=0"], ["P_std=0"]),
+    (["--data", "fashion-mnist", "--model", "Ti/4", "--set", "t_lo=0.9", "--set", "t_hi=0.1"], ["[0.9, 0.1]"]),
+    (["--set", "omega=2"], ["unconditional"]), (["--steps", "abc"], ["invalid int value", "--help"]),
+    (["--lr", "-1e-3"], ["--lr=-1e-3"]), (["--bogus"], ["unrecognized arguments: --bogus"]),
+    # options that would do nothing here
+    (["--class-cond"], ["--class-cond", "no labels"]), (["--data-path", "data"], ["--data-path", "image data"]),
+    (["--fid-ref", "ref.npz"], ["--fid-ref", "--sample"]), (["--sample", 2, "--resume"], ["--sample", "--resume"]),
+    (["--sample-steps", 2], ["--sample-steps", "--sample"]), (["--workers", 2], ["--workers", "--prepare-imagenet"]),
+    (["--model", ""], ["unknown --model ''"]),
 ]
 
 
@@ -1600,6 +1622,18 @@ BAD_NUMBERS = [
 def test_bad_numbers_are_one_line_errors_before_any_work(tmp_path, capsys, argv, words):
     assert_one_line_error(*run_main(argv + ["--out", tmp_path / "run"], capsys)[::2], *words)
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_every_numeric_knob_has_a_range():
+    knobs = {k for r in mf.RECIPES.values() for k, v in r.items() if isinstance(v, (int, float)) or v is None}
+    assert knobs - {"imf"} <= set(train.KNOBS), knobs - {"imf"} - set(train.KNOBS)
+
+
+def test_bad_environment_and_empty_out(tmp_path, capsys, monkeypatch):
+    assert_one_line_error(*run_main(["--out", ""], capsys)[::2], "--out is empty")
+    monkeypatch.setenv("WORLD_SIZE", "0")
+    assert_one_line_error(*run_main(["--out", tmp_path / "run"], capsys)[::2], "WORLD_SIZE='0'")
+    assert os.listdir(tmp_path) == []
 
 
 def test_stop_at_beyond_the_default_epochs_of_an_image_run(tmp_path, capsys):
@@ -1620,6 +1654,9 @@ def test_a_rerun_refuses_a_folder_holding_a_run(tmp_path, capsys):
     code, _, err = run_main(TOY_RUN + ["--steps", 2, "--resume", "--out", out], capsys)  # behind the checkpoint
     assert_one_line_error(code, err, "step 4", "--steps 2")
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before  # nothing touched
+    code, _, err = run_main(TOY_RUN + ["--steps", 2, "--overwrite", "--omega", 2, "--out", out], capsys)
+    assert_one_line_error(code, err, "unconditional")  # a check after the folder's: the old run is still whole
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
     code, _, err = run_main(TOY_RUN + ["--steps", 2, "--overwrite", "--out", out], capsys)  # on purpose
     assert code == 0, err
     assert ckpt_step(out) == 2 and [strict_json(s)["step"] for s in open(out / "log.jsonl")] == [1, 2]
@@ -1818,6 +1855,26 @@ def test_bad_data_files_are_one_line_errors(tmp_path, capsys):
     cifar_tarball(str(tmp_path / "c2"), [])
     code, _, err = run_main(["--data", "cifar10", "--data-path", tmp_path / "c2"] + run, capsys)
     assert_one_line_error(code, err, "holds no images")
+    for name, member in (("c3", [1, 2, 3]), ("c4", None)):  # a batch that unpickles to a list; one that is a folder
+        os.makedirs(tmp_path / name)
+        with tarfile.open(tmp_path / name / "cifar-10-python.tar.gz", "w:gz") as tar:
+            if member is None:
+                info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                add_pickle(tar, "cifar-10-batches-py/data_batch_1", member)
+        code, _, err = run_main(["--data", "cifar10", "--data-path", tmp_path / name] + run, capsys)
+        assert_one_line_error(code, err, "not the CIFAR-10 python tarball")
+    lat = np.zeros((2, 2, 2, 4, 32, 32), np.float16)
+    for name, shard, shape, labels in (("l1", "shard-00000-of-x.npy", lat.shape, [0, 1]),  # a name, a shape, labels
+                                       ("l2", "shard-00000-of-00001.npy", (2, 2, 2, 3, 16, 16), [0, 1]),
+                                       ("l3", "shard-00000-of-00001.npy", lat.shape, [0.5, 1.5])):
+        os.makedirs(tmp_path / name)
+        np.save(tmp_path / name / shard, np.zeros(shape, np.float16))
+        np.save(tmp_path / name / shard.replace("shard-", "labels-"), np.array(labels))
+        code, _, err = run_main(["--data", "imagenet-latents", "--data-path", tmp_path / name] + run, capsys)
+        assert_one_line_error(code, err, "--prepare-imagenet")
     assert not os.path.exists(tmp_path / "run")
 
 
@@ -1827,11 +1884,15 @@ def test_checkpoint_contents_are_checked_before_use(tmp_path, capsys):
     os.makedirs(out)
     for content, words in ((torch.zeros(3), "(a Tensor)"), ({"model": {}, "step": 1}, "(no args, ema, opt")):
         torch.save(content, out / "ckpt.pt")
-        assert_one_line_error(*run_main(common + ["--resume"], capsys)[::2], "not a train.py checkpoint", *words)
+        assert_one_line_error(*run_main(common + ["--resume"], capsys)[::2], "not a train.py checkpoint", words)
         assert_one_line_error(*run_main(common + ["--sample", 5], capsys)[::2], "not a train.py checkpoint")
     os.remove(out / "ckpt.pt")
     assert run_main(common, capsys)[0] == 0
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    for key, value in (("ema", torch.zeros(3)), ("step", -5), ("time", "noon")):  # fields of the wrong kind
+        torch.save({**ckpt, key: value}, out / "ckpt.pt")
+        for mode in (["--resume", "--steps", 8], ["--sample", 5]):
+            assert_one_line_error(*run_main(common + mode, capsys)[::2], "not a train.py checkpoint")
     for part in ("model", "ema"):
         name = next(iter(ckpt[part]))
         ckpt[part][name] = torch.zeros(3, 3)  # the same args, other shapes: a checkpoint of other code
@@ -1840,6 +1901,31 @@ def test_checkpoint_contents_are_checked_before_use(tmp_path, capsys):
     assert_one_line_error(*run_main(common + ["--sample", 5], capsys)[::2], "does not fit", "other shapes")
     assert_one_line_error(*run_main(common[:1] + [8] + common[2:] + ["--resume"], capsys)[::2], "does not fit")
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+
+
+def test_a_folder_with_a_runs_pictures_is_a_used_folder(tmp_path, capsys):
+    os.makedirs(tmp_path / "run")
+    (tmp_path / "run" / "step-0000002.png").write_bytes(b"a picture")
+    (tmp_path / "run" / "notes.tmp").write_text("the user's")
+    code, _, err = run_main(["--steps", 2, *TOY_RUN, "--out", tmp_path / "run"], capsys)
+    assert_one_line_error(code, err, "already holds a run", "step-0000002.png")
+    assert sorted(os.listdir(tmp_path / "run")) == ["notes.tmp", "step-0000002.png"]
+    assert (tmp_path / "run" / "step-0000002.png").read_bytes() == b"a picture"
+
+
+def test_a_diverged_run_names_the_fix_that_works(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_main(["--steps", 3, *TOY_RUN, "--lr", 1e6, "--out", out], capsys)
+    assert_one_line_error(code, err, "the loss is nan", "no checkpoint yet", "--overwrite")
+    assert run_main(["--steps", 3, *TOY_RUN, "--overwrite", "--out", out], capsys)[0] == 0  # that fix works
+
+
+def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+    monkeypatch.setattr(mf.MeanFlow, "loss", oom)
+    assert_one_line_error(*run_main(["--steps", 2, *TOY_RUN, "--out", tmp_path / "run"], capsys)[::2],
+                          "out of memory", "--batch-size")
 
 
 def test_output_folder_that_is_a_file_or_under_one(tmp_path, capsys):

@@ -31,6 +31,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -41,6 +42,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import zipfile
 import zlib
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -105,8 +107,22 @@ NUMBERS = dict(
     shard=NONNEG, num_shards=COUNT, workers=NONNEG)  # --prepare-imagenet
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints its whole usage first: here the one line of every other error
+        hint = " (a negative value: --lr=-1e-3)" if "expected one argument" in message else ""
+        raise Fail(f"{message}{hint}; see --help")
+
+
+# MeanFlow's numeric knobs (--set KEY=VALUE), checked like the flags. A new knob gets its line (tested).
+ANY = (lambda v: True, "")
+KNOBS = dict(P_mean=ANY, P_std=POSITIVE, ratio_r_neq_t=UNIT, p=NONNEG, c=POSITIVE, omega=POSITIVE, kappa=FRACTION,
+             t_lo=UNIT, t_hi=UNIT, class_dropout=UNIT, beta_k=POSITIVE, minsnr_gamma=POSITIVE, dtd_stages=NONNEG,
+             dtd_patience=COUNT, dtd_share=UNIT, dtd_window=COUNT, omega_max=(lambda v: v >= 1, "1 or more"),
+             omega_beta=ANY)
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__.split("\n")[0])
     a = p.add_argument
     a("--data", default="checkerboard", help=f"{', '.join(toy_data.DATASETS)} (2-D) or {', '.join(IMAGE_DATA)}")
     a("--data-path", help="data folder (default " + ", ".join(f"{p} for {d}" for d, p in DATA_PATHS.items()) + ")")
@@ -142,7 +158,7 @@ def get_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the loss (default off): the forward-mode pass runs "
       "eagerly (Dynamo would drop meanflow.py's jvp rules); the guidance forwards and the rest compile")
     a("--sample", type=int, metavar="N", help="write N samples of the EMA model in <out>/ckpt.pt to an .npz, exit")
-    a("--sample-steps", type=int, default=1, help="NFE of --sample (default 1)")
+    a("--sample-steps", type=int, help="NFE of --sample (default 1)")
     a("--sample-omega", type=float, help="iMF: guidance scale at sampling, an input of the network (default: per "
       "size, meanflow.imf_guidance; also for the training pictures)")
     a("--sample-interval", type=float, nargs=2, metavar=("T_MIN", "T_MAX"), help="iMF: the guidance interval at "
@@ -153,19 +169,19 @@ def get_args(argv=None):
     a("--shard", type=int, help="--prepare-imagenet: the shard to encode (default RANK under torchrun, else 0)")
     a("--num-shards", type=int, help="--prepare-imagenet: number of shards (default WORLD_SIZE, else 1)")
     a("--vae", default="stabilityai/sd-vae-ft-mse", help="diffusers AutoencoderKL name or folder (default: paper's)")
-    a("--workers", type=int, default=4, help="--prepare-imagenet: image-decoding processes (default 4)")
+    a("--workers", type=int, help="--prepare-imagenet: image-decoding processes (default 4)")
     args = p.parse_args(argv)
 
     toy = args.data in toy_data.DATASETS
     if not toy and args.data not in IMAGE_DATA:
         raise Fail(f"unknown --data {args.data!r}; choose one of: {', '.join([*toy_data.DATASETS, *IMAGE_DATA])}")
-    args.model = args.model or ("mlp" if toy else "B/4")
+    args.model = ("mlp" if toy else "B/4") if args.model is None else args.model
     if args.model != "mlp" and args.model not in mf.DiT_models:
         raise Fail(f"unknown --model {args.model!r}; choose 'mlp' or one of: {', '.join(mf.DiT_models)}")
     if (args.model == "mlp") != toy:
         raise Fail(f"--model {args.model} does not fit --data {args.data}: 'mlp' is for 2-D data, a DiT for images")
     own = DATA_RECIPES.get(args.data, {})  # the dataset's own recipe, then the papers' ImageNet settings
-    args.recipe = args.recipe or own.get("recipe") or (TOY if toy else PAPER)["recipe"]
+    args.recipe = (own.get("recipe") or (TOY if toy else PAPER)["recipe"]) if args.recipe is None else args.recipe
     if args.recipe not in mf.RECIPES:
         raise Fail(f"unknown --recipe {args.recipe!r}; choose one of: {', '.join(mf.RECIPES)}")
     imf = mf.RECIPES[args.recipe]["imf"]
@@ -173,6 +189,9 @@ def get_args(argv=None):
                 **{k: v for k, v in own.items() if k not in ("knobs", "dropout")}}
     for k, v in defaults.items():
         setattr(args, k, v if getattr(args, k, None) is None else getattr(args, k))
+    if toy and not args.prepare_imagenet and (args.class_cond is not None or args.data_path is not None):
+        flag = "--data-path" if args.data_path is not None else "--class-cond"
+        raise Fail(f"{flag} is for image data; the 2-D toy {args.data} is sampled afresh and has no labels")
     args.class_cond = not toy and args.class_cond is not False
     if imf and not toy and args.model not in mf.iMF_models:
         raise Fail(f"--recipe imf trains the iMF network; --model {args.model} is not one of its sizes: "
@@ -182,13 +201,18 @@ def get_args(argv=None):
         raise Fail(f"--dropout is an option of the MeanFlow DiT, not of the {'iMF network' if imf else 'toy MLP'}")
     args.knobs, args.set_knobs = own.get("knobs", {}), parse_sets(args.set, args.recipe)
     args.data_path = args.data_path or DATA_PATHS.get("imagenet-latents" if args.prepare_imagenet else args.data)
+    if args.out == "":
+        raise Fail("--out is empty; pass a folder (or leave --out out for runs/<data>-<model>-<recipe>)")
     args.out = args.out or os.path.join("runs", f"{args.data}-{args.model.replace('/', '')}-{args.recipe}")
     for k, (ok, must) in NUMBERS.items():
         for v in getattr(args, k) if isinstance(getattr(args, k), list) else [getattr(args, k)]:  # nargs: each
             if v is not None and not (math.isfinite(v) and ok(v)):
                 finite = "finite " if isinstance(v, float) else ""
                 raise Fail(f"--{k.replace('_', '-')} {v} is out of range: pass a {finite}value {must}")
-    world = int(os.environ.get("WORLD_SIZE", 1))  # checked before any process group exists: all fail alike
+    world = os.environ.get("WORLD_SIZE", "1")  # checked before any process group exists: all fail alike
+    if not world.isdigit() or int(world) < 1:
+        raise Fail(f"WORLD_SIZE={world!r} in the environment is not a number of processes; unset it, or use torchrun")
+    world = int(world)
     if args.batch_size % world and not args.prepare_imagenet:
         raise Fail(f"--batch-size {args.batch_size} does not split over {world} processes; pass a multiple of {world}")
     if args.seed * world + world > 2**32:  # numpy seeds process k with seed * world + k
@@ -201,6 +225,16 @@ def get_args(argv=None):
         raise Fail(f"--shard {args.shard} is not among --num-shards {args.num_shards}; pass 0 to {args.num_shards - 1}")
     if args.overwrite and (args.resume or args.sample is not None):
         raise Fail("--overwrite starts a new run: it does not go with --resume or --sample")
+    if args.resume and args.sample is not None:
+        raise Fail("--sample reads the checkpoint as it is: it does not go with --resume")
+    only = [("--sample-steps", args.sample_steps, "--sample", args.sample is None),  # options of another mode
+            ("--fid-ref", args.fid_ref, "--sample on image data", args.sample is None or toy),
+            *[(f"--{k.replace('_', '-')}", getattr(args, k), "--prepare-imagenet", not args.prepare_imagenet)
+              for k in ("shard", "num_shards", "workers")]]
+    for flag, given, mode, elsewhere in only:
+        if given is not None and given is not False and elsewhere:
+            raise Fail(f"{flag} goes with {mode} only; leave it out")
+    args.sample_steps, args.workers = args.sample_steps or 1, 4 if args.workers is None else args.workers
     return args
 
 
@@ -229,6 +263,9 @@ def parse_sets(items, recipe):
         except (KeyError, ValueError):
             kind = {bool: "true or false", int: "an integer", str: "logit_normal or uniform"}.get(type(default), "a number")
             raise Fail(f"--set {key}={text!r}: the value must be {kind}{' or none' if nullable else ''}")
+        ok, must = KNOBS.get(key, ANY)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
+            raise Fail(f"--set {key}={text}: out of range; pass a value {must}")
         out[key] = value
     return out
 
@@ -330,7 +367,8 @@ def load_cifar10(path, rank):
                     d = pickle.load(tar.extractfile(m), encoding="bytes")
                     xs.append(np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32))
                     ys.append(np.asarray(d[b"labels"], np.int64))
-    except (OSError, tarfile.TarError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as err:
+    except (OSError, tarfile.TarError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError,
+            AttributeError) as err:  # TypeError: a member that is not a file, or a pickle of something else
         raise Fail(f"{tar_path} is not the CIFAR-10 python tarball ({type(err).__name__}); delete it to re-download")
     if not xs:
         raise Fail(f"{tar_path} holds no data_batch_* files; delete it to re-download")
@@ -358,7 +396,7 @@ class ImageNetLatents:
 
     def __init__(self, path):
         files = sorted(glob.glob(os.path.join(path, "shard-*-of-*.npy")))
-        if not files or len(files) != int(files[0].rsplit("-of-", 1)[1][:-4]):
+        if not files or {f.rsplit("-of-", 1)[1][:-4] for f in files} != {f"{len(files):05d}"}:  # as written below
             raise Fail(f"{path} holds {len(files)} latent shards, not a complete set; "
                        f"run train.py --prepare-imagenet IMAGENET/train --data-path {path}")
         try:
@@ -367,8 +405,11 @@ class ImageNetLatents:
         except (OSError, ValueError) as err:
             raise Fail(f"latents in {path} are unreadable ({type(err).__name__}); re-run --prepare-imagenet")
         self.start = np.cumsum([0] + [len(a) for a in self.lat])
-        if self.start[-1] != len(self.labels) or self.lat[0].shape[1:3] != (2, 2):
-            raise Fail(f"latents in {path} do not match their labels; re-run --prepare-imagenet")
+        C, H, _ = IMAGE_DATA["imagenet-latents"]  # each row: 2 flips x (mean, std) x (C, H, H)
+        if self.start[-1] != len(self.labels) or any(a.shape[1:] != (2, 2, C, H, H) for a in self.lat) \
+                or not np.issubdtype(self.labels.dtype, np.integer):
+            raise Fail(f"latents in {path} are not (N, 2, 2, {C}, {H}, {H}) with N integer labels; "
+                       f"re-run --prepare-imagenet")
 
     def __len__(self):
         return len(self.labels)
@@ -390,7 +431,8 @@ def load_data(args, rank):
         return None
     downloads = args.data == "cifar10" or (args.data, args.data_path) == ("fashion-mnist", DATA_PATHS["fashion-mnist"])
     if not downloads and not os.path.isdir(args.data_path):
-        raise Fail(f"--data-path {args.data_path} does not exist; pass the folder that holds {args.data}")
+        what = "is a file, not a folder" if os.path.exists(args.data_path) else "does not exist"
+        raise Fail(f"--data-path {args.data_path} {what}; pass the folder that holds {args.data}")
     if args.data == "fashion-mnist":
         return Pixels(*load_fashion_mnist(args.data_path, rank), flip=False)
     if args.data == "cifar10":
@@ -457,10 +499,6 @@ def load_images(files):  # DataLoader collate_fn: files -> (B, 3, 256, 256) in [
 
 
 def prepare_imagenet(args):
-    try:
-        from diffusers.models import AutoencoderKL
-    except ImportError:
-        raise Fail("--prepare-imagenet needs diffusers (an optional dependency): pip install diffusers")
     root, n = args.prepare_imagenet, args.num_shards or int(os.environ.get("WORLD_SIZE", 1))
     s = args.shard if args.shard is not None else int(os.environ.get("RANK", 0))
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
@@ -469,10 +507,7 @@ def prepare_imagenet(args):
     if not files:
         raise Fail(f"shard {s} of {n} of {root} holds no images; pass a class-per-folder tree of .jpeg/.jpg/.png")
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    try:
-        vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval()
-    except (OSError, ValueError) as err:
-        raise Fail(f"could not load the VAE {args.vae!r} ({type(err).__name__}); pass --vae with a local copy")
+    vae = load_vae(args, device)
     loader = torch.utils.data.DataLoader([f for f, _ in files], batch_size=32, num_workers=args.workers,
                                          collate_fn=load_images)
     name, lat, i = os.path.join(args.data_path, f"shard-{s:05d}-of-{n:05d}.npy"), None, 0
@@ -529,7 +564,10 @@ def load_checkpoint(path, args):
         raise Fail(f"{path} is not a readable checkpoint ({type(err).__name__}); delete it or pass another --out")
     need = ("args", "ema") if args.sample is not None else ("args", "model", "ema", "opt", "method", "step", "rng")
     missing = [k for k in need if k not in ckpt] if isinstance(ckpt, dict) else need
-    if missing or not isinstance(ckpt["args"], dict) or not isinstance(ckpt.get("step", 0), int):
+    if missing or not isinstance(ckpt["args"], dict) or not all(isinstance(ckpt.get(k, {}), dict) for k in
+                                                              ("model", "ema", "opt", "method")) \
+            or not isinstance(ckpt.get("step", 0), int) or ckpt.get("step", 0) < 0 \
+            or not isinstance(ckpt.get("time", 0.0), (int, float)):
         what = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else f"no {', '.join(missing) or 'valid args'}"
         raise Fail(f"{path} is not a train.py checkpoint ({what}); pass the --out of a train.py run")
     for k in ("data", "model", "recipe"):
@@ -609,13 +647,14 @@ def read_log(path, step):
 
 def claim_out(args):
     """--out checked before any work, by process 0. Training: it must be a writable folder not in use by a live
-    run (a lock file, which the system releases when a process dies, even by kill -9), and hold no run unless
-    --resume or --overwrite. Returns a function that releases it."""
+    run (a lock file, which the system releases when a process dies, even by kill -9), and hold no run (a
+    checkpoint, log or pictures) unless --resume or --overwrite. Returns a function that releases it and, with
+    --overwrite, the old run's files, which run() deletes only once every other check has passed."""
     out, rank = args.out, int(os.environ.get("RANK", 0))
     if os.path.exists(out) and not os.path.isdir(out):
         raise Fail(f"--out {out} is a file, not a folder; pass a folder")
     if rank or (args.sample is not None and not os.path.isdir(out)):  # --sample: load_checkpoint says what is amiss
-        return lambda: None
+        return (lambda: None), []
     new, d = [], os.path.abspath(out)  # the folders this run creates, deepest first: removed again if left empty
     while not os.path.exists(d):
         new, d = new + [d], os.path.dirname(d)
@@ -623,7 +662,7 @@ def claim_out(args):
         os.makedirs(out, exist_ok=True)
         if args.sample is not None:  # sampling only adds its .npz; check now that it will be able to
             tempfile.TemporaryFile(dir=out).close()
-            return lambda: None
+            return (lambda: None), []
         lock, path = None, os.path.join(out, "train.lock")
         while lock is None:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -655,20 +694,17 @@ def claim_out(args):
             except OSError:  # not empty: the run wrote something
                 break
 
-    for f in os.listdir(out):  # temporaries left by a kill -9 (not --sample's: it takes no lock, may be writing)
-        if (f.endswith(".tmp") or ".tmp-" in f) and not f.startswith("samples-"):
-            os.remove(os.path.join(out, f))
-    held = [f for f in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(out, f))]
-    if held and args.overwrite:  # asked for: the old run's files go
-        pictures = [os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(out), "step-*.png"))]
-        for f in held + pictures + ["loss.png"]:
-            if os.path.exists(os.path.join(out, f)):
-                os.remove(os.path.join(out, f))
-    elif held and not args.resume:
+    pictures = sorted(os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(out), "step-*.png")))
+    held = [f for f in ("ckpt.pt", "log.jsonl", "loss.png") if os.path.exists(os.path.join(out, f))] + pictures
+    if held and not (args.resume or args.overwrite):
         release()
-        raise Fail(f"--out {out} already holds a run ({' and '.join(held)}); pass --resume to continue it, "
+        names = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise Fail(f"--out {out} already holds a run ({names}); pass --resume to continue it, "
                    f"--overwrite to start over (deleting it), or another --out")
-    return release
+    for f in os.listdir(out):  # save_atomic's temporaries left by a kill -9 (not --sample's: it may be writing)
+        if re.search(r"\.tmp-\d+-[0-9a-f]{8}$", f) and not f.startswith("samples-"):
+            os.remove(os.path.join(out, f))
+    return release, held if args.overwrite else []
 
 
 class StopSignals:
@@ -709,12 +745,17 @@ def to_uint8(x):
 
 
 def load_vae(args, device):
+    """The SD-VAE of --vae (diffusers, an optional dependency); Fail with the reason when it cannot be loaded."""
     try:
         from diffusers.models import AutoencoderKL
-
+        from diffusers.utils import logging
+    except ImportError:
+        raise Fail("the SD-VAE needs diffusers (an optional dependency): pip install diffusers")
+    logging.set_verbosity_error()  # its warnings (a missing accelerate, the hub's retries) would bury the one line
+    try:
         return AutoencoderKL.from_pretrained(args.vae).to(device).eval()
-    except Exception as err:  # optional while training: the grids then show latent channels 0-2
-        print(f"no VAE to decode latents ({type(err).__name__}): pip install diffusers, check --vae", file=sys.stderr)
+    except Exception as err:
+        raise Fail(f"could not load the VAE {args.vae!r} ({type(err).__name__}); pass --vae with a local copy")
 
 
 @torch.no_grad()
@@ -807,13 +848,16 @@ def frechet_distance(f1, f2):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
+FID_DIMS = 2048  # the Inception network's pool features, as the ADM evaluator's
+
+
 def inception_features(images, device):
     """Pool features (N, 2048) of pytorch-fid's Inception for uint8 (N, H, W, 3) images; None if it is missing.
     It resizes slightly differently from the ADM evaluator's TensorFlow graph: close, not identical numbers."""
     try:
         from pytorch_fid.inception import InceptionV3
 
-        inception = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
+        inception = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[FID_DIMS]]).to(device).eval()
     except Exception as err:
         print(f"FID skipped: no Inception network ({type(err).__name__}); pip install pytorch-fid", file=sys.stderr)
         return None
@@ -828,23 +872,28 @@ def fid(images, ref, device):
     feats = inception_features(images, device)
     if feats is None:
         return None
-    if isinstance(ref, tuple):
-        if ref[0].shape != feats.shape[1:] or ref[1].shape != 2 * feats.shape[1:]:
-            raise Fail(f"the reference mu/sigma have shapes {ref[0].shape}, {ref[1].shape}; the Inception features "
-                       f"{feats.shape[1]} dims: pass a reference made with 2048-d pool features")
+    if isinstance(ref, tuple):  # (mu, sigma) of 2048-d features: checked by fid_reference
         return frechet_distance(feats, ref)
     ref_feats = inception_features(ref, device)
     return None if ref_feats is None else frechet_distance(feats, ref_feats)
 
 
 def fid_reference(path):
-    """--fid-ref as the ADM evaluator reads it: its mu/sigma when present, else its images arr_0 (and a label)."""
+    """--fid-ref as the ADM evaluator reads it: its mu/sigma when present, else its images arr_0 (and a label).
+    Read and checked before any sample is drawn."""
     try:
-        with np.load(path) as f:
+        f = np.load(path)
+        if not isinstance(f, np.lib.npyio.NpzFile):  # an .npy array under an .npz name
+            raise ValueError
+        with f:
             if "mu" in f.files and "sigma" in f.files:
-                return (f["mu"].astype(np.float64), f["sigma"].astype(np.float64)), f"the mu/sigma stored in {path}"
+                mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+                if mu.shape != (FID_DIMS,) or sigma.shape != (FID_DIMS, FID_DIMS):
+                    raise Fail(f"--fid-ref {path}: mu/sigma have shapes {mu.shape}, {sigma.shape}, not those of the "
+                               f"Inception network's {FID_DIMS}-d pool features; pass a reference made with them")
+                return (mu, sigma), f"the mu/sigma stored in {path}"
             ref = f["arr_0"]
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise Fail(f"--fid-ref {path} is not a reference .npz with mu/sigma or arr_0 images ({type(err).__name__})")
     if ref.dtype != np.uint8 or ref.ndim != 4 or ref.shape[3] != 3:
         raise Fail(f"--fid-ref {path}: arr_0 is {ref.dtype} {ref.shape}, not uint8 N x H x W x 3 images")
@@ -854,8 +903,9 @@ def fid_reference(path):
 def sample_to_npz(args, method, net, data, rank, world, device):
     """--sample N: the EMA model's samples as the ADM evaluator reads them (arr_0 images, arr_1 labels)."""
     N, k, vae = args.sample, args.sample_steps, None
-    if args.data == "imagenet-latents" and (vae := load_vae(args, device)) is None:
-        raise Fail("--sample on latents needs the VAE to decode them: pip install diffusers, and check --vae")
+    ref = fid_reference(args.fid_ref) if args.fid_ref and rank == 0 else None  # a bad file fails before sampling
+    if args.data == "imagenet-latents":  # the samples are images: decoded by the VAE
+        vae = load_vae(args, device)
     x, y = generate(args, method, net, range(rank * N // world, (rank + 1) * N // world), k, device, vae)
     path = os.path.join(args.out, f"samples-{N}-nfe{k}.npz")
     if world > 1:  # every process leaves its part, process 0 joins them in order
@@ -873,8 +923,7 @@ def sample_to_npz(args, method, net, data, rank, world, device):
         if args.data not in IMAGE_DATA:
             print("energy distance {:.5f}, sliced Wasserstein {:.5f} to {}".format(*toy_distances(args, x), args.data))
         elif args.fid_ref or isinstance(data, Pixels):
-            ref, what = fid_reference(args.fid_ref) if args.fid_ref else \
-                (to_uint8(data.x.float() / 127.5 - 1), f"the {len(data)} training images")
+            ref, what = ref or (to_uint8(data.x.float() / 127.5 - 1), f"the {len(data)} training images")
             if (score := fid(x, ref, device)) is not None:
                 labels = f"labels balanced over {len(np.unique(y))} classes" if y is not None else "unconditional"
                 print(f"FID {score:.2f} of {N} samples ({labels}) against {what}, with pytorch-fid's Inception. "
@@ -895,16 +944,21 @@ def make_method(args):
     imagenet = args.data == "imagenet-latents" and not mf.RECIPES[args.recipe]["imf"]
     guidance = dict(mf.paper_guidance.get(args.model, {})) if imagenet and args.class_cond else {}
     guidance.update({k: getattr(args, k) for k in ("omega", "kappa", "t_lo", "t_hi") if getattr(args, k) is not None})
-    if guidance and not args.class_cond:
+    guided = guidance.keys() | (args.set_knobs.keys() & {"omega", "kappa", "t_lo", "t_hi"})  # flags or --set
+    if guided and not args.class_cond:
         raise Fail("--omega, --kappa, --t-lo and --t-hi guide with labels; this run is unconditional (see --class-cond)")
-    if guidance and mf.RECIPES[args.recipe]["imf"]:
+    if guided and mf.RECIPES[args.recipe]["imf"]:
         raise Fail("--omega, --kappa, --t-lo and --t-hi set MeanFlow's guidance in the target; iMF draws omega and "
                    "the interval in training and takes them at sampling: --sample-omega, --sample-interval")
     try:
-        return mf.MeanFlow(recipe=args.recipe, **{**(mf.TOY_OVERRIDES if toy else {}), **args.knobs, **guidance,
-                                                  **args.set_knobs})
+        method = mf.MeanFlow(recipe=args.recipe, **{**(mf.TOY_OVERRIDES if toy else {}), **args.knobs, **guidance,
+                                                    **args.set_knobs})
     except ValueError as err:
         raise Fail(f"{err} (from --recipe {args.recipe} and --set)")
+    if method.t_lo > method.t_hi:
+        raise Fail(f"the guidance interval is [{method.t_lo}, {method.t_hi}] (--t-lo/--t-hi, --set): t_lo must not "
+                   "be above t_hi")
+    return method
 
 
 def get_lr(step, args):  # a pure function of the step, so that resuming needs no scheduler state
@@ -987,7 +1041,10 @@ def resume(args, job):
         if job.rank == 0:  # drop the lines logged after the checkpoint
             save_atomic(job.log_path, lambda f: f.write("".join(map(log_line, history)).encode()))
     if args.data == "imagenet-latents" and job.rank == 0:
-        job.vae = load_vae(args, job.device)  # for the pictures
+        try:  # for the pictures
+            job.vae = load_vae(args, job.device)
+        except Fail as err:
+            print(f"no VAE to decode latents ({err}); the grids show latent channels 0-2", file=sys.stderr)
 
 
 def train_step(args, job, loss_fn, x, y):
@@ -1004,8 +1061,9 @@ def train_step(args, job, loss_fn, x, y):
         stats /= job.world
     stats = stats.tolist()
     if not math.isfinite(stats[0]):
-        last = f"{job.ckpt_path} is the last good checkpoint" if os.path.exists(job.ckpt_path) else "no checkpoint yet"
-        raise Fail(f"the loss is {stats[0]} at step {job.step + 1}; stopped, {last}; lower --lr and --resume")
+        fix = (f"{job.ckpt_path} is the last good checkpoint; lower --lr and --resume" if os.path.exists(job.ckpt_path)
+               else "no checkpoint yet; run again with a lower --lr and --overwrite")
+        raise Fail(f"the loss is {stats[0]} at step {job.step + 1}; stopped, {fix}")
     job.opt.zero_grad(set_to_none=True)
     loss.backward()  # under DDP: gradients averaged over the processes here
     job.opt.step()
@@ -1111,12 +1169,14 @@ def train(args, job):
               + (f"; samples and loss curves {figure}" if figure else ""))
 
 
-def run(args):
-    job = set_up(args)
+def run(args, replaced=()):
+    job = set_up(args)  # every check of the method, data and network: only then does an --overwrite delete
+    for f in replaced:
+        os.remove(os.path.join(args.out, f))
     if args.sample is not None:  # --sample: the EMA weights of the checkpoint draw samples into an .npz
         try:
             job.net.load_state_dict(load_checkpoint(job.ckpt_path, args)["ema"])
-        except RuntimeError:
+        except (RuntimeError, ValueError, KeyError, TypeError):
             raise Fail(job.fits)
         return sample_to_npz(args, job.method, job.net.eval(), job.data, job.rank, job.world, job.device)
     resume(args, job)
@@ -1156,11 +1216,17 @@ def main(argv=None):
         if args.prepare_imagenet:
             prepare_imagenet(args)
         else:
-            release = claim_out(args)
-            run(args)
+            release, replaced = claim_out(args)
+            run(args, replaced)
         return 0
     except Fail as err:
         print("train.py: error: " + " ".join(str(err).split()), file=sys.stderr)  # always one line
+        return 2
+    except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError; a CPU allocation fails so
+        if not isinstance(err, MemoryError) and not re.search(r"out of memory|can't allocate memory", str(err)):
+            raise
+        print(f"train.py: error: out of memory ({type(err).__name__}); pass a smaller --batch-size (it is split over "
+              "the processes) or a smaller --model", file=sys.stderr)
         return 2
     except Stopped as stop:  # SIGINT or SIGTERM while training: checkpoint written
         if rank == 0:
