@@ -21,6 +21,7 @@ import sys
 import tarfile
 import time
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -2521,3 +2522,124 @@ def test_rms_norm_keeps_fp32_under_bf16_autocast():
     x32 = x.bfloat16().float()
     ref = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16() * norm.weight
     assert out.dtype == ref.dtype and (out != ref).float().mean() < 1e-3
+
+
+# --- bugs a mutation audit found the suite missing (each test fails with its bug, passes without) ---
+# beta on r = t rows, a DTD field lost on resume, labels dropped on r != t rows, iMF's omega law for beta != 1,
+# unpatchify's patch grid, DTD counting no-grad calls, the DiT's positions, iMF's Euler sampler reading the u-head,
+# the DiT's t - r input, addcmul's value, train.py's EMA, warm-up and progress.
+
+def test_beta_weights_only_the_r_neq_t_rows():  # 5c
+    m = mf.MeanFlow("improved-dtd")
+    t = torch.rand(8)
+    assert torch.equal(m.weights(t, t, 0.0), torch.ones(8))
+    assert torch.allclose(m.weights(t, 0.5 * t, 0.0), m.beta(0.5 * t, 0.0))
+
+
+def test_dtd_state_dict_round_trips_and_resumes_every_field():  # 7d, 7e, 7i
+    kw = dict(dtd_share=0, dtd_window=7, dtd_patience=60)
+    a, g = mf.MeanFlow("improved-dtd", **kw), torch.Generator().manual_seed(0)
+    losses = 1 + 0.1 * torch.randn(200, generator=g)
+    for v in losses[:10]:  # mid-window, after the stage's first window: every field of the state in use
+        a.dtd_step(v)
+    sd = a.state_dict()
+    assert sd["dtd_steps"] == 10 and sd["dtd_prev"] is not None and sd["dtd_acc"][2] == 3
+    b = mf.MeanFlow("improved-dtd", **kw)
+    b.load_state_dict(a.state_dict())
+    assert b.state_dict() == a.state_dict()
+    for v in losses[10:]:
+        a.dtd_step(v), b.dtd_step(v)
+        assert b.state_dict() == a.state_dict()
+
+
+def test_no_label_dropped_on_r_neq_t_rows_even_when_k_exceeds_the_r_eq_t_rows():  # 8d
+    m, y = mf.MeanFlow("meanflow", class_dropout=0.9), torch.zeros(8, dtype=torch.long)
+    torch.manual_seed(0)
+    for _ in range(200):
+        assert not m.drop_labels(y, 6, 3)[1][:6].any()
+        assert not m.drop_labels(y, 8, 3)[1].any()  # no r = t rows: nothing dropped
+
+
+def test_imf_omega_law_for_beta_not_one():  # 12d: p(omega) ~ omega^-1/2 on [1, 8]: CDF (sqrt(w) - 1) / (sqrt(8) - 1)
+    m = mf.MeanFlow("imf", omega_beta=0.5)
+    torch.manual_seed(0)
+    t = torch.rand(200_000)
+    omega = m.sample_imf_conditions(t, t)[0]
+    median = (1 + 0.5 * (8**0.5 - 1)) ** 2  # 3.664
+    assert abs(omega.median().item() - median) < 0.03 and 7.9 < omega.max() <= 8 and omega.min() >= 1
+
+
+def test_unpatchify_puts_each_token_back_at_its_patch():  # 17a (the order inside a patch is free: the linear layers absorb it)
+    net = tiny_dit()
+    ids = torch.arange(16.0).view(1, 1, 4, 4).repeat_interleave(2, 2).repeat_interleave(2, 3)  # (1, 1, 8, 8): patch ids
+    z = ids.expand(2, 2, 8, 8)  # every pixel and channel of a patch holds the patch's id
+    assert torch.equal(net.unpatchify(net.patchify(z)), z)
+    assert net.patchify(z)[0, :, 0].tolist() == list(range(16))  # token n is patch (n // 4, n % 4), row-major
+
+
+def test_dtd_ignores_no_grad_calls():  # 17e
+    m = mf.MeanFlow("improved-dtd", dtd_patience=1)
+    with torch.no_grad():
+        for _ in range(3):
+            m.dtd_step(torch.tensor(1.0))
+    assert m.dtd_stage == 0
+    m.dtd_step(torch.tensor(1.0))
+    assert m.dtd_stage == 1
+
+
+def test_dit_uses_its_positional_embedding():  # 17g
+    net = randomize(tiny_dit(num_classes=3), std=0.3)
+    z, t = torch.randn(2, 2, 8, 8), torch.rand(2)
+    u = net(z, t, t / 2)
+    net.pos_embed.zero_()
+    assert not torch.allclose(net(z, t, t / 2), u, atol=1e-4)
+
+
+def test_imf_euler_sampler_reads_the_v_head():  # 17k
+    method = mf.MeanFlow("imf")
+    net = randomize(mf.MLP(dim=2, hidden=32, **method.net_kwargs), std=0.3)
+    e, ones = torch.randn(10, 2), torch.ones(10)
+    v = net(e, ones, ones, None, ones, 0 * ones, ones, return_v="only")
+    assert torch.allclose(method.sample_euler(net, e, steps=1), e - v, atol=1e-6)
+
+
+def test_dit_sees_r_only_through_t_minus_r():  # 14a
+    net = randomize(tiny_dit(), std=0.3)
+    with torch.no_grad():  # silence the t-embedding: u then depends on (t, r) through h = t - r only
+        net.t_embedder.mlp[2].weight.zero_(), net.t_embedder.mlp[2].bias.zero_()
+    z, t = torch.randn(2, 2, 8, 8), 0.5 + 0.4 * torch.rand(2)
+    r = t / 2
+    assert torch.allclose(net(z, t + 0.05, r + 0.05), net(z, t, r), atol=1e-6)
+    assert not torch.allclose(net(z, t, r / 2), net(z, t, r), atol=1e-4)
+
+
+def test_addcmul_rule_honours_value():  # 11l
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+    check_rule(lambda a, b, c: torch.addcmul(a, b, c, value=0.3), (rnd(2, 5), rnd(2, 5), rnd(2, 5)))
+
+
+def test_update_ema_moves_by_one_minus_decay():  # 16a
+    ema, net = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    torch.nn.init.zeros_(ema.weight), torch.nn.init.ones_(net.weight)
+    train.update_ema(ema, net, 0.9)
+    assert torch.allclose(ema.weight, torch.full((2, 2), 0.1))
+
+
+def test_warmup_starts_at_lr_over_warmup():  # 16c
+    args = SimpleNamespace(lr=1.0, warmup=10)
+    assert [train.get_lr(s, args) for s in (0, 4, 9, 10)] == [0.1, 0.5, 1.0, 1.0]
+
+
+def test_train_step_passes_progress_step_over_steps():  # 16b
+    net = torch.nn.Linear(2, 2)
+    seen = []
+
+    def loss_fn(x, y, progress):
+        seen.append(progress)
+        return net(x).sum(), dict(loss=torch.tensor(1.0))
+
+    job = SimpleNamespace(opt=torch.optim.SGD(net.parameters(), lr=0.0), step=3, device="cpu", world=1,
+                                ema=torch.nn.Linear(2, 2), net=net, ckpt_path="none")
+    train.train_step(SimpleNamespace(lr=0.0, warmup=0, steps=10, ema=0.5), job, loss_fn, torch.ones(1, 2), None)
+    assert seen == [0.3] and job.step == 4
