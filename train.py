@@ -219,7 +219,7 @@ def get_args(argv=None):
         raise Fail(f"--seed {args.seed} is too large for {world} processes; pass one below {2**32 // world}")
     if args.stop_at is not None and args.steps is not None and args.stop_at > args.steps:
         raise Fail(f"--stop-at {args.stop_at} is beyond --steps {args.steps}; pass a step within the run")
-    if args.t_lo is not None and args.t_hi is not None and args.t_lo > args.t_hi:
+    if args.t_lo is not None and args.t_hi is not None and args.t_lo > args.t_hi:  # the flags, before any work
         raise Fail(f"--t-lo {args.t_lo} is above --t-hi {args.t_hi}; the guidance interval needs t_lo <= t_hi")
     if args.shard is not None and args.num_shards is not None and args.shard >= args.num_shards:
         raise Fail(f"--shard {args.shard} is not among --num-shards {args.num_shards}; pass 0 to {args.num_shards - 1}")
@@ -232,7 +232,7 @@ def get_args(argv=None):
             *[(f"--{k.replace('_', '-')}", getattr(args, k), "--prepare-imagenet", not args.prepare_imagenet)
               for k in ("shard", "num_shards", "workers")]]
     for flag, given, mode, elsewhere in only:
-        if given is not None and given is not False and elsewhere:
+        if given is not None and elsewhere:
             raise Fail(f"{flag} goes with {mode} only; leave it out")
     args.sample_steps, args.workers = args.sample_steps or 1, 4 if args.workers is None else args.workers
     return args
@@ -552,6 +552,10 @@ def set_rng_state(s):
     random.setstate((3, tuple(s["python"]), None))
 
 
+CKPT_KINDS = dict(args=dict, model=dict, ema=dict, opt=dict, method=dict, step=int, time=(int, float))
+LOAD_ERRORS = (RuntimeError, ValueError, KeyError, TypeError, IndexError)  # load_state_dict of another network's
+
+
 def load_checkpoint(path, args):
     """<out>/ckpt.pt, checked before use: a train.py checkpoint, with what --resume (or --sample) needs, of this
     --data, --model and --recipe."""
@@ -564,11 +568,10 @@ def load_checkpoint(path, args):
         raise Fail(f"{path} is not a readable checkpoint ({type(err).__name__}); delete it or pass another --out")
     need = ("args", "ema") if args.sample is not None else ("args", "model", "ema", "opt", "method", "step", "rng")
     missing = [k for k in need if k not in ckpt] if isinstance(ckpt, dict) else need
-    if missing or not isinstance(ckpt["args"], dict) or not all(isinstance(ckpt.get(k, {}), dict) for k in
-                                                              ("model", "ema", "opt", "method")) \
-            or not isinstance(ckpt.get("step", 0), int) or ckpt.get("step", 0) < 0 \
-            or not isinstance(ckpt.get("time", 0.0), (int, float)):
-        what = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else f"no {', '.join(missing) or 'valid args'}"
+    wrong = [] if missing else [k for k, kind in CKPT_KINDS.items() if k in ckpt and not isinstance(ckpt[k], kind)]
+    if missing or wrong or ckpt.get("step", 0) < 0:
+        what = (f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else f"no {', '.join(missing)}" if missing
+                else f"a wrong {', '.join(wrong) or 'step'}")
         raise Fail(f"{path} is not a train.py checkpoint ({what}); pass the --out of a train.py run")
     for k in ("data", "model", "recipe"):
         if ckpt["args"].get(k) != getattr(args, k):
@@ -955,9 +958,9 @@ def make_method(args):
                                                     **args.set_knobs})
     except ValueError as err:
         raise Fail(f"{err} (from --recipe {args.recipe} and --set)")
-    if method.t_lo > method.t_hi:
-        raise Fail(f"the guidance interval is [{method.t_lo}, {method.t_hi}] (--t-lo/--t-hi, --set): t_lo must not "
-                   "be above t_hi")
+    if method.t_lo > method.t_hi:  # with --set or the size's paper guidance mixed in (the flags alone: get_args)
+        raise Fail(f"--t-lo {method.t_lo} is above --t-hi {method.t_hi}: the guidance interval [{method.t_lo}, "
+                   f"{method.t_hi}] needs t_lo <= t_hi (--t-lo/--t-hi, or --set t_lo=/t_hi=)")
     return method
 
 
@@ -1034,7 +1037,7 @@ def resume(args, job):
                 set_rng_state(ckpt["rng"][job.rank])
             elif job.rank == 0:
                 print(f"resuming a {len(ckpt['rng'])}-process run on {job.world}: fresh random streams", file=sys.stderr)
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError):
+        except LOAD_ERRORS:
             raise Fail(job.fits)
         job.history = history = read_log(job.log_path, step)
         job.elapsed = ckpt.get("time", history[-1]["time"] if history else 0.0)
@@ -1176,7 +1179,7 @@ def run(args, replaced=()):
     if args.sample is not None:  # --sample: the EMA weights of the checkpoint draw samples into an .npz
         try:
             job.net.load_state_dict(load_checkpoint(job.ckpt_path, args)["ema"])
-        except (RuntimeError, ValueError, KeyError, TypeError):
+        except LOAD_ERRORS:
             raise Fail(job.fits)
         return sample_to_npz(args, job.method, job.net.eval(), job.data, job.rank, job.world, job.device)
     resume(args, job)
