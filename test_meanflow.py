@@ -2644,3 +2644,28 @@ def test_train_step_passes_progress_step_over_steps():  # 16b
                                 ema=torch.nn.Linear(2, 2), net=net, ckpt_path="none")
     train.train_step(SimpleNamespace(lr=0.0, warmup=0, steps=10, ema=0.5), job, loss_fn, torch.ones(1, 2), None)
     assert seen == [0.3] and job.step == 4
+
+
+def test_readme_teaching_path_cites_the_lines_of_the_functions_it_names():
+    """README's teaching path sends a reader to meanflow.py by line ranges ("`jvp` and `StockRules` (lines A-B)"):
+    each range must hold the functions named before it, start at most a section banner above the first and end
+    within 3 lines of where the last one ends. Line numbers drift whenever the file changes; this makes it fail."""
+    import ast
+    import re
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    para = readme[readme.index("**Teaching path.**"):]
+    para = para[:para.index("\n\n")]
+    spans = {}  # name -> (first line incl. decorators, last line)
+    for node in ast.walk(ast.parse(open(os.path.join(HERE, "meanflow.py"), encoding="utf-8").read())):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            spans.setdefault(node.name, (first, node.end_lineno))
+    pieces = re.split(r"\(lines (\d+)–(\d+)\)", para)  # text, A, B, text, A, B, ..., text
+    assert len(pieces) == 1 + 3 * 3, "the teaching path cites three ranges"
+    for k in range(0, len(pieces) - 1, 3):
+        a, b = int(pieces[k + 1]), int(pieces[k + 2])
+        named = [spans[n] for n in re.findall(r"`(\w+)`", pieces[k].split(")")[-1]) if n in spans]
+        inside = [s for s in named if not (s[0] < a and s[1] > b)]  # drop an enclosing class (`MeanFlow`)
+        assert inside, (a, b)
+        assert all(a <= s0 and s1 <= b for s0, s1 in inside), (a, b, inside)
+        assert min(s0 for s0, _ in inside) - a <= 15 and 0 <= b - max(s1 for _, s1 in inside) <= 3, (a, b, inside)
