@@ -147,10 +147,11 @@ RECIPES = {
 # Low-dimensional data (the 2-D toys): one knob differs from the ImageNet recipe [ours, measured with the toy MLP
 # against the exact u of toy_data's Gaussian mixture and on the checkerboard, 3 seeds; README "The 2-D regime"].
 # - p = 0.5, not 1: with 2 dimensions the per-sample error is dominated by the spread of e - x, and
-#   l / (l + c)^p turns the regression into a median-like fit: with p = 1 the v error stays at 1.08 after 1500
-#   steps (untrained: 1.31). p = 0 learns v best (0.14 vs 0.28 with p = 0.5), but p = 0.5 learns the
-#   large-interval u that one step uses better (1-NFE jump error 0.07 vs 0.15) and puts more 1-NFE samples on
-#   the checkerboard's squares (78% vs 60-64% after 1500 steps).
+#   l / (l + c)^p discounts large errors: p = 0.5 fits like a norm (towards a median), p = 1 like log l, which all
+#   but ignores them: with p = 1 the v error stays at 1.08 after 1500 steps (untrained: 1.31). p = 0 learns v
+#   best (0.14 vs 0.28 with p = 0.5), but p = 0.5 learns the large-interval u that one step uses better (1-NFE
+#   jump error 0.07 vs 0.15) and puts more 1-NFE samples on the checkerboard's squares (78% vs 60-64% after 1500
+#   steps).
 # Kept from the paper: logit-normal(-0.4, 1) and 25% r != t (shares 0.5, 0.75 changed nothing measurable; uniform t
 # and P_mean 0 were worse; P_mean -1.2 is faster on the checkerboard but slower on the mixture's 1-NFE map: the toy
 # test's distance 0.07-0.09 instead of 0.02-0.03, 3 seeds). train.py applies TOY_OVERRIDES to every 2-D data set;
@@ -222,7 +223,9 @@ class MeanFlow:
     # ---- the MeanFlow loss: u_tgt = v - (t - r) (v . d_z u + d_t u), error |u - sg(u_tgt)|^2 with the
     # adaptive weight 1 / sg((l + c)^p) (MeanFlow: the identity as a loss; tangent (v, 1, 0): Table 1b) ----
     def adaptive(self, l):
-        """l / sg((l + c)^p) per sample: p = 1 makes every sample's gradient about unit size."""
+        """l / sg((l + c)^p) per sample. Its gradient in u is 2 (u - u_tgt) / (l + c)^p: p = 0.5 gives every sample
+        about the same gradient size (a norm, like the Pseudo-Huber loss), p = 1 a weighted loss of about 1 each
+        (a gradient ~ 1 / |u - u_tgt|, like log l), p = 0 the plain squared error."""
         return l / (l.detach() + self.c) ** self.p
 
     def loss(self, net, x, y=None, progress=0.0, t=None, r=None, e=None):
@@ -345,8 +348,8 @@ class MeanFlow:
     # Pacing [ours, our reading of the DTD paper]: a stage ends when its v-loss has converged (the mean of the last
     # dtd_window steps not below the window before by 2 standard errors), at the latest after dtd_patience = tau
     # steps (the paper's "maximum patience"; read as "steps without a new best" it never ends while the loss
-    # improves) or at progress s * dtd_share / (N - 1). One host sync and one all-reduce of 3 numbers a window:
-    # every process decides on the same global values at the same step.
+    # improves) or at progress (k + 1) * dtd_share / (N - 1) for stage k. One host sync and one all-reduce of
+    # 3 numbers a window: every process decides on the same global values at the same step.
     @torch.compiler.disable  # Python state and a host sync: never traced
     def dtd_step(self, v_loss, progress=0.0):
         """One training step of the curriculum; loss() calls it (calls under torch.no_grad() do not count).
@@ -675,6 +678,8 @@ class DiT(nn.Module):
         z = z.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
         return z.reshape(B, (H // p) * (W // p), C * p * p)
 
+    # Inside a patch, patchify orders (C, p, p) and unpatchify (p, p, C), as DiT's output layer: not inverses of each
+    # other, and they need not be (a learned Linear reads and writes each patch). Patches keep their place.
     def unpatchify(self, x):  # (B, N, p*p*C) -> (B, C, H, W)
         B, N, _ = x.shape
         p, c, g = self.patch_size, self.in_channels, int(N**0.5)
