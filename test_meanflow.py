@@ -13,7 +13,9 @@ import json
 import math
 import os
 import pickle
+import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -64,9 +66,10 @@ def functorch_jvp(f, primals, tangents):  # torch.func.jvp with PyTorch's own ru
 JVPS = {"dual": mf.jvp, "functorch": functorch_jvp}  # the loss uses mf.jvp
 
 
-def jvp_and_fd(net, z, t, r, y=None, h=1e-6, jvp=mf.jvp, **cond):
-    """du/dt along (dz, dt, dr) = (v, 1, 0) by forward-mode AD, and by central finite differences."""
-    v = torch.randn_like(z)
+def jvp_and_fd(net, z, t, r, y=None, h=1e-6, jvp=mf.jvp, v=None, **cond):
+    """du/dt along (dz, dt, dr) = (v, 1, 0) by forward-mode AD, and by central finite differences (v random unless
+    given)."""
+    v = torch.randn_like(z) if v is None else v
     f = lambda z, t, r: net(z, t, r, y, **cond)
     _, dudt = jvp(f, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
     fd = (f(z + h * v, t + h, r) - f(z - h * v, t - h, r)) / (2 * h)
@@ -109,12 +112,19 @@ def test_jvp_matches_finite_differences_fp64(name, jvp):
     if getattr(net, "guidance_cond", False):
         cond = dict(omega=torch.tensor([1.0, 2.5, 7.0], dtype=torch.float64),
                     t_min=torch.zeros(3, dtype=torch.float64), t_max=torch.ones(3, dtype=torch.float64))
-    dudt, fd = jvp_and_fd(net, z, t, r, y, jvp=JVPS[jvp], **cond)
-    assert rel(dudt, fd) < 1e-7
-    # the tangent order matters: (v, 0, 1), a classic bug, is far from the truth
     v = torch.randn_like(z)
-    _, wrong = JVPS[jvp](lambda z, t, r: net(z, t, r, y, **cond), (z, t, r), (v, torch.zeros_like(t), torch.ones_like(r)))
-    assert rel(wrong, fd) > 0.05
+    dudt, fd = jvp_and_fd(net, z, t, r, y, jvp=JVPS[jvp], v=v, **cond)
+    assert rel(dudt, fd) < 1e-7
+    # Each slot of the tangent reaches its own input: along z, t and r alone, against finite differences (a
+    # tangent given as (v, 0, 1), a classic bug, or one that drops a slot fails here on every network).
+    f, h = (lambda z, t, r: net(z, t, r, y, **cond)), 1e-6
+    parts = {}
+    for name, (dz, dt, dr) in {"z": (v, 0.0, 0.0), "t": (0 * v, 1.0, 0.0), "r": (0 * v, 0.0, 1.0)}.items():
+        part = JVPS[jvp](f, (z, t, r), (dz, torch.full_like(t, dt), torch.full_like(r, dr)))[1]
+        fd_part = (f(z + h * dz, t + h * dt, r + h * dr) - f(z - h * dz, t - h * dt, r - h * dr)) / (2 * h)
+        assert rel(part, fd_part) < 1e-6, name
+        parts[name] = part
+    assert rel(parts["t"], parts["r"]) > 0.05 and rel(parts["z"] + parts["t"], dudt) < 1e-12
 
 
 def test_jvp_fp32_and_bf16_autocast_close_to_fp64():
@@ -233,8 +243,9 @@ def test_saved_values_carry_no_tangent():
 
 
 def test_compiled_loss_matches_eager():
-    """torch.compile of the loss (train.py --compile): Dynamo would trace our layers' forward and silently drop
-    their jvp rules, so jvp() runs eagerly inside the compiled loss; the guidance forward and the rest compile."""
+    """torch.compile of the loss (train.py --compile): jvp() runs eagerly inside it (Dynamo does not trace dual
+    tensors under a TorchFunctionMode), the guidance forward and the rest compile: graphs are counted, so a loss
+    that silently stopped compiling fails here."""
     torch.manual_seed(0)
     method = mf.MeanFlow("meanflow", omega=2.0, kappa=0.3, class_dropout=0.0, p=0.0)  # no random label drops
     net = randomize(tiny_dit(num_classes=3))
@@ -242,7 +253,10 @@ def test_compiled_loss_matches_eager():
     t, r = method.sample_t_r(4)
     e = torch.randn_like(x)
     loss = lambda: method.loss(net, x, y, t=t, r=r, e=e)[0]
-    eager, compiled = loss(), torch.compile(loss)()
+    graphs, inductor = [], torch._dynamo.lookup_backend("inductor")
+    backend = lambda gm, example_inputs: graphs.append(gm) or inductor(gm, example_inputs)
+    eager, compiled = loss(), torch.compile(loss, backend=backend)()
+    assert sum(n.op == "call_function" for g in graphs for n in g.graph.nodes) > 50  # ~270 ops in ~7 graphs
     g_eager = torch.autograd.grad(eager, list(net.parameters()))
     g_compiled = torch.autograd.grad(compiled, list(net.parameters()))
     assert torch.allclose(eager, compiled, rtol=1e-5)
@@ -456,7 +470,11 @@ def test_imf_guidance_conditions_and_sampling_at_any_omega():
     assert omega.min() >= 1 and omega.max() <= 8 and abs(omega.log().mean() - math.log(8) / 2) < 0.02  # 8^U
     fm = t == r
     assert (t_min[fm] == 0).all() and (t_max[fm] == 1).all()
-    assert t_min[~fm].max() <= 0.5 and t_max[~fm].min() >= 0.5
+    lo, hi = t_min[~fm], t_max[~fm]  # the r != t rows: t_min ~ U[0, 0.5], t_max ~ U[0.5, 1] (official)
+    assert abs(lo.mean() - 0.25) < 0.01 and abs(hi.mean() - 0.75) < 0.01
+    assert lo.min() >= 0 and lo.min() < 0.01 and 0.49 < lo.max() <= 0.5
+    assert hi.min() >= 0.5 and hi.min() < 0.51 and 0.99 < hi.max() <= 1
+    assert abs(torch.corrcoef(torch.stack([lo, hi]))[0, 1]) < 0.05  # drawn independently
     assert abs(fm.float().mean() - 0.5) < 1e-3
     net = randomize(tiny_dit(num_classes=3, **method.net_kwargs))
     e, y = torch.randn(4, 2, 8, 8), torch.tensor([0, 1, 2, 0])
@@ -813,8 +831,14 @@ def test_batches_are_a_function_of_the_step_and_split_over_processes(tmp_path):
         x, y = train.get_batch(args, data, step, 0, 1)
         halves = [train.get_batch(args, data, step, r, 2) for r in range(2)]
         assert torch.equal(torch.cat([h[0] for h in halves]), x) and torch.equal(torch.cat([h[1] for h in halves]), y)
-    epoch = torch.cat([train.get_batch(args, data, s, 0, 1)[1] for s in range(5)])[:40]  # 80 positions, 2 epochs
-    assert sorted(epoch.tolist()) == sorted(data.labels.tolist())  # each epoch visits every image once
+    seen, get = [], data.get  # the image numbers each batch reads
+    data.get = lambda idx, g: seen.append(idx.clone()) or get(idx, g)
+    for s in range(5):  # 80 positions: 2 epochs of the 40 images
+        train.get_batch(args, data, s, 0, 1)
+    order = torch.cat(seen)
+    for epoch in (order[:40], order[40:]):  # each epoch visits every image once, in a new order
+        assert sorted(epoch.tolist()) == list(range(40))
+    assert not torch.equal(order[:40], order[40:])
 
 
 def tiny_vae(folder):
@@ -958,7 +982,16 @@ def test_torchrun_two_cpu_processes(tmp_path):
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # a random stream per process
-    assert np.load(tmp_path / "samples-101-nfe1.npz")["arr_0"].shape == (101, 2) and leftovers(tmp_path) == []
+    pts = np.load(tmp_path / "samples-101-nfe1.npz")["arr_0"]
+    assert pts.shape == (101, 2) and leftovers(tmp_path) == []
+    # the same 101 samples as one process draws from that checkpoint: each number once, none twice
+    os.makedirs(tmp_path / "one")
+    shutil.copy(tmp_path / "ckpt.pt", tmp_path / "one" / "ckpt.pt")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--steps", "3", "--batch-size", "32",
+                        "--out", str(tmp_path / "one"), "--sample", "101"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert np.allclose(np.load(tmp_path / "one" / "samples-101-nfe1.npz")["arr_0"], pts, atol=1e-6)
 
 
 @pytest.mark.parametrize("recipe", list(mf.RECIPES))
@@ -1016,19 +1049,24 @@ def test_resume_is_bitwise_identical(tmp_path, capsys, setting):
 # Samples in the ADM evaluator's format, and the metrics
 
 
-def test_sample_npz_format(tmp_path, capsys):
-    make_fashion(str(tmp_path / "fm"))
+def test_sample_npz_format(tmp_path, capsys, monkeypatch):
+    x, _ = make_fashion(str(tmp_path / "fm"))
     common = ["--data", "fashion-mnist", "--data-path", tmp_path / "fm", "--model", "Ti/4", "--batch-size", 4,
               "--out", tmp_path / "run"]
     assert run_main(common + ["--steps", 1], capsys)[0] == 0
     assert os.path.exists(tmp_path / "run" / "step-0000001.png") and os.path.exists(tmp_path / "run" / "loss.png")
+    calls = []  # FID needs pytorch-fid's weights: a stand-in records what it is asked to compare
+    monkeypatch.setattr(train, "fid", lambda images, ref, device: calls.append((images, ref)) or 1.0)
     code, out, err = run_main(common + ["--sample", 12, "--sample-steps", 2], capsys)
     assert code == 0, err
     npz = np.load(tmp_path / "run" / "samples-12-nfe2.npz")
     assert sorted(npz.files) == ["arr_0", "arr_1"]
     assert npz["arr_0"].shape == (12, 32, 32, 3) and npz["arr_0"].dtype == np.uint8  # gray repeated to RGB
     assert (npz["arr_0"][..., 0] == npz["arr_0"][..., 2]).all() and npz["arr_1"].tolist() == [i % 10 for i in range(12)]
-    assert ("FID" in out + err) and leftovers(tmp_path / "run") == []
+    # the samples written, against the training images (28 x 28, padded to 32) by default
+    assert len(calls) == 1 and np.array_equal(calls[0][0], npz["arr_0"])
+    assert np.array_equal(calls[0][1][:, 2:30, 2:30, 0], x) and "FID 1.00 of 12 samples" in out
+    assert leftovers(tmp_path / "run") == []
 
 
 def test_toy_sample_reports_distances(tmp_path, capsys):
@@ -1037,7 +1075,13 @@ def test_toy_sample_reports_distances(tmp_path, capsys):
     code, out, err = run_main(common + ["--sample", 500], capsys)
     assert code == 0, err
     pts = np.load(tmp_path / "samples-500-nfe1.npz")["arr_0"]
-    assert pts.shape == (500, 2) and "energy distance" in out
+    assert pts.shape == (500, 2)
+    # the distances of the samples written, to a fresh draw of the data (not to themselves, not to the data's own)
+    ref = td.sample("checkerboard", 500, generator=torch.Generator().manual_seed(12345))
+    printed = [float(v) for v in re.search(r"energy distance ([\d.]+), sliced Wasserstein ([\d.]+)", out).groups()]
+    assert printed == pytest.approx([td.energy_distance(torch.from_numpy(pts), ref),
+                                     td.sliced_wasserstein(torch.from_numpy(pts), ref)], abs=2e-5)
+    assert printed[0] > 0.01  # two steps from a zero start: samples are still noise, far from the board
 
 
 def test_fid_plumbing_with_a_stand_in_inception(monkeypatch):
@@ -1054,6 +1098,7 @@ def test_fid_plumbing_with_a_stand_in_inception(monkeypatch):
 
         def forward(self, x):  # (N, 3, H, W) in [0, 1] -> [(N, 6, 1, 1)]: channel means and stds
             assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 and x.shape[1] == 3
+            seen.append(x)
             return [torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)[:, :, None, None]]
 
     monkeypatch.setitem(sys.modules, "pytorch_fid", types.ModuleType("pytorch_fid"))
@@ -1061,7 +1106,11 @@ def test_fid_plumbing_with_a_stand_in_inception(monkeypatch):
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (500, 8, 8, 3), dtype=np.uint8)
     b = rng.integers(0, 256, (450, 8, 8, 3), dtype=np.uint8)
+    seen = []
     assert train.fid(a, b, "cpu") < 1e-3 < train.fid(a, b // 2, "cpu")  # same law ~ 0; darker images far
+    # NHWC uint8 -> NCHW in [0, 1], every image once, in batches of 200
+    assert torch.equal(torch.cat(seen[:3]), torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255)
+    assert [len(x) for x in seen] == [200, 200, 100, 200, 200, 50] * 2
 
 
 def test_frechet_distance_matches_the_gaussian_formula():
@@ -1392,6 +1441,8 @@ def test_cifar10_run_is_unconditional_with_dropout(tmp_path, capsys):
     args = train.get_args([str(a) for a in common])
     data = train.load_data(args, 0)
     assert train.get_batch(args, data, 0, 0, 1)[1] is None  # no labels reach the loss
+    net = train.set_up(train.get_args([str(a) for a in common])).net  # the network the run trains
+    assert [m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)] == [0.2] * len(net.blocks)
     code, _, err = run_main(common + ["--steps", 2], capsys)
     assert code == 0, err
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
@@ -1744,6 +1795,12 @@ def test_sigterm_to_one_torchrun_process_stops_all_after_the_same_step(tmp_path)
     ckpt = torch.load(f"{out}/ckpt.pt", weights_only=True)
     assert ckpt["step"] == step == strict_json(open(f"{out}/log.jsonl").readlines()[-1])["step"]
     assert len(ckpt["rng"]) == 2 and leftovers(out) == []
+    # Both processes stop as SIGTERM asks, exit code 128 + 15 (torchrun's summary lists each rank); once one has
+    # exited, torchrun may end the other with its own SIGTERM (-15: under torchrun train.py keeps the default action
+    # outside the training loop), but never with 0 for both.
+    codes = dict(re.findall(r"rank\s*: (\d) \(local_rank: \d\)\s+exitcode\s*: (-?\d+)", err))
+    assert proc.returncode != 0 and set(codes) == {"0", "1"} and set(codes.values()) <= {"143", "-15"}, err[-3000:]
+    assert "143" in codes.values(), err[-3000:]
 
 
 def test_kill_9_then_resume_leaves_no_temporary(tmp_path, capsys):
@@ -2174,8 +2231,12 @@ def test_toy_run_prints_and_draws_the_on_board_share(tmp_path, capsys):
     assert code == 0, err
     lines = [s for s in out.splitlines() if "on the squares" in s]
     assert len(lines) == 2 and "1-NFE" in lines[0] and "2-NFE" in lines[1]
-    share = float(lines[0].split("%")[0].split()[-1])
-    assert 0 <= share <= 100 and (tmp_path / "step-0000002.png").exists()
+    assert (tmp_path / "step-0000002.png").exists()
+    # the share of the EMA network's own 1-NFE samples: --sample draws the same 2000 noise points from the checkpoint
+    code, _, err = run_main(["--steps", 2, "--batch-size", 32, "--out", tmp_path, "--sample", 2000], capsys)
+    assert code == 0, err
+    pts = torch.from_numpy(np.load(tmp_path / "samples-2000-nfe1.npz")["arr_0"])
+    assert f" {100 * td.on_squares(pts):.1f}% on the squares" in lines[0], lines[0]
 
 
 def load_study():  # notebooks/convergence_study.py as a module
@@ -2225,6 +2286,32 @@ def test_study_runner_images(tmp_path, monkeypatch):
     os.remove(os.path.join(folder, "t10k-labels-idx1-ubyte.gz"))
     with pytest.raises(SystemExit, match="no Fashion-MNIST test split"):
         study.main(argv[:-1] + [folder, "--seeds", "1"])
+
+
+@torch.no_grad()
+def test_study_image_scores_are_the_classifiers_accuracy_and_frechet_distance(monkeypatch):
+    """The image study's scores, recomputed directly with a stand-in classifier: the accuracy of the samples' class
+    blocks, the Frechet distance of their features to the test images outside the floor set, and the floor: the first
+    N_PER_CLASS test images of each class scored as a sample set."""
+    study = load_study()
+    monkeypatch.setattr(study, "N_PER_CLASS", 3)
+    g = torch.Generator().manual_seed(0)
+    tx, ty = np.random.default_rng(0).integers(0, 256, (100, 32, 32), dtype=np.uint8), torch.arange(100) % 10
+    test = train.Pixels(tx, ty.numpy(), flip=False)
+    torch.manual_seed(0)
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 6), torch.nn.Tanh(), torch.nn.Linear(6, 10))
+    scores = study.ImageScores(clf, test)
+    x = 1.5 * torch.randn(30, 1, 32, 32, generator=g)  # samples, some beyond [-1, 1]: scored clamped
+    feats, y = clf[:-1](x.clamp(-1, 1)), torch.arange(10).repeat_interleave(3)  # class blocks, 3 samples each
+    images = test.get(torch.arange(100), None)[0]
+    real = [i for k in range(10) for i in (ty == k).nonzero()[:3, 0].tolist()]
+    ref = clf[:-1](images[[i for i in range(100) if i not in real]]).double().numpy()
+    got = scores(x)
+    assert got["acc"] == pytest.approx((clf[-1](feats).argmax(1) == y).float().mean().item())
+    assert got["fd"] == pytest.approx(train.frechet_distance(feats.double().numpy(), ref))
+    floor = dict(acc=(clf(images[real]).argmax(1) == ty[real]).float().mean().item(),
+                 fd=train.frechet_distance(clf[:-1](images[real]).double().numpy(), ref))
+    assert scores.floor == pytest.approx(floor) and floor["fd"] > 0
 
 
 # --- tangent on r != t rows ---
@@ -2651,7 +2738,6 @@ def test_readme_teaching_path_cites_the_lines_of_the_functions_it_names():
     each range must hold the functions named before it, start at most a section banner above the first and end
     within 3 lines of where the last one ends. Line numbers drift whenever the file changes; this makes it fail."""
     import ast
-    import re
     readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
     para = readme[readme.index("**Teaching path.**"):]
     para = para[:para.index("\n\n")]
@@ -2669,3 +2755,20 @@ def test_readme_teaching_path_cites_the_lines_of_the_functions_it_names():
         assert inside, (a, b)
         assert all(a <= s0 and s1 <= b for s0, s1 in inside), (a, b, inside)
         assert min(s0 for s0, _ in inside) - a <= 15 and 0 <= b - max(s1 for _, s1 in inside) <= 3, (a, b, inside)
+
+
+def test_benchmark_runs_and_reports_ratios_to_flow_matching(tmp_path):
+    """benchmark.py end to end on the toy MLP (structure only: its numbers are timings, not for a test): flow
+    matching and each asked recipe, one JSON line each, ratios to flow matching, the table."""
+    out = tmp_path / "bench.jsonl"
+    p = subprocess.run([sys.executable, os.path.join(HERE, "benchmark.py"), "--models", "mlp", "--recipes",
+                        "meanflow,meanflow@stock", "--steps", "1", "--out", str(out)], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = {d["kind"]: d for d in map(json.loads, open(out))}
+    assert set(rows) == {"fm", "meanflow", "meanflow@stock"} and all(d["model"] == "mlp" for d in rows.values())
+    assert rows["fm"]["time_ratio"] == rows["fm"]["cpu_ratio"] == rows["fm"]["mem_ratio"] == 1.0
+    for d in rows.values():
+        assert d["step_s"] > 0 and d["peak_mb"] > 0
+        assert d["time_ratio"] == pytest.approx(d["step_s"] / rows["fm"]["step_s"], rel=0.05, abs=0.01)
+    assert re.search(r"mlp\s+meanflow@stock\s", p.stdout)
