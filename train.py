@@ -69,7 +69,7 @@ LATENT_SCALE = 0.18215  # SD-VAE latents times this have about unit variance (as
 PAPER = dict(recipe="improved-dtd", batch_size=256, lr=1e-4, ema=0.9999, log_every=100, eval_every=10_000,
              ckpt_every=10_000, epochs=240)
 # 2-D toys: under a minute on a CPU core, plain MeanFlow with meanflow.TOY_OVERRIDES and the raw-input MLP. Twice the
-# steps buys little (checkerboard, seed 0: 1-NFE on the squares 84.5% at 3000 steps, 85.4% at 6000, and a v-loss
+# steps buys little (checkerboard, seed 0: 1-NFE on the squares 84.5% at 3000 steps, 86.0% at 6000, and a v-loss
 # spike on the way; README "The 2-D regime").
 TOY = dict(recipe="meanflow", batch_size=256, lr=2e-3, ema=0.995, log_every=100, steps=3000)  # eval, save at the end
 LOG_KEYS = ("loss", "v_loss", "u_loss", "beta", "dtd_stage")
@@ -125,10 +125,11 @@ def get_args(argv=None):
     p = Parser(description=__doc__.split("\n")[0])
     a = p.add_argument
     a("--data", default="checkerboard", help=f"{', '.join(toy_data.DATASETS)} (2-D) or {', '.join(IMAGE_DATA)}")
-    a("--data-path", help="data folder (default " + ", ".join(f"{p} for {d}" for d, p in DATA_PATHS.items()) + ")")
+    a("--data-path", help="data folder (default " + ", ".join(f"{p} for {d}" for d, p in DATA_PATHS.items())
+      + f"; fashion-mnist reads Debian's {FASHION_DEBIAN} first, where installed)")
     a("--model", help="'mlp' for 2-D data (default there), else a DiT size of meanflow.DiT_models (default B/4); "
       "--recipe imf: a size of meanflow.iMF_models, the official iMF network (B/2 M/2 L/2 XL/2; Ti/2, Ti/4 for CPU)")
-    a("--recipe", help=f"{', '.join(mf.RECIPES)} (default improved-dtd; toy meanflow)")
+    a("--recipe", help=f"{', '.join(mf.RECIPES)} (default improved-dtd; cifar10 and toy meanflow)")
     a("--steps", type=int, help="optimizer steps (default: 240 epochs, paper; iMF 640; toy 3000)")
     a("--batch-size", type=int, help="global batch, split over processes (default 256, paper and toy; iMF and "
       "cifar10 1024)")
@@ -136,27 +137,30 @@ def get_args(argv=None):
     a("--warmup", type=int, default=0, help="linear learning-rate warmup steps (default 0, paper)")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0, paper); betas (0.9, 0.95)")
     a("--ema", type=float, help="EMA decay of the weights that make samples (default 0.9999, paper; toy 0.995)")
-    a("--omega", type=float, help="guidance scale in the target (default: paper, per size: meanflow.paper_guidance)")
-    a("--kappa", type=float, help="guidance mixing kappa (default: paper, per size: meanflow.paper_guidance)")
-    a("--t-lo", type=float, help="start of the guidance interval (default: paper, per size: meanflow.paper_guidance)")
-    a("--t-hi", type=float, help="end of the guidance interval (default: paper, per size: meanflow.paper_guidance)")
+    paper = "(default: paper, per size, meanflow.paper_guidance, on class-conditional ImageNet latents; else none)"
+    a("--omega", type=float, help="guidance scale in the target " + paper)
+    a("--kappa", type=float, help="guidance mixing kappa " + paper)
+    a("--t-lo", type=float, help="start of the guidance interval " + paper)
+    a("--t-hi", type=float, help="end of the guidance interval " + paper)
     a("--class-cond", action=argparse.BooleanOptionalAction, help="class-conditional (default yes; cifar10: no, as "
       "MeanFlow's CIFAR-10 result)")
     a("--dropout", type=float, help="dropout on the MLP branch of each DiT block (default 0; cifar10 0.2, py-meanflow)")
     a("--set", action="append", default=[], metavar="KEY=VALUE", help="override a MeanFlow knob of the recipe, any "
       "key of meanflow.RECIPES (e.g. --set P_mean=-2.0 --set ratio_r_neq_t=0.75); repeatable, applied last")
     a("--seed", type=int, default=0, help="seed; process k of n draws its noise from seed * n + k (default 0)")
-    a("--out", help="output folder (default runs/<data>-<model>-<recipe>)")
+    a("--out", help="output folder (default runs/<data>-<model>-<recipe>, the model without its '/')")
     a("--log-every", type=int, help="steps between log lines (default 100)")
     a("--eval-every", type=int, help="steps between sample grids (default 10000; toy: at the end)")
     a("--ckpt-every", type=int, help="steps between checkpoints (default 10000; toy: at the end)")
     a("--resume", action="store_true", help="continue from <out>/ckpt.pt")
     a("--overwrite", action="store_true", help="start a new run in an --out that holds one, deleting its ckpt.pt, "
       "log.jsonl and pictures (without it, or --resume, such a folder is refused)")
-    a("--stop-at", type=int, help="checkpoint and exit after this step, as a preempted job would (default never)")
+    a("--stop-at", type=int, help="checkpoint and exit (code 0) after this step, to split a run into jobs or "
+      "test resuming (default never)")
     a("--precision", choices=["bf16", "fp32"], help="autocast dtype (default bf16 on GPU, with TF32; fp32 on CPU)")
     a("--compile", action="store_true", help="torch.compile the loss (default off): the forward-mode pass runs "
-      "eagerly (Dynamo would drop meanflow.py's jvp rules); the guidance forwards and the rest compile")
+      "eagerly (Dynamo does not trace dual tensors under a TorchFunctionMode); the guidance forwards and the rest "
+      "compile")
     a("--sample", type=int, metavar="N", help="write N samples of the EMA model in <out>/ckpt.pt to an .npz, exit")
     a("--sample-steps", type=int, help="NFE of --sample (default 1)")
     a("--sample-omega", type=float, help="iMF: guidance scale at sampling, an input of the network (default: per "
@@ -164,7 +168,7 @@ def get_args(argv=None):
     a("--sample-interval", type=float, nargs=2, metavar=("T_MIN", "T_MAX"), help="iMF: the guidance interval at "
       "sampling (default: per size, meanflow.imf_guidance)")
     a("--fid-ref", help="reference .npz for FID: its mu/sigma when present, as the ADM evaluator, else its images "
-      "arr_0 (uint8 NxHxWx3) (default: the training images)")
+      "arr_0 (uint8 NxHxWx3) (default: the training images on pixel data; imagenet-latents: none, FID skipped)")
     a("--prepare-imagenet", metavar="DIR", help="encode a class-per-folder image tree to latents in --data-path")
     a("--shard", type=int, help="--prepare-imagenet: the shard to encode (default RANK under torchrun, else 0)")
     a("--num-shards", type=int, help="--prepare-imagenet: number of shards (default WORLD_SIZE, else 1)")

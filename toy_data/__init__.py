@@ -2,8 +2,9 @@
 
 What this file holds, top to bottom:
   1. Toy distributions: `checkerboard`, `moons`, `spirals`, `eight_gaussians`, `rings`,
-     `gaussian_mixture`, each `(n, generator=None) -> (n, 2) float32`, standardised so that every
-     coordinate has mean 0 and variance 1 (the noise e ~ N(0, I) has the same scale). `DATASETS`, `sample`;
+     `gaussian_mixture`, each `(n, generator=None) -> (n, 2) float32`, standardised to mean 0 and a mean
+     per-coordinate variance of 1 (the noise e ~ N(0, I) has the same scale; each coordinate has variance 1
+     except moons, 1.51 / 0.49, kept round, and spirals, 1.03 / 0.97). `DATASETS`, `sample`;
      `on_squares`: the share of points on the checkerboard's squares, a score for its samples.
   2. `GaussianMixture`: data whose marginal velocity v(z, t) is known in closed form, and whose average
      velocity u(z, t, r) we get by accurate ODE integration. These are the exact fields that a MeanFlow
@@ -24,7 +25,7 @@ import torch
 # ----------------------------------------------------------------------------------------------------
 # 1. Toy distributions
 # Each starts from the construction common in the flow-matching literature (FFJORD, torchcfm) and is
-# divided by its exact per-coordinate std, so that all sets sit at the scale of the noise. Every point
+# divided by its exact std (one factor for both coordinates), so that all sets sit at the scale of the noise. Every point
 # picks its component at random, so any slice of a sample is itself a fair sample.
 
 
@@ -75,8 +76,8 @@ def moons(n, generator=None, noise=0.05):
 
 def spirals(n, generator=None, noise=0.08):
     # Two arms of an Archimedean spiral, 540 degrees each (FFJORD's "2spirals"). With the angle
-    # a = sqrt(U) * 3 pi the points are uniform along the arc; E|p|^2 = E[a^2] = (3 pi)^2 / 2, so each
-    # coordinate has std 3 pi / 2 (the arms are point-symmetric, the mean is 0).
+    # a = sqrt(U) * 3 pi the points are uniform along the arc; E|p|^2 = E[a^2] = (3 pi)^2 / 2, so the two
+    # coordinates' variances average to (3 pi / 2)^2 (1.03 / 0.97 of it; the arms are point-symmetric, mean 0).
     a = torch.sqrt(_rand(n, generator)) * 3 * math.pi
     p = torch.stack([-a * torch.cos(a), a * torch.sin(a)], 1) / (3 * math.pi / 2)
     p = torch.where(_rand(n, generator, 1) < 0.5, p, -p) + noise * _randn(n, generator, 2)
