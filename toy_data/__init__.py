@@ -254,8 +254,8 @@ def energy_distance(a, b):
 
     The plug-in (V-statistic) form keeps the zero-distance pairs i = j in the within-set means: it is
     never negative, exactly 0 for identical inputs, and biased upwards by O(1/n) for two independent
-    samples of one distribution (0.001-0.004 at n = 2000 on these unit-scale sets, five draws each). It is zero only if
-    the two distributions are equal, and grows like |shift|^2 for a small shift, |shift| for a large one.
+    samples of one distribution (at n = 2000 on these unit-scale sets, 20 independent pairs each: median about 0.001,
+    0.0004-0.0053 in all). It is zero only if the two distributions are equal, and grows like |shift|^2 for a small shift, |shift| for a large one.
     """
     a, b = a.to(torch.float64), b.to(torch.float64)
     return 2 * _mean_dist(a, b) - _mean_dist(a, a) - _mean_dist(b, b)
