@@ -3,7 +3,7 @@
   python train.py                                                # 2-D checkerboard, MLP, CPU, about a minute
   python train.py --data moons --recipe meanflow                 # any toy_data set, any recipe
   python train.py --data fashion-mnist --model Ti/4 --recipe improved-minsnr --batch-size 32 --lr 1e-3 \\
-      --ema 0.99 --steps 600 --eval-every 200                    # CPU: 15-40 min, garments recognisable
+      --ema 0.99 --steps 600 --eval-every 200                    # CPU: about 3 min, garments recognisable
   torchrun --nproc_per_node=8 train.py --data cifar10 --model B/2          # downloads CIFAR-10 into data/cifar10;
                                                  # its own recipe (DATA_RECIPES): unconditional, py-meanflow's knobs
   torchrun --nproc_per_node=8 train.py --prepare-imagenet /data/imagenet/train --data-path data/imagenet-latents
