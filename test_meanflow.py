@@ -2772,3 +2772,60 @@ def test_benchmark_runs_and_reports_ratios_to_flow_matching(tmp_path):
         assert d["step_s"] > 0 and d["peak_mb"] > 0
         assert d["time_ratio"] == pytest.approx(d["step_s"] / rows["fm"]["step_s"], rel=0.05, abs=0.01)
     assert re.search(r"mlp\s+meanflow@stock\s", p.stdout)
+
+
+def test_latents_are_normalised_as_each_recipes_official_code(tmp_path):
+    """MeanFlow trains on SD-VAE latents times 0.18215 (as DiT); iMF standardises each channel with its own ImageNet
+    statistics (official utils/vae_util.py). The batches use the recipe's, and generate() inverts it for the VAE."""
+    rng = np.random.default_rng(0)
+    lat = rng.normal(size=(3, 2, 2, 4, 32, 32)).astype(np.float32)  # (N, 2 flips, [mean, std], C, H, W)
+    lat[:, :, 1] = np.abs(lat[:, :, 1]) * 0.1
+    np.save(tmp_path / "shard-00000-of-00001.npy", lat)
+    np.save(tmp_path / "labels-00000-of-00001.npy", np.array([0, 1, 2]))
+    mean = torch.tensor([0.86488, -0.27787343, 0.21616915, 0.3738409]).view(1, 4, 1, 1)  # official constants
+    std = torch.tensor([4.85503674, 5.31922414, 3.93725398, 3.9870003]).view(1, 4, 1, 1)
+    idx = torch.tensor([0, 2])
+    x_mf, y = train.ImageNetLatents(str(tmp_path)).get(idx, torch.Generator().manual_seed(0))
+    x_imf, _ = train.ImageNetLatents(str(tmp_path), imf=True).get(idx, torch.Generator().manual_seed(0))  # same draw
+    latent = x_mf / 0.18215
+    assert torch.allclose(x_imf, (latent - mean) / std, atol=1e-5) and y.tolist() == [0, 2]
+    args = train.get_args(["--data", "imagenet-latents", "--data-path", str(tmp_path), "--recipe", "imf",
+                           "--model", "Ti/4"])
+    assert isinstance(train.load_data(args, 0), train.ImageNetLatents) and torch.equal(
+        train.load_data(args, 0).get(idx, torch.Generator().manual_seed(0))[0], x_imf)
+
+    class ZeroNet(torch.nn.Module):  # u = 0: one step returns the noise, so the VAE must get noise * std + mean
+        num_classes = 3
+
+        def forward(self, z, t, r, y=None, **conditions):
+            return torch.zeros_like(z)
+
+    class StubVAE:
+        def decode(self, z):
+            seen.append(z)
+            return SimpleNamespace(sample=torch.zeros(len(z), 3, 8, 8))
+
+    run = SimpleNamespace(data="imagenet-latents", seed=0, sample_guidance={})
+    e = torch.stack([torch.randn(4, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    for recipe, expected in (("meanflow", e / 0.18215), ("imf", e * std + mean)):
+        seen = []
+        train.generate(run, mf.MeanFlow(recipe), ZeroNet(), range(2), 1, "cpu", vae=StubVAE())
+        assert torch.allclose(seen[0], expected, atol=1e-5), recipe
+
+
+def test_imf_warms_up_for_its_ten_official_epochs(tmp_path):
+    """iMF's 10 warm-up epochs (official configs/train_config.yml) in steps of the data set and batch; --warmup
+    overrides them; MeanFlow and the toys do not warm up unless asked."""
+    make_fashion(str(tmp_path))  # 40 images
+    common = ["--data", "fashion-mnist", "--data-path", str(tmp_path), "--model", "Ti/4", "--batch-size", "16"]
+    args = train.get_args(common + ["--recipe", "imf"])
+    train.set_up(args)
+    assert args.warmup == math.ceil(10 * 40 / 16) == 25
+    for extra, expected in ((["--recipe", "imf", "--warmup", "3"], 3), (["--recipe", "meanflow"], 0), ([], 0)):
+        args = train.get_args(common + extra)
+        train.set_up(args)
+        assert args.warmup == expected, extra
+    toy = train.get_args(["--recipe", "imf"])
+    train.set_up(toy)
+    assert toy.warmup == 0
+    assert train.get_args(["--data", "imagenet-latents", "--model", "B/2", "--recipe", "imf"]).warmup_epochs == 10

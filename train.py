@@ -66,12 +66,17 @@ FASHION_MD5 = {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
                "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe"}
 CIFAR_URL, CIFAR_MD5 = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"
 LATENT_SCALE = 0.18215  # SD-VAE latents times this have about unit variance (as DiT, MeanFlow)
+# iMF (official utils/vae_util.py) standardises each latent channel with its own ImageNet statistics instead: with
+# 0.18215 its inputs would have channel std 0.73-0.97 and means up to 0.16, not the scale its recipe was tuned on.
+IMF_LATENT_MEAN = (0.86488, -0.27787343, 0.21616915, 0.3738409)
+IMF_LATENT_STD = (4.85503674, 5.31922414, 3.93725398, 3.9870003)
 PAPER = dict(recipe="improved-dtd", batch_size=256, lr=1e-4, ema=0.9999, log_every=100, eval_every=10_000,
-             ckpt_every=10_000, epochs=240)
+             ckpt_every=10_000, epochs=240, warmup_epochs=0)
 # 2-D toys: under a minute on a CPU core, plain MeanFlow with meanflow.TOY_OVERRIDES and the raw-input MLP. Twice the
 # steps buys little (checkerboard, seed 0: 1-NFE on the squares 84.5% at 3000 steps, 86.0% at 6000, and a v-loss
 # spike on the way; README "The 2-D regime").
-TOY = dict(recipe="meanflow", batch_size=256, lr=2e-3, ema=0.995, log_every=100, steps=3000)  # eval, save at the end
+TOY = dict(recipe="meanflow", batch_size=256, lr=2e-3, ema=0.995, log_every=100, steps=3000,
+           warmup_epochs=0)  # eval, save at the end
 LOG_KEYS = ("loss", "v_loss", "u_loss", "beta", "dtd_stage")
 # Each image dataset's own recipe where it differs from ImageNet's. CIFAR-10 as py-meanflow trains it (MeanFlow's
 # CIFAR-10 result, 1-NFE FID 2.92, scripts/cifar10_v0.sh): unconditional, logit-normal(-2, 2), adaptive weight
@@ -79,9 +84,9 @@ LOG_KEYS = ("loss", "v_loss", "u_loss", "beta", "dtd_stage")
 # and EDM's augmentation pipeline is not implemented (README: "CIFAR-10").
 DATA_RECIPES = {"cifar10": dict(recipe="meanflow", class_cond=False, dropout=0.2, lr=6e-4, batch_size=1024,
                                 knobs=dict(P_mean=-2.0, P_std=2.0, p=0.75, c=1e-3, ratio_r_neq_t=0.75))}
-# iMF's own training budget (official configs/train_config.yml, B/2; the same for every size there). Its 10 warm-up
-# epochs are not a default here: pass --warmup (10 epochs: 12,512 steps on ImageNet at batch 1024).
-IMF_TRAINING = dict(batch_size=1024, epochs=640)
+# iMF's own training budget (official configs/train_config.yml, B/2; the same for every size there), with its 10
+# warm-up epochs (12,512 steps on ImageNet at batch 1024; --warmup STEPS overrides them).
+IMF_TRAINING = dict(batch_size=1024, epochs=640, warmup_epochs=10)
 # iMF's sample pictures for sizes without an entry in meanflow.imf_guidance: the official training config's setting.
 IMF_PICTURE_GUIDANCE = dict(omega=7.5, t_min=0.4, t_max=0.65)
 
@@ -134,7 +139,7 @@ def get_args(argv=None):
     a("--batch-size", type=int, help="global batch, split over processes (default 256, paper and toy; iMF and "
       "cifar10 1024)")
     a("--lr", type=float, help="AdamW learning rate, constant after warmup (default 1e-4, paper; cifar10 6e-4; toy 2e-3)")
-    a("--warmup", type=int, default=0, help="linear learning-rate warmup steps (default 0, paper)")
+    a("--warmup", type=int, help="linear learning-rate warmup steps (default 0, paper; iMF 10 epochs, official)")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0, paper); betas (0.9, 0.95)")
     a("--ema", type=float, help="EMA decay of the weights that make samples (default 0.9999, paper; toy 0.995)")
     paper = "(default: paper, per size, meanflow.paper_guidance, on class-conditional ImageNet latents; else none)"
@@ -395,10 +400,20 @@ class Pixels:
         return x, self.labels[idx]
 
 
-class ImageNetLatents:
-    """Memory-mapped --prepare-imagenet output: shard-i-of-n.npy (N, 2 flips, [mean, std], 4, 32, 32), labels-*."""
+def latent_normalisation(imf):
+    """(shift, scale), each (4, 1, 1): the network sees (latent - shift) * scale, samples decode from x / scale + shift.
+    MeanFlow: 0 and 0.18215 (as DiT); iMF: its per-channel mean and 1 / std (official)."""
+    if imf:
+        return torch.tensor(IMF_LATENT_MEAN).view(-1, 1, 1), 1 / torch.tensor(IMF_LATENT_STD).view(-1, 1, 1)
+    return torch.zeros(4, 1, 1), torch.full((4, 1, 1), LATENT_SCALE)
 
-    def __init__(self, path):
+
+class ImageNetLatents:
+    """Memory-mapped --prepare-imagenet output: shard-i-of-n.npy (N, 2 flips, [mean, std], 4, 32, 32), labels-*.
+    Batches are normalised as the recipe's network expects (latent_normalisation)."""
+
+    def __init__(self, path, imf=False):
+        self.shift, self.scale = latent_normalisation(imf)
         files = sorted(glob.glob(os.path.join(path, "shard-*-of-*.npy")))
         if not files or {f.rsplit("-of-", 1)[1][:-4] for f in files} != {f"{len(files):05d}"}:  # as written below
             raise Fail(f"{path} holds {len(files)} latent shards, not a complete set; "
@@ -426,7 +441,7 @@ class ImageNetLatents:
             rows[m] = a[idx[m] - self.start[s]]
         flip = torch.randint(0, 2, (len(idx),), generator=g)  # the image or its mirror image
         mean, std = torch.from_numpy(rows)[torch.arange(len(idx)), flip].unbind(1)
-        x = (mean + std * torch.randn(mean.shape, generator=g)) * LATENT_SCALE  # a fresh draw of the posterior
+        x = (mean + std * torch.randn(mean.shape, generator=g) - self.shift) * self.scale  # a fresh posterior draw
         return x, torch.from_numpy(self.labels[idx])
 
 
@@ -441,7 +456,7 @@ def load_data(args, rank):
         return Pixels(*load_fashion_mnist(args.data_path, rank), flip=False)
     if args.data == "cifar10":
         return Pixels(*load_cifar10(args.data_path, rank), flip=True)
-    return ImageNetLatents(args.data_path)
+    return ImageNetLatents(args.data_path, imf=mf.RECIPES[args.recipe]["imf"])
 
 
 def check_data(data, args):
@@ -779,7 +794,8 @@ def generate(args, method, net, numbers, steps, device, vae=None, batch=256):
         y = (chunk % K).to(device) if K else None  # the classes in turn
         x = method.sample(net, e, y, steps=steps, **args.sample_guidance)
         if args.data == "imagenet-latents":
-            x = vae.decode(x / LATENT_SCALE).sample if vae is not None else x[:, :3]
+            shift, scale = (a.to(x.device) for a in latent_normalisation(method.imf))
+            x = vae.decode(x / scale + shift).sample if vae is not None else x[:, :3]
         xs.append(to_uint8(x) if H else x.float().cpu().numpy())
         ys.append(y.cpu().numpy() if K else None)
     return np.concatenate(xs), np.concatenate(ys) if K else None
@@ -997,6 +1013,8 @@ def set_up(args):
         args.steps = math.ceil(args.epochs * len(data) / args.batch_size)  # 240 epochs (paper), iMF 640
         if args.stop_at is not None and args.stop_at > args.steps:
             raise Fail(f"--stop-at {args.stop_at} is beyond the {args.steps} steps of {args.epochs} epochs; pass a step within")
+    if args.warmup is None:  # in epochs of this data set at this batch (iMF: 10, official; else 0)
+        args.warmup = math.ceil(args.warmup_epochs * len(data) / args.batch_size) if data is not None else 0
     args.eval_every, args.ckpt_every = args.eval_every or args.steps, args.ckpt_every or args.steps
     K = IMAGE_DATA[args.data][2] if data is not None and args.class_cond else 0
     torch.manual_seed(args.seed)  # the same initial weights in every process
