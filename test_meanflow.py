@@ -2829,3 +2829,216 @@ def test_imf_warms_up_for_its_ten_official_epochs(tmp_path):
     train.set_up(toy)
     assert toy.warmup == 0
     assert train.get_args(["--data", "imagenet-latents", "--model", "B/2", "--recipe", "imf"]).warmup_epochs == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# toy_data and the study runner: tests for bugs a mutation audit of both files found the suite missing
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(td.DATASETS))
+def test_dataset_scale_is_exact_not_just_close(name):
+    # The standardising factors are exact moments; 2M points pin the mean per-coordinate variance to ~1e-3
+    # (measured 0.9995-1.0008). Kills: moons' factor without the noise variance (1.005).
+    p = td.sample(name, 2_000_000, torch.Generator().manual_seed(0)).double()
+    assert abs(p.var(0).mean().item() - 1) < 0.003
+
+
+def test_mixture_weights_are_normalised_and_log_prob_integrates_to_one():
+    # Weights need not sum to 1 (the default mixture's happen to). Kills: self.pi = pi without / pi.sum().
+    gm = td.GaussianMixture([[1.0, 0.0], [-1.0, 0.5]], [0.3, 0.5], weights=[1.0, 3.0])
+    assert abs(gm.pi.sum().item() - 1) < 1e-12
+    grid = torch.linspace(-4, 4, 321, dtype=torch.float64)
+    zz = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
+    for t in (0.0, 0.5):
+        assert abs((gm.log_prob(zz, t).exp().sum() * (grid[1] - grid[0]) ** 2).item() - 1) < 1e-3
+
+
+def test_sliced_wasserstein_of_a_shift_is_its_length_over_sqrt_d():
+    # b = a + delta exactly: every 1-D projection is shifted by w . delta, so SW = sqrt(E_w (w . delta)^2)
+    # = |delta| / sqrt(2) in 2-D. delta = (3, 0): 2.121. Kills: no sqrt (4.5); mean of per-direction W_2 (1.91).
+    a = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
+    sw = td.sliced_wasserstein(a, a + torch.tensor([3.0, 0.0]), n_proj=4096)
+    assert abs(sw - 3 / math.sqrt(2)) < 0.03, sw
+
+
+def test_chunked_mean_distance_covers_every_row():
+    # Any row count against any chunk size, a last chunk of one row included. Kills: range(0, n - 1, rows).
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(200, 2, generator=g, dtype=torch.float64)
+    for n in (2, 7, 301):
+        a = torch.randn(n, 2, generator=g, dtype=torch.float64)
+        for chunk in (1, 1000, 2**22):  # 1, 5 and all rows at a time
+            assert abs(td._mean_dist(a, b, chunk_elems=chunk) - torch.cdist(a, b).mean().item()) < 1e-12, (n, chunk)
+
+
+def test_sliced_wasserstein_interpolates_quantiles_of_unequal_sizes():
+    # Two midpoint grids of U[0, 1], 1000 and 1500 points: one distribution, so the interpolated quantiles agree
+    # to ~1e-5 (measured 6e-6). Kills: hi = lo (the lower neighbour instead of interpolation: 5.6e-4).
+    a = ((torch.arange(1000, dtype=torch.float64) + 0.5) / 1000)[:, None]
+    b = ((torch.arange(1500, dtype=torch.float64) + 0.5) / 1500)[:, None]
+    assert td.sliced_wasserstein(a, b) < 1e-4
+
+
+def test_study_eval_set_holds_exact_targets_at_its_own_times_and_bins():
+    # Kills: u target with t and r swapped; the jump set's (t, r) swapped; the v set with r = 0; a wrong bin edge.
+    study = load_study()
+    sets, data = study.eval_set(n=200)
+    gm = td.GaussianMixture.default()
+    for name, (z, t, r, u) in sets.items():
+        assert ((0 <= r) & (r <= t) & (t <= 1)).all(), name
+        torch.testing.assert_close(u, gm.u(z, t, r), msg=name)  # the target is the exact u at the stored (z, t, r)
+    assert torch.equal(sets["v"][1], sets["v"][2])  # v: r = t
+    _, t, r, _ = sets["u 1-NFE jump"]
+    assert (t == 1).all() and (r == 0).all()
+    for lo, hi in study.BINS:
+        _, t, r, _ = sets[f"u [{lo}, {hi})"]
+        assert ((t - r >= lo - 1e-6) & (t - r < hi + 1e-6)).all(), (lo, hi)
+
+
+def test_study_eval_points_are_distributed_as_z_t():
+    # z_t = (1 - t) x + t e: the mean log p_t(z) of the set's points matches that of fresh z_t at the same t.
+    # Kills: the eval points built as t x + (1 - t) e (the targets stay consistent with them, so nothing else sees it).
+    study = load_study()
+    sets, _ = study.eval_set(n=1000)
+    gm = td.GaussianMixture.default()
+    g = torch.Generator().manual_seed(99)
+    for name in ["v"] + [f"u [{lo}, {hi})" for lo, hi in study.BINS]:
+        z, t = sets[name][0], sets[name][1]
+        fresh = (1 - t[:, None]) * gm.sample(len(t), g) + t[:, None] * torch.randn(len(t), 2, generator=g)
+        assert abs(gm.log_prob(z, t).double().mean().item() - gm.log_prob(fresh, t).double().mean().item()) < 0.2, name
+
+
+def test_study_evaluate_scores_1_and_2_nfe_samples():
+    # Kills: the 2-NFE score computed from a 1-step sample (toy and image part).
+    study = load_study()
+    sets, data = study.eval_set(n=50)
+    method = SimpleNamespace(sample=lambda net, e, *y, steps: e + steps)  # a stand-in sampler: e shifted by steps
+    out = study.evaluate(method, lambda z, t, r: torch.zeros_like(z), sets, data)
+    e = sets["u 1-NFE jump"][0]
+    for n in (1, 2):
+        assert out[f"energy distance {n}-NFE"] == td.energy_distance(e + n, data)
+    scores = lambda x: dict(acc=x.mean().item())
+    noise = torch.zeros(4, 1, 2, 2), torch.arange(4)
+    assert study.evaluate_images(method, None, scores, noise) == {"acc 1-NFE": 1.0, "acc 2-NFE": 2.0}
+
+
+def test_study_fit_scores_the_ema_with_its_warm_up_and_passes_progress():
+    # EMA decay min(ema, (1 + step) / (10 + step)), evaluated on the EMA copy, never on the trained net; progress =
+    # step / steps; logged v- and u-loss in that order. Kills: evaluate(net); ema = net; no EMA warm-up;
+    # progress (step + 1) / steps; the two losses swapped.
+    study = load_study()
+    torch.manual_seed(0)
+    net = torch.nn.Linear(2, 2)
+    params, seen_progress = [], []
+
+    def loss(net, x, progress):
+        params.append(net.weight.detach().clone())  # the net's weights before this step
+        seen_progress.append(progress)
+        return (net(x) ** 2).mean(), dict(v_loss=torch.tensor(1.0), u_loss=torch.tensor(2.0))
+
+    method = SimpleNamespace(loss=loss, dtd_stage=0)
+    seen = []
+    evaluate = lambda m: seen.append((m is net, m.weight.detach().clone())) or {}
+    args = SimpleNamespace(lr=0.1, warmup=0, steps=3, eval_every=1, ema=0.9)
+    curve, _ = study.fit(method, net, args, 0, lambda g: (torch.randn(8, 2, generator=g),), evaluate, log_losses=True)
+    params.append(net.weight.detach().clone())
+    assert seen_progress == [0, 1 / 3, 2 / 3]
+    assert [c["step"] for c in curve] == [0, 1, 2, 3] and all((c["v_loss"], c["u_loss"]) == (1, 2) for c in curve[1:])
+    ema = params[0]
+    assert not seen[0][0] and torch.equal(seen[0][1], ema)
+    for step in range(3):
+        d = min(0.9, (1 + step) / (10 + step))
+        ema = d * ema + (1 - d) * params[step + 1]
+        assert not seen[step + 1][0]
+        torch.testing.assert_close(seen[step + 1][1], ema)
+
+
+def test_study_fit_data_stream_is_a_function_of_the_seed():
+    # Kills: the data generator seeded without the run's seed (all seeds see the same batches).
+    study = load_study()
+    method = SimpleNamespace(loss=lambda net, x, progress: ((net(x) ** 2).mean(), dict(v_loss=torch.tensor(0.0),
+                                                                                        u_loss=torch.tensor(0.0))),
+                             dtd_stage=0)
+    args = SimpleNamespace(lr=0.1, warmup=0, steps=2, eval_every=2, ema=0.9)
+
+    def batches(seed):
+        got = []
+        study.fit(method, torch.nn.Linear(2, 2), args, seed, lambda g: got.append(torch.randn(4, 2, generator=g)) or
+                  (got[-1],), lambda m: {})
+        return torch.stack(got)
+
+    assert torch.equal(batches(0), batches(0)) and not torch.equal(batches(0), batches(1))
+
+
+def test_study_run_seeds_the_init_and_draws_data_from_the_generator(monkeypatch):
+    # Kills: torch.manual_seed(0) for every seed; gm.sample(batch) without the generator (not reproducible).
+    study = load_study()
+    got = []
+
+    def fake_fit(method, net, args, seed, batch, evaluate, log_losses=False):
+        g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        got.append((torch.cat([p.flatten() for p in net.parameters()]), batch(g1)[0], batch(g2)[0]))
+        return [], 0.0
+
+    monkeypatch.setattr(study, "fit", fake_fit)
+    args = SimpleNamespace(steps=1, lr=1e-3, batch_size=8, ema=0.99)
+    for seed in (0, 1, 0):
+        study.run("meanflow", seed, args, None, None)
+    (p0, b0, b0_again), (p1, _, _), (p0_again, _, _) = got
+    assert torch.equal(p0, p0_again) and not torch.equal(p0, p1)
+    assert torch.equal(b0, b0_again)
+
+
+def test_study_resume_skips_only_runs_of_the_same_length(tmp_path, monkeypatch):
+    # A finished 4-step run does not stand in for a 6-step one. Kills: done without the steps check.
+    study = load_study()
+    out = tmp_path / "study.jsonl"
+    out.write_text(json.dumps(dict(recipe="meanflow", seed=0, steps=4)) + "\n")
+    jobs = []
+    monkeypatch.setattr(study, "worker", lambda rank, args, j: jobs.append(list(j)))
+    base = ["--out", str(out), "--recipes", "meanflow", "--seeds", "0", "1"]
+    study.main(base + ["--steps", "4"])
+    study.main(base + ["--steps", "6"])
+    assert jobs == [[("meanflow", 1)], [("meanflow", 0), ("meanflow", 1)]]
+
+
+def test_study_toy_has_no_lr_warm_up_images_have_50_steps(tmp_path, monkeypatch):
+    # Kills: the two warm-up defaults swapped.
+    study = load_study()
+    seen = []
+    monkeypatch.setattr(study, "worker", lambda rank, args, j: seen.append(args.warmup))
+    study.main(["--out", str(tmp_path / "a.jsonl"), "--recipes", "meanflow", "--seeds", "0"])
+    study.main(["--part", "images", "--out", str(tmp_path / "b.jsonl"), "--recipes", "meanflow", "--seeds", "0"])
+    assert seen == [0, 50]
+
+
+def test_study_workers_split_the_jobs(tmp_path, monkeypatch):
+    # Each (recipe, seed) is run by exactly one of the workers, its line appended. Kills: jobs[rank:].
+    study = load_study()
+    monkeypatch.setattr(study, "eval_set", lambda: (None, None))
+    monkeypatch.setattr(study, "run", lambda name, seed, args, sets, data: dict(
+        recipe=name, seed=seed, seconds=0.0, curve=[{"energy distance 1-NFE": 0.0}]))
+    jobs = [("meanflow", s) for s in range(5)]
+    args = SimpleNamespace(part="toy", out=str(tmp_path / "s.jsonl"), workers=2)
+    threads = torch.get_num_threads()
+    try:
+        for rank in (0, 1):
+            study.worker(rank, args, jobs)
+    finally:
+        torch.set_num_threads(threads)
+    lines = [json.loads(s) for s in open(args.out)]
+    assert sorted((d["recipe"], d["seed"]) for d in lines) == jobs
+
+
+def test_study_test_split_is_padded_as_the_training_split(tmp_path):
+    # The same 28 x 28 images as training and test files come back as the same 32 x 32 images.
+    # Kills: the test split padded (0, 4) instead of (2, 2).
+    study = load_study()
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (20, 28, 28)), np.arange(20) % 10
+    for split in ("train", "t10k"):
+        write_idx(str(tmp_path / f"{split}-images-idx3-ubyte.gz"), x)
+        write_idx(str(tmp_path / f"{split}-labels-idx1-ubyte.gz"), y)
+    (tr_x, tr_y), (te_x, te_y) = study.fashion_mnist(str(tmp_path))
+    assert te_x.shape == (20, 1, 32, 32) and np.array_equal(tr_x, te_x) and np.array_equal(tr_y, te_y)

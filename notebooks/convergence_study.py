@@ -215,8 +215,10 @@ def worker(rank, args, jobs):
         run_one = lambda name, seed: run_images(name, seed, args, data, scores, noise)
     for name, seed in jobs[rank :: args.workers]:
         result = run_one(name, seed)
-        with open(args.out, "a") as f:  # one short line per run: appends from several processes do not interleave
-            f.write(json.dumps(result) + "\n")
+        # One line per run (~12 KB) in one unbuffered write to a file opened for appending (O_APPEND): the workers'
+        # lines do not interleave.
+        with open(args.out, "ab", buffering=0) as f:
+            f.write((json.dumps(result) + "\n").encode())
         last = result["curve"][-1]
         score = last.get("energy distance 1-NFE", last.get("fd 1-NFE"))
         print(f"{name} seed {seed}: {result['seconds']:.0f} s, final 1-NFE score {score:.4f}", flush=True)
