@@ -300,7 +300,8 @@ class MeanFlow:
         whose label was kept, v on the others. Rows [:n] have r != t, rows [n:] r = t; drop from drop_labels.
 
         The network terms are no-grad forwards at r = t, run only on the rows that use them (finding those rows
-        is one host sync). u_fm (B - n rows), if given, is the r = t rows' own forward u(z, t, t | y): their
+        is one host sync; with kappa and u_fm, a second picks the r != t ones, right after the first while the
+        device queue is empty). u_fm (B - n rows), if given, is the r = t rows' own forward u(z, t, t | y): their
         kappa term without an extra pass (a dropped row's u_fm is unconditional, but dropped rows take v)."""
         if y is None or (self.omega == 1.0 and self.kappa == 0.0):
             return v

@@ -1040,7 +1040,8 @@ def set_up(args):
 
 def resume(args, job):
     """Each process's random streams; with --resume, the weights, optimizer, curriculum, streams and log of the
-    checkpoint (bitwise: a resumed run continues as the uninterrupted one)."""
+    checkpoint (on CPU bitwise: a resumed run continues as the uninterrupted one; on a GPU the streams are restored
+    exactly, but some CUDA kernels are not deterministic)."""
     torch.manual_seed(args.seed * job.world + job.rank)  # each process its own noise, (t, r) and label drops
     np.random.seed(args.seed * job.world + job.rank)
     random.seed(args.seed * job.world + job.rank)
