@@ -3042,3 +3042,63 @@ def test_study_test_split_is_padded_as_the_training_split(tmp_path):
         write_idx(str(tmp_path / f"{split}-labels-idx1-ubyte.gz"), y)
     (tr_x, tr_y), (te_x, te_y) = study.fashion_mnist(str(tmp_path))
     assert te_x.shape == (20, 1, 32, 32) and np.array_equal(tr_x, te_x) and np.array_equal(tr_y, te_y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption audit: a read-only folder at exit, a first checkpoint that cannot be written, a resume with another batch
+# ---------------------------------------------------------------------------------------------
+def test_release_survives_a_folder_that_became_read_only(tmp_path, monkeypatch):
+    """The lock file cannot be removed (the folder became read-only mid-run): the error already printed stays the only
+    line, and closing the file still releases the lock for the next run."""
+    args = train.get_args(["--steps", "2", "--out", str(tmp_path / "run")])
+    release, _ = train.claim_out(args)
+
+    def refuse(path):
+        raise PermissionError(1, "Operation not permitted", path)
+
+    monkeypatch.setattr(os, "remove", refuse)
+    release()  # no traceback from the exit path
+    monkeypatch.undo()
+    assert os.path.exists(tmp_path / "run" / "train.lock")
+    train.claim_out(args)[0]()  # the lock is free: the next run takes the folder
+
+
+def test_a_first_checkpoint_that_cannot_be_written_advises_overwrite(tmp_path, capsys, file_size_limit):
+    """No checkpoint yet, so --resume cannot work: the line names --overwrite, and that command then trains."""
+    common = ["--steps", 4, "--stop-at", 2, *TOY_RUN, "--out", tmp_path / "run"]  # step 2: a checkpoint, no picture
+    file_size_limit(20_000)  # log lines fit, the checkpoint does not
+    code, _, err = run_main(common, capsys)
+    file_size_limit()
+    assert_one_line_error(code, err, "could not write", "ckpt.pt", "nothing was written", "--overwrite")
+    assert run_main(common, capsys)[0] == 2  # a plain rerun is refused (the folder holds the log)
+    assert run_main(common + ["--overwrite"], capsys)[0] == 0 and ckpt_step(tmp_path / "run") == 2
+
+
+def test_resume_refuses_another_global_batch_or_seed(tmp_path, capsys):
+    """The step places each batch in the data order and seeds its noise: another --batch-size or --seed would make
+    another run. Refused in one line; the same global batch over another number of processes is fine (tested with
+    torchrun), and --sample needs neither."""
+    common = ["--steps", 4, "--out", tmp_path]
+    assert run_main(common + ["--batch-size", 16, "--stop-at", 2], capsys)[0] == 0
+    for extra, flag in ((["--batch-size", 32], "--batch-size 16"), (["--batch-size", 16, "--seed", 1], "--seed 0")):
+        code, _, err = run_main(common + extra + ["--resume"], capsys)
+        assert_one_line_error(code, err, "was trained with " + flag, "pass " + flag)
+    assert run_main(common + ["--batch-size", 16, "--resume"], capsys)[0] == 0 and ckpt_step(tmp_path) == 4
+    assert run_main(common + ["--sample", 10], capsys)[0] == 0  # default batch size: sampling does not care
+
+
+def test_a_signal_during_a_periodic_checkpoint_stops_on_that_checkpoint(tmp_path, capsys, monkeypatch):
+    """SIGTERM while a periodic checkpoint is written (large models take tens of seconds; torchrun kills its workers
+    30 s after forwarding the signal): the run stops on that checkpoint, without one more step and a second write."""
+    written, checkpoint = [], train.checkpoint
+
+    def checkpoint_then_signal(args, job):
+        checkpoint(args, job)
+        written.append(job.step)
+        if job.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives as the write ends
+
+    monkeypatch.setattr(train, "checkpoint", checkpoint_then_signal)
+    code, _, err = run_main(["--steps", 100, *TOY_RUN, "--ckpt-every", 2, "--out", tmp_path], capsys)
+    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM after step 2" in err, err
+    assert written == [2] and ckpt_step(tmp_path) == 2

@@ -599,6 +599,14 @@ def load_checkpoint(path, args):
     if ckpt["args"].get("class_cond", args.class_cond) != args.class_cond:  # older checkpoints: no such key
         flag = "--class-cond" if ckpt["args"]["class_cond"] else "--no-class-cond"
         raise Fail(f"{path} was trained with {flag}: pass {flag} or another --out")
+    # Resuming: the step places each batch in the data order (step * batch) and seeds its noise, and the schedule
+    # counts steps of this batch: another global batch or seed would silently make another run.
+    for k in ("batch_size", "seed") if args.sample is None else ():
+        if ckpt["args"].get(k, getattr(args, k)) != getattr(args, k):
+            flag = "--" + k.replace("_", "-")
+            raise Fail(f"{path} was trained with {flag} {ckpt['args'][k]}, not {getattr(args, k)}: pass {flag} "
+                       f"{ckpt['args'][k]} to resume it (the global batch, split over any number of processes), or "
+                       "another --out")
     return ckpt
 
 
@@ -624,7 +632,14 @@ def save_atomic(path, write):
             raise
         kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
         raise Fail(f"could not write {path} ({cause.strerror}); {kept}; make room there (or fix its permissions) "
-                   "and run again, with --resume for a training run") from None
+                   f"and run again, {again(os.path.dirname(path))}") from None
+
+
+def again(out):
+    """How to continue a training run in out after a failed write: from its checkpoint, or over if it has none."""
+    if os.path.exists(os.path.join(out or ".", "ckpt.pt")):
+        return "with --resume for a training run"
+    return "with --overwrite for a training run (it has no checkpoint to resume yet)"
 
 
 def log_line(h):
@@ -642,7 +657,8 @@ def append_log(path, h):
         os.fsync(fd)
     except OSError as err:
         os.ftruncate(fd, size)
-        raise Fail(f"could not append to {path} ({err.strerror}); make room there and run again with --resume")
+        raise Fail(f"could not append to {path} ({err.strerror}); make room there and run again, "
+                   f"{again(os.path.dirname(path))}")
     finally:
         os.close(fd)
 
@@ -707,8 +723,10 @@ def claim_out(args):
         raise Fail(f"cannot write to --out {out} ({err.strerror}); pass a writable folder")
 
     def release():
-        if os.path.exists(path):  # removed before the unlock: a run that opened it meanwhile sees it gone, retries
+        try:  # removed before the unlock: a run that opened it meanwhile sees it gone, retries
             os.remove(path)
+        except OSError:  # gone, or the folder became read-only: closing the file still releases the lock
+            pass
         os.close(lock)
         for d in new:
             try:
@@ -1184,6 +1202,8 @@ def train(args, job):
                 figure = evaluate(args, job)
             if step % args.ckpt_every == 0 or step in (args.steps, args.stop_at) or stop:
                 checkpoint(args, job)
+                if not stop and step not in (args.steps, args.stop_at):  # a signal during a long write: stop on
+                    stop = signals.agreed(job.device)  # this step's checkpoint, not one step and a second write later
             paused += time.time() - t_pause  # img/s counts training alone
             if step == args.stop_at:
                 break
