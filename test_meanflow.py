@@ -2818,16 +2818,12 @@ def test_imf_warms_up_for_its_ten_official_epochs(tmp_path):
     overrides them; MeanFlow and the toys do not warm up unless asked."""
     make_fashion(str(tmp_path))  # 40 images
     common = ["--data", "fashion-mnist", "--data-path", str(tmp_path), "--model", "Ti/4", "--batch-size", "16"]
-    args = train.get_args(common + ["--recipe", "imf"])
-    train.set_up(args)
-    assert args.warmup == math.ceil(10 * 40 / 16) == 25
-    for extra, expected in ((["--recipe", "imf", "--warmup", "3"], 3), (["--recipe", "meanflow"], 0), ([], 0)):
-        args = train.get_args(common + extra)
+    for argv, expected in ((common + ["--recipe", "imf"], math.ceil(10 * 40 / 16)),
+                           (common + ["--recipe", "imf", "--warmup", "3"], 3), (common + ["--recipe", "meanflow"], 0),
+                           (common, 0), (["--recipe", "imf"], 0)):  # the last: the 2-D toy
+        args = train.get_args(argv)
         train.set_up(args)
-        assert args.warmup == expected, extra
-    toy = train.get_args(["--recipe", "imf"])
-    train.set_up(toy)
-    assert toy.warmup == 0
+        assert args.warmup == expected, argv
     assert train.get_args(["--data", "imagenet-latents", "--model", "B/2", "--recipe", "imf"]).warmup_epochs == 10
 
 

@@ -1197,13 +1197,14 @@ def train(args, job):
                                 img_s=f"{line['img_per_s']:.0f}")
                 acc, t_log, paused = [], time.time(), 0.0
             t_pause = time.time()
-            stop = signals.agreed(job.device) if step not in (args.steps, args.stop_at) else 0  # SIGINT, SIGTERM
+            last = step in (args.steps, args.stop_at)  # the run ends here anyway
+            stop = signals.agreed(job.device) if not last else 0  # SIGINT, SIGTERM
             if job.rank == 0 and not stop and (step % args.eval_every == 0 or step == args.steps):
                 figure = evaluate(args, job)
-            if step % args.ckpt_every == 0 or step in (args.steps, args.stop_at) or stop:
+            if step % args.ckpt_every == 0 or last or stop:
                 checkpoint(args, job)
-                if not stop and step not in (args.steps, args.stop_at):  # a signal during a long write: stop on
-                    stop = signals.agreed(job.device)  # this step's checkpoint, not one step and a second write later
+                if not stop and not last:  # a signal during a long write: stop on this step's checkpoint, not one
+                    stop = signals.agreed(job.device)  # step and a second write later
             paused += time.time() - t_pause  # img/s counts training alone
             if step == args.stop_at:
                 break

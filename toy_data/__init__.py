@@ -25,8 +25,8 @@ import torch
 # ----------------------------------------------------------------------------------------------------
 # 1. Toy distributions
 # Each starts from the construction common in the flow-matching literature (FFJORD, torchcfm) and is
-# divided by its exact std (one factor for both coordinates), so that all sets sit at the scale of the noise. Every point
-# picks its component at random, so any slice of a sample is itself a fair sample.
+# divided by its exact std (one factor for both coordinates), so that all sets sit at the scale of the noise.
+# Every point picks its component at random, so any slice of a sample is itself a fair sample.
 
 
 def _rand(n, generator, *shape):
@@ -254,8 +254,9 @@ def energy_distance(a, b):
 
     The plug-in (V-statistic) form keeps the zero-distance pairs i = j in the within-set means: it is
     never negative, exactly 0 for identical inputs, and biased upwards by O(1/n) for two independent
-    samples of one distribution (at n = 2000 on these unit-scale sets, 20 independent pairs each: median about 0.001,
-    0.0004-0.0053 in all). It is zero only if the two distributions are equal, and grows like |shift|^2 for a small shift, |shift| for a large one.
+    samples of one distribution (at n = 2000 on these unit-scale sets, 20 independent pairs each: median about
+    0.001, 0.0004-0.0053 in all). It is zero only if the two distributions are equal, and grows like |shift|^2 for
+    a small shift, |shift| for a large one.
     """
     a, b = a.to(torch.float64), b.to(torch.float64)
     return 2 * _mean_dist(a, b) - _mean_dist(a, a) - _mean_dist(b, b)
