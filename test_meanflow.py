@@ -2506,13 +2506,13 @@ def test_ddp_hooks_fire_through_plain_forward_jvp_and_guidance_forward(tmp_path)
 
 
 # --- reading order: the APPENDIX is speed only ---
-def _meanflow_without_appendix(tmp_path):
-    """meanflow.py cut at its APPENDIX banner, imported under another name."""
+def _meanflow_without_appendix(tmp_path, edit=lambda text: text, name="meanflow_cut"):
+    """meanflow.py cut at its APPENDIX banner (then edit(text)), imported under another name."""
     lines = open(mf.__file__).read().split("\n")
     cut = next(i for i, line in enumerate(lines) if line.startswith("# ====") and "APPENDIX" in line)
-    path = tmp_path / "meanflow_cut.py"
-    path.write_text("\n".join(lines[:cut]) + "\n")
-    spec = importlib.util.spec_from_file_location("meanflow_cut", path)
+    path = tmp_path / f"{name}.py"
+    path.write_text(edit("\n".join(lines[:cut]) + "\n"))
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module, cut
@@ -2557,6 +2557,105 @@ def test_meanflow_without_appendix_computes_the_same(tmp_path):
         torch.testing.assert_close(short[0], full[0], rtol=1e-8, atol=1e-8, msg=recipe)
         for a, b in zip(short[1], full[1]):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8, msg=recipe)
+
+
+
+# README's lecture cut, exactly: whole definitions (with the comment lines right above them), a few statements, and
+# five replacements. The README lists the same names; test_readme_lecture_cut_names_what_the_test_cuts checks that.
+LECTURE_DELETE = ["drop_labels", "guided_velocity",  # guidance
+                  "_expect", "beta", "_alpha_raw", "weights", "dtd_step", "_dtd_reset", "state_dict",
+                  "load_state_dict",  # improved training
+                  "sample_imf_conditions", "imf_loss", "rope_cos_sin", "apply_rope", "RMSNorm", "iMFAttention",
+                  "SwiGLU", "iMFBlock", "iMFFinalLayer", "iMFDiT", "iMF_sizes", "iMF_models", "imf_guidance"]  # iMF
+LECTURE_REPLACE = [("y_in, drop = ", "y_in = y"), ("v_g = self.guided_velocity(", "v_g = v"),
+                   ("w = self.weights(", "w = 1"), ("RECIPES = {", 'RECIPES = {"meanflow": _meanflow}')]
+
+
+def lecture_cut(text):
+    """README's cut for a lecture, applied to meanflow.py without its APPENDIX."""
+    import ast
+    lines, tree = text.split("\n"), ast.parse(text)
+    drop = set()  # 0-based line numbers
+
+    def cut(node, comments=True):
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])]) - 1
+        while comments and lines[first - 1].lstrip().startswith("#"):
+            first -= 1
+        drop.update(range(first, node.end_lineno))
+
+    def method(name):
+        cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MeanFlow")
+        return next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == name)
+
+    for node in ast.walk(tree):
+        name = getattr(node, "name", None) or (isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None))
+        if name in LECTURE_DELETE:
+            cut(node)
+    init = method("__init__").body  # every statement after self.__dict__.update(...)
+    start = next(i for i, n in enumerate(init) if "__dict__.update" in ast.unparse(n))
+    for n in init[start + 1:]:
+        cut(n, comments=False)
+    for fn, test in [("sample_t_r", "self.dtd_stages"), ("loss", "self.imf"), ("_logs", "self.beta_k is not None")]:
+        for n in ast.walk(method(fn)):
+            if isinstance(n, ast.If) and ast.unparse(n.test) == test:
+                cut(n, comments=False)
+    for n in ast.walk(method("loss")):
+        if isinstance(n, ast.Expr) and ast.unparse(n).startswith("self.dtd_step("):
+            cut(n, comments=False)
+    for old, new in LECTURE_REPLACE:
+        node = next(n for n in ast.walk(tree) if isinstance(n, ast.Assign) and ast.unparse(n).startswith(old))
+        indent = lines[node.lineno - 1][:len(lines[node.lineno - 1]) - len(lines[node.lineno - 1].lstrip())]
+        lines[node.lineno - 1] = indent + new
+        drop.update(range(node.lineno, node.end_lineno))
+    text = "\n".join(line for i, line in enumerate(lines) if i not in drop)
+    assert text.count(", dtd_stage=self.dtd_stage)") == 1
+    return text.replace(", dtd_stage=self.dtd_stage)", ")")
+
+
+def test_readme_lecture_cut_trains_the_same(tmp_path):
+    """The README's lecture cut leaves a file that computes plain MeanFlow's loss and gradients exactly (fp64): the toy
+    MLP and a DiT with labels (no class dropout, no guidance: the cut removes both), and samples the same; the
+    other recipes are refused rather than run as plain MeanFlow."""
+    lec, _ = _meanflow_without_appendix(tmp_path, lecture_cut, "meanflow_lecture")
+    for name in LECTURE_DELETE:
+        assert not hasattr(lec, name) and not hasattr(lec.MeanFlow, name), name
+    assert len(open(lec.__file__).read().split("\n")) < 700
+    with pytest.raises(ValueError, match="unknown recipe"):
+        lec.MeanFlow("improved-dtd")
+    dit = lambda m, method: m.DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=2,
+                                  num_classes=5)
+    mlp = lambda m, method: m.MLP(dim=2, hidden=32, depth=2)
+    for make_net, overrides, shape, classes in [(mlp, dict(mf.TOY_OVERRIDES), (16, 2), None),
+                                                (dit, dict(class_dropout=0.0), (8, 2, 8, 8), 5)]:
+        torch.manual_seed(0)
+        state = make_net(mf, None).double().state_dict()
+        for v in state.values():
+            v.add_(0.05 * torch.randn_like(v))
+        x = torch.randn(*shape, dtype=torch.float64)
+        y = None if classes is None else torch.randint(0, classes, (shape[0],))
+        full = _loss_and_grads(mf, make_net, state, "meanflow", overrides, x, y)
+        short = _loss_and_grads(lec, make_net, state, "meanflow", overrides, x, y)
+        assert torch.isfinite(full[0]) and full[0] > 0
+        torch.testing.assert_close(short[0], full[0], rtol=1e-8, atol=1e-8)
+        for a, b in zip(short[1], full[1]):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+        nets = [make_net(m, None).double() for m in (mf, lec)]
+        for net in nets:
+            net.load_state_dict(state)
+        e = torch.randn(*shape, dtype=torch.float64)
+        for sampler, steps in [("sample", 1), ("sample", 2), ("sample_euler", 4)]:
+            a, b = (getattr(m.MeanFlow("meanflow", **overrides), sampler)(net, e, y, steps=steps)
+                    for m, net in zip((mf, lec), nets))
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_readme_lecture_cut_names_what_the_test_cuts():
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    para = readme[readme.index("**For a lecture**"):]
+    para = para[:para.index("\n\n")]
+    named = {" ".join(n.split()) for n in re.findall(r"`([^`]+)`", para)}  # a span may wrap over two lines
+    assert set(LECTURE_DELETE) <= named, set(LECTURE_DELETE) - named
+    assert {new for _, new in LECTURE_REPLACE} <= named, {new for _, new in LECTURE_REPLACE} - named
 
 
 # --- tangent rules of the iMF network (RMSNorm, RoPE) ---
