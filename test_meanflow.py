@@ -870,6 +870,27 @@ def test_imagenet_latents_prepare_load_train_sample(tmp_path, capsys):
         assert code == 0, err
     assert sorted(os.listdir(out)) == ["labels-00000-of-00002.npy", "labels-00001-of-00002.npy",
                                        "shard-00000-of-00002.npy", "shard-00001-of-00002.npy"]
+    # another shard count into the same folder would mix two sets: refused, nothing written
+    code, _, err = run_main(["--prepare-imagenet", tmp_path / "train", "--data-path", out, "--vae", tmp_path / "vae",
+                             "--workers", 0], capsys)
+    assert_one_line_error(code, err, "another preparation", "shard-00000-of-00002.npy")
+    assert len(os.listdir(out)) == 4
+    shutil.copytree(out, tmp_path / "mixed")  # two sets in one folder: the error names both and the fix
+    np.save(tmp_path / "mixed" / "shard-00000-of-00001.npy", np.zeros((1, 2, 2, 4, 32, 32), np.float16))
+    with pytest.raises(train.Fail, match="mixes latent shards of 1 and 2-shard preparations; delete"):
+        train.ImageNetLatents(str(tmp_path / "mixed"))
+    # an unreadable image (not an image; a truncated JPEG): one line naming it, no partial shard left
+    for bad, content in (("zz.JPEG", b"not an image"), ("zz.jpg", open(tmp_path / "train" / "n00" / "img0.JPEG",
+                                                                       "rb").read()[:300])):
+        shutil.copytree(tmp_path / "train", tmp_path / "bad")
+        for i in range(32):  # the bad one (last in n01) in the loader's second batch: after the shard file exists
+            shutil.copy(tmp_path / "train" / "n00" / "img2.JPEG", tmp_path / "bad" / "n00" / f"copy{i}.JPEG")
+        (tmp_path / "bad" / "n01" / bad).write_bytes(content)
+        code, _, err = run_main(["--prepare-imagenet", tmp_path / "bad", "--data-path", tmp_path / "badlat", "--vae",
+                                 tmp_path / "vae", "--workers", 0], capsys)
+        assert_one_line_error(code, err, bad, "is not a readable image", "remove or replace it")
+        assert os.listdir(tmp_path / "badlat") == []
+        shutil.rmtree(tmp_path / "bad")
     lat = np.load(out / "shard-00000-of-00002.npy", mmap_mode="r")
     assert isinstance(lat, np.memmap) and lat.shape == (3, 2, 2, 4, 32, 32)  # files 0, 2, 4 of the sorted list
     # shard 0 holds n00/img0, n00/img4 (class 0) and n01/img3 (class 1): order of the sorted file list, every 2nd
@@ -976,9 +997,10 @@ def test_torchrun_two_cpu_processes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     common = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
               os.path.join(HERE, "train.py"), "--steps", "3", "--batch-size", "32", "--out", str(tmp_path)]
-    for extra in ([], ["--sample", "101"]):
+    for extra in ([], ["--sample", "101"], ["--sample", "1"]):  # the last: process 1 has no share
         p = subprocess.run(common + extra, capture_output=True, text=True, env=env, timeout=120)
         assert p.returncode == 0, p.stderr[-2000:]
+    assert np.load(tmp_path / "samples-1-nfe1.npz")["arr_0"].shape == (1, 2)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # a random stream per process
@@ -993,6 +1015,39 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert np.allclose(np.load(tmp_path / "one" / "samples-101-nfe1.npz")["arr_0"], pts, atol=1e-6)
 
+
+
+def test_dtd_window_resumes_per_process_under_torchrun(tmp_path):
+    """Each process adds its own v-losses to DTD's window sums between all-reduces: the checkpoint keeps every
+    process's part (it kept process 0's for all, so a resumed window summed other numbers and could decide another
+    stage), and a resumed two-process run ends with the curriculum and weights of the uninterrupted one."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = lambda out, *extra: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                               f"--master_port={free_port()}", os.path.join(HERE, "train.py"), "--recipe",
+                               "improved-dtd", "--set", "dtd_share=0", "--set", "dtd_window=3", "--set",
+                               "dtd_patience=1000", "--steps", "5", "--batch-size", "32", "--out", str(out), *extra]
+    for argv in (cmd(tmp_path / "a"), cmd(tmp_path / "b", "--stop-at", "4"), cmd(tmp_path / "b", "--resume")):
+        p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=180)
+        assert p.returncode == 0, p.stderr[-2000:]
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    # windows of 3 steps: the first ended at step 3, the second holds steps 4 (before the stop) and 5 (after it)
+    assert len(a["dtd_acc"]) == 2 and a["dtd_acc"][0] != a["dtd_acc"][1] and a["dtd_acc"][1][2] == 2
+    assert a["method"] == b["method"] and a["dtd_acc"] == b["dtd_acc"] and a["method"]["dtd_prev"] is not None
+    fa, fb = flat_state(a), flat_state(b)
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+def test_a_failure_while_drawing_pictures_keeps_that_steps_checkpoint(tmp_path, capsys, monkeypatch):
+    """The checkpoint is written before the pictures of the same step: a decoder out of memory at the first
+    pictures (step 10,000 by default) leaves the checkpoint to resume from, not nothing."""
+    def out_of_memory(args, job):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 12.00 GiB")
+
+    monkeypatch.setattr(train, "evaluate", out_of_memory)
+    code, _, err = run_main(["--steps", 4, "--batch-size", 16, "--eval-every", 2, "--ckpt-every", 2, "--out",
+                             tmp_path], capsys)
+    assert_one_line_error(code, err, "out of memory")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
 
 @pytest.mark.parametrize("recipe", list(mf.RECIPES))
 def test_every_recipe_trains_and_samples(tmp_path, capsys, recipe):
@@ -2910,6 +2965,10 @@ def test_latents_are_normalised_as_each_recipes_official_code(tmp_path):
         seen = []
         train.generate(run, mf.MeanFlow(recipe), ZeroNet(), range(2), 1, "cpu", vae=StubVAE())
         assert torch.allclose(seen[0], expected, atol=1e-5), recipe
+    seen = []  # the decoder takes VAE_BATCH images at a time (its memory), whatever the network's batch
+    x, y = train.generate(run, mf.MeanFlow("meanflow"), ZeroNet(), range(40), 1, "cpu", vae=StubVAE(), batch=30)
+    assert [len(z) for z in seen] == [16, 14, 10] and x.shape == (40, 8, 8, 3) and y.tolist() == [i % 3 for i in
+                                                                                                   range(40)]
 
 
 def test_imf_warms_up_for_its_ten_official_epochs(tmp_path):

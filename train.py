@@ -66,6 +66,7 @@ FASHION_MD5 = {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
                "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe"}
 CIFAR_URL, CIFAR_MD5 = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"
 LATENT_SCALE = 0.18215  # SD-VAE latents times this have about unit variance (as DiT, MeanFlow)
+VAE_BATCH = 16  # images the SD-VAE decodes at once (pictures, --sample)
 # iMF (official utils/vae_util.py) standardises each latent channel with its own ImageNet statistics instead: with
 # 0.18215 its inputs would have channel std 0.73-0.97 and means up to 0.16, not the scale its recipe was tuned on.
 IMF_LATENT_MEAN = (0.86488, -0.27787343, 0.21616915, 0.3738409)
@@ -137,7 +138,7 @@ def get_args(argv=None):
     a("--recipe", help=f"{', '.join(mf.RECIPES)} (default improved-dtd; cifar10 and toy meanflow)")
     a("--steps", type=int, help="optimizer steps (default: 240 epochs, paper; iMF 640; toy 3000)")
     a("--batch-size", type=int, help="global batch, split over processes (default 256, paper and toy; iMF and "
-      "cifar10 1024)")
+      "cifar10 1024); with --sample, the samples drawn at once by all processes together")
     a("--lr", type=float, help="AdamW learning rate, constant after warmup (default 1e-4, paper; cifar10 6e-4; toy 2e-3)")
     a("--warmup", type=int, help="linear learning-rate warmup steps (default 0, paper; iMF 10 epochs, official)")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0, paper); betas (0.9, 0.95)")
@@ -222,7 +223,7 @@ def get_args(argv=None):
     if not world.isdigit() or int(world) < 1:
         raise Fail(f"WORLD_SIZE={world!r} in the environment is not a number of processes; unset it, or use torchrun")
     world = int(world)
-    if args.batch_size % world and not args.prepare_imagenet:
+    if args.batch_size % world and not args.prepare_imagenet and args.sample is None:
         raise Fail(f"--batch-size {args.batch_size} does not split over {world} processes; pass a multiple of {world}")
     if args.seed * world + world > 2**32:  # numpy seeds process k with seed * world + k
         raise Fail(f"--seed {args.seed} is too large for {world} processes; pass one below {2**32 // world}")
@@ -415,7 +416,11 @@ class ImageNetLatents:
     def __init__(self, path, imf=False):
         self.shift, self.scale = latent_normalisation(imf)
         files = sorted(glob.glob(os.path.join(path, "shard-*-of-*.npy")))
-        if not files or {f.rsplit("-of-", 1)[1][:-4] for f in files} != {f"{len(files):05d}"}:  # as written below
+        sets = sorted({int(f.rsplit("-of-", 1)[1][:-4]) for f in files})  # shard-i-of-n.npy: the n of each file
+        if len(sets) > 1:
+            raise Fail(f"{path} mixes latent shards of {' and '.join(map(str, sets))}-shard preparations; delete "
+                       f"the set you do not want (shard-*-of-{sets[0]:05d}.npy and its labels-*), or the folder")
+        if not files or sets != [len(files)]:
             raise Fail(f"{path} holds {len(files)} latent shards, not a complete set; "
                        f"run train.py --prepare-imagenet IMAGENET/train --data-path {path}")
         try:
@@ -507,14 +512,19 @@ def center_crop(img, size=256):
     return arr[top: top + size, left: left + size]  # (size, size, 3) uint8
 
 
-def load_images(files):  # DataLoader collate_fn: files -> (B, 3, 256, 256) in [-1, 1]
+def load_images(files):
+    """DataLoader collate_fn: files -> (B, 3, 256, 256) in [-1, 1], or (file, reason) for the first unreadable one
+    (returned, not raised: an exception inside a loader worker would arrive wrapped in its traceback)."""
     from PIL import Image
 
-    def one(f):
-        with Image.open(f) as img:
-            return torch.tensor(center_crop(img)).permute(2, 0, 1)
-
-    return torch.stack([one(f) for f in files]).float() / 127.5 - 1
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                images.append(torch.tensor(center_crop(img)).permute(2, 0, 1))
+        except (OSError, ValueError) as err:  # not an image, truncated, or an image PIL cannot decode
+            return f, f"{type(err).__name__}: {err}"
+    return torch.stack(images).float() / 127.5 - 1
 
 
 def prepare_imagenet(args):
@@ -529,21 +539,39 @@ def prepare_imagenet(args):
     vae = load_vae(args, device)
     loader = torch.utils.data.DataLoader([f for f, _ in files], batch_size=32, num_workers=args.workers,
                                          collate_fn=load_images)
-    name, lat, i = os.path.join(args.data_path, f"shard-{s:05d}-of-{n:05d}.npy"), None, 0
+    name = os.path.join(args.data_path, f"shard-{s:05d}-of-{n:05d}.npy")
+    other = sorted(f for f in glob.glob(os.path.join(glob.escape(args.data_path), "shard-*-of-*.npy"))
+                   if not f.endswith(f"-of-{n:05d}.npy"))
+    if other:  # a set of another shard count would mix with this one
+        raise Fail(f"--data-path {args.data_path} holds shards of another preparation ({os.path.basename(other[0])}); "
+                   "delete them (and their labels-*) or pass another --data-path")
     os.makedirs(args.data_path, exist_ok=True)
-    with torch.no_grad():
-        for x in tqdm(loader, desc=f"shard {s} of {n}"):
-            post = vae.encode(torch.cat([x, x.flip(3)]).to(device)).latent_dist  # image and mirror in one pass
-            both = torch.stack([post.mean, post.std], 1).unflatten(0, (2, len(x))).transpose(0, 1)  # (B, 2, 2, C, h, w)
-            if lat is None:  # float16: half the disk (42 GB for ImageNet), rounding 5e-4 relative
-                lat = np.lib.format.open_memmap(name + ".tmp", "w+", np.float16, (len(files), *both.shape[1:]))
-            lat[i: i + len(x)] = both.cpu().numpy()
-            i += len(x)
-    lat.flush()
-    del lat
+    try:
+        encode_shard(vae, loader, name + ".tmp", len(files), device, desc=f"shard {s} of {n}")
+    except BaseException:  # a bad image, a full disk, Ctrl-C: no partial shard stays behind
+        if os.path.exists(name + ".tmp"):
+            os.remove(name + ".tmp")
+        raise
     save_atomic(name.replace("shard-", "labels-"), lambda f: np.save(f, np.array([k for _, k in files])))
     os.replace(name + ".tmp", name)  # the latents last: a shard is there once both files are complete
     print(f"shard {s} of {n}: {len(files)} images of {len(classes)} classes -> {name}")
+
+
+def encode_shard(vae, loader, path, n, device, desc):
+    """The posterior (mean, std) of every image and its mirror image, into a float16 .npy at path."""
+    lat, i = None, 0
+    with torch.no_grad():
+        for x in tqdm(loader, desc=desc):
+            if isinstance(x, tuple):
+                raise Fail(f"{x[0]} is not a readable image ({x[1]}); remove or replace it, then run "
+                           "--prepare-imagenet again")
+            post = vae.encode(torch.cat([x, x.flip(3)]).to(device)).latent_dist  # image and mirror in one pass
+            both = torch.stack([post.mean, post.std], 1).unflatten(0, (2, len(x))).transpose(0, 1)  # (B, 2, 2, C, h, w)
+            if lat is None:  # float16: half the disk (42 GB for ImageNet), rounding 5e-4 relative
+                lat = np.lib.format.open_memmap(path, "w+", np.float16, (n, *both.shape[1:]))
+            lat[i: i + len(x)] = both.cpu().numpy()
+            i += len(x)
+    lat.flush()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -806,16 +834,22 @@ def generate(args, method, net, numbers, steps, device, vae=None, batch=256):
     evaluations draw them; iMF samples at args.sample_guidance (omega, interval)."""
     (C, H, _), K = IMAGE_DATA.get(args.data, (2, None, 0)), net.num_classes
     xs, ys = [], []
-    for chunk in torch.as_tensor(numbers, dtype=torch.long).split(batch):
+    numbers = torch.as_tensor(numbers, dtype=torch.long)
+    for chunk in numbers.split(batch) if len(numbers) else ():  # split() of no numbers gives one empty chunk
         e = torch.stack([torch.randn((C, H, H) if H else (C,), generator=torch.Generator().manual_seed(int(i)))
                          for i in chunk + args.seed * 1_000_003]).to(device)
         y = (chunk % K).to(device) if K else None  # the classes in turn
         x = method.sample(net, e, y, steps=steps, **args.sample_guidance)
         if args.data == "imagenet-latents":
             shift, scale = (a.to(x.device) for a in latent_normalisation(method.imf))
-            x = vae.decode(x / scale + shift).sample if vae is not None else x[:, :3]
-        xs.append(to_uint8(x) if H else x.float().cpu().numpy())
+            # the SD-VAE's decoder needs ~0.2 GB per 256 x 256 image (measured on CPU): VAE_BATCH at a time
+            xs.append(np.concatenate([to_uint8(vae.decode(c / scale + shift).sample if vae is not None else c[:, :3])
+                                      for c in x.split(VAE_BATCH)]))
+        else:
+            xs.append(to_uint8(x) if H else x.float().cpu().numpy())
         ys.append(y.cpu().numpy() if K else None)
+    if not xs:  # no numbers: this process has no share of a --sample smaller than the number of processes
+        return np.zeros((0,)), np.zeros((0,), np.int64) if K else None
     return np.concatenate(xs), np.concatenate(ys) if K else None
 
 
@@ -947,13 +981,15 @@ def sample_to_npz(args, method, net, data, rank, world, device):
     ref = fid_reference(args.fid_ref) if args.fid_ref and rank == 0 else None  # a bad file fails before sampling
     if args.data == "imagenet-latents":  # the samples are images: decoded by the VAE
         vae = load_vae(args, device)
-    x, y = generate(args, method, net, range(rank * N // world, (rank + 1) * N // world), k, device, vae)
+    x, y = generate(args, method, net, range(rank * N // world, (rank + 1) * N // world), k, device, vae,
+                    batch=-(-args.batch_size // world))
     path = os.path.join(args.out, f"samples-{N}-nfe{k}.npz")
     if world > 1:  # every process leaves its part, process 0 joins them in order
         save_atomic(f"{path}.part{rank}", lambda f: np.savez(f, x=x, y=np.zeros(0) if y is None else y))
         dist.barrier()
         if rank == 0:
             parts = [dict(np.load(f"{path}.part{r}")) for r in range(world)]
+            parts = [p for p in parts if len(p["x"])] or parts[:1]  # with N below the number of processes
             x, y = (np.concatenate([p[key] for p in parts]) for key in "xy")
             y = y if args.data in IMAGE_DATA and args.class_cond else None
             for r in range(world):
@@ -1073,7 +1109,11 @@ def resume(args, job):
             job.net.load_state_dict(ckpt["model"])
             job.ema.load_state_dict(ckpt["ema"])
             job.opt.load_state_dict(ckpt["opt"])
-            job.method.load_state_dict(ckpt["method"])
+            method, accs = dict(ckpt["method"]), ckpt.get("dtd_acc")  # accs: one per process (older: rank 0's only)
+            if accs is not None:  # on another number of processes, process 0 carries the window's sums
+                method["dtd_acc"] = (accs[job.rank] if len(accs) == job.world else
+                                     [sum(a) for a in zip(*accs)] if job.rank == 0 else [0.0] * len(accs[0]))
+            job.method.load_state_dict(method)
             if len(ckpt["rng"]) == job.world:
                 set_rng_state(ckpt["rng"][job.rank])
             elif job.rank == 0:
@@ -1149,8 +1189,10 @@ def evaluate(args, job):
 def checkpoint(args, job):
     """Weights, EMA, optimizer, curriculum and every process's random streams, written atomically by rank 0."""
     rngs = [rng_state()] * job.world  # every process's random streams
+    accs = [job.method.state_dict()["dtd_acc"]] * job.world  # and its part of DTD's window sums (the rest is shared)
     if job.world > 1:
         dist.all_gather_object(rngs, rng_state())
+        dist.all_gather_object(accs, accs[0])
         hi = torch.stack([p.detach().float().sum() for p in job.net.parameters()])  # replicas still identical?
         lo = hi.clone()
         dist.all_reduce(hi, dist.ReduceOp.MAX)
@@ -1159,7 +1201,7 @@ def checkpoint(args, job):
             raise Fail(f"the processes' weights differ at step {job.step}: their gradients were not synchronised")
     if job.rank == 0:
         state = dict(model=job.net.state_dict(), ema=job.ema.state_dict(), opt=job.opt.state_dict(), step=job.step,
-                     rng=rngs, method=job.method.state_dict(), recipe=args.recipe, args=vars(args),
+                     rng=rngs, method=job.method.state_dict(), dtd_acc=accs, recipe=args.recipe, args=vars(args),
                      time=time.time() - job.t_start)
         save_atomic(job.ckpt_path, lambda f: torch.save(state, f))
     if job.world > 1:
@@ -1199,12 +1241,12 @@ def train(args, job):
             t_pause = time.time()
             last = step in (args.steps, args.stop_at)  # the run ends here anyway
             stop = signals.agreed(job.device) if not last else 0  # SIGINT, SIGTERM
-            if job.rank == 0 and not stop and (step % args.eval_every == 0 or step == args.steps):
-                figure = evaluate(args, job)
-            if step % args.ckpt_every == 0 or last or stop:
+            if step % args.ckpt_every == 0 or last or stop:  # before the pictures: a failure there loses no step
                 checkpoint(args, job)
                 if not stop and not last:  # a signal during a long write: stop on this step's checkpoint, not one
                     stop = signals.agreed(job.device)  # step and a second write later
+            if job.rank == 0 and not stop and (step % args.eval_every == 0 or step == args.steps):
+                figure = evaluate(args, job)
             paused += time.time() - t_pause  # img/s counts training alone
             if step == args.stop_at:
                 break
