@@ -2273,6 +2273,33 @@ def test_on_squares_scores_the_checkerboard():
     assert len(squares) == 8 and all(inside)
 
 
+def test_adaptive_weight_moves_the_minimiser_in_two_dimensions():
+    """README ("The 2-D regime"): on 2-D data the adaptive weight with p > 0 changes what the v rows converge to. The
+    loss's stationary point at a point z_t is m = sum_i w_i v_i / sum_i w_i, w_i = 1 / (|m - v_i|^2 + c)^p over the
+    targets v_i = (z - x_i) / t of x_i ~ p(x | z_t) (exact for the Gaussian mixture). p = 0 gives the exact v
+    = E[v | z_t]; TOY_OVERRIDES' p = 0.5 a median-like point ~0.1-0.3 away (squared) where the posterior is spread."""
+    gm, g = td.GaussianMixture.default(), torch.Generator().manual_seed(0)
+    dist = {}
+    for p in (0.0, mf.TOY_OVERRIDES["p"], 1.0):
+        method, err = mf.MeanFlow("meanflow", p=p), []
+        for _ in range(40):
+            t = 0.3 + 0.4 * torch.rand((), generator=g, dtype=torch.float64).item()
+            z = (1 - t) * gm.sample(1, g).double() + t * torch.randn(1, 2, generator=g, dtype=torch.float64)
+            *_, logits = gm._components(z, gm._time(t, z))
+            k = torch.multinomial(torch.softmax(logits[0], -1), 4000, replacement=True, generator=g)
+            prec = 1 / gm.sigma[k] ** 2 + (1 - t) ** 2 / t ** 2  # x | z_t, k is Gaussian: its precision and mean
+            mean = (gm.mu[k] / gm.sigma[k, None] ** 2 + (1 - t) * z / t ** 2) / prec[:, None]
+            x = mean + prec[:, None].rsqrt() * torch.randn(4000, 2, generator=g, dtype=torch.float64)
+            v = (z - x) / t
+            m = v.mean(0)
+            for _ in range(100):  # iteratively reweighted means: the weight is the loss's, detached as in adaptive()
+                w = 1 / (((v - m) ** 2).sum(1) + method.c) ** method.p
+                m = (w[:, None] * v).sum(0) / w.sum()
+            err.append(((m - gm.v(z, t)[0]) ** 2).sum().item())
+        dist[p] = sum(err) / len(err)
+    assert dist[0.0] < 0.003 and dist[mf.TOY_OVERRIDES["p"]] > 0.1 and dist[1.0] > 3 * dist[0.5], dist
+
+
 def test_toy_mlp_takes_raw_inputs_and_starts_at_zero():
     net = mf.MLP(dim=2, hidden=16, depth=2, num_classes=3, guidance_cond=True, v_head=True, in_context=True)
     assert net.body[0].in_features == 2 + 2 + 3  # z, t, t - r, and iMF's three guidance conditions
