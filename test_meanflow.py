@@ -870,6 +870,12 @@ def test_imagenet_latents_prepare_load_train_sample(tmp_path, capsys):
         assert code == 0, err
     assert sorted(os.listdir(out)) == ["labels-00000-of-00002.npy", "labels-00001-of-00002.npy",
                                        "shard-00000-of-00002.npy", "shard-00001-of-00002.npy"]
+    # a restarted job skips the shards that are complete (encoding ImageNet takes hours)
+    stamp = os.stat(out / "shard-00000-of-00002.npy").st_mtime_ns
+    code, text, err = run_main(["--prepare-imagenet", tmp_path / "train", "--data-path", out, "--shard", 0,
+                                "--num-shards", 2, "--vae", tmp_path / "no-vae", "--workers", 0], capsys)
+    assert code == 0 and "shard 0 of 2: already in" in text, err
+    assert os.stat(out / "shard-00000-of-00002.npy").st_mtime_ns == stamp
     # another shard count into the same folder would mix two sets: refused, nothing written
     code, _, err = run_main(["--prepare-imagenet", tmp_path / "train", "--data-path", out, "--vae", tmp_path / "vae",
                              "--workers", 0], capsys)
@@ -925,6 +931,11 @@ def test_imagenet_latents_prepare_load_train_sample(tmp_path, capsys):
     npz = np.load(run / "samples-3-nfe1.npz")
     assert npz["arr_0"].shape == (3, 256, 256, 3) and npz["arr_0"].dtype == np.uint8  # decoded by the VAE
     assert npz["arr_1"].tolist() == [0, 1, 2]
+    os.remove(run / "samples-3-nfe1.npz")  # sampling reads no training latents: the same samples without them
+    code, _, err = run_main([a if a != out else tmp_path / "gone" for a in common] + ["--sample", 3, "--vae",
+                                                                                      tmp_path / "vae"], capsys)
+    assert code == 0, err
+    assert np.array_equal(np.load(run / "samples-3-nfe1.npz")["arr_0"], npz["arr_0"])
     assert "FID skipped" in out_text + err
 
 

@@ -535,16 +535,26 @@ def prepare_imagenet(args):
              for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith((".jpeg", ".jpg", ".png"))][s::n]
     if not files:
         raise Fail(f"shard {s} of {n} of {root} holds no images; pass a class-per-folder tree of .jpeg/.jpg/.png")
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    vae = load_vae(args, device)
-    loader = torch.utils.data.DataLoader([f for f, _ in files], batch_size=32, num_workers=args.workers,
-                                         collate_fn=load_images)
     name = os.path.join(args.data_path, f"shard-{s:05d}-of-{n:05d}.npy")
+    labels = np.array([k for _, k in files])
+    if os.path.exists(name):  # written last, atomically: a shard there is complete (a restarted job skips it)
+        try:
+            done = len(np.load(name, mmap_mode="r")) == len(files) and np.array_equal(
+                np.load(name.replace("shard-", "labels-")), labels)
+        except (OSError, ValueError):
+            done = False
+        if done:
+            print(f"shard {s} of {n}: already in {name}; delete it to encode it again")
+            return
     other = sorted(f for f in glob.glob(os.path.join(glob.escape(args.data_path), "shard-*-of-*.npy"))
                    if not f.endswith(f"-of-{n:05d}.npy"))
     if other:  # a set of another shard count would mix with this one
         raise Fail(f"--data-path {args.data_path} holds shards of another preparation ({os.path.basename(other[0])}); "
                    "delete them (and their labels-*) or pass another --data-path")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    vae = load_vae(args, device)
+    loader = torch.utils.data.DataLoader([f for f, _ in files], batch_size=32, num_workers=args.workers,
+                                         collate_fn=load_images)
     os.makedirs(args.data_path, exist_ok=True)
     try:
         encode_shard(vae, loader, name + ".tmp", len(files), device, desc=f"shard {s} of {n}")
@@ -552,7 +562,7 @@ def prepare_imagenet(args):
         if os.path.exists(name + ".tmp"):
             os.remove(name + ".tmp")
         raise
-    save_atomic(name.replace("shard-", "labels-"), lambda f: np.save(f, np.array([k for _, k in files])))
+    save_atomic(name.replace("shard-", "labels-"), lambda f: np.save(f, labels))
     os.replace(name + ".tmp", name)  # the latents last: a shard is there once both files are complete
     print(f"shard {s} of {n}: {len(files)} images of {len(classes)} classes -> {name}")
 
@@ -1061,16 +1071,17 @@ def set_up(args):
 
     method = make_method(args)  # bad knobs fail here, before any data is read
     args.sample_guidance = sample_guidance(args, method)
-    data = load_data(args, rank)
+    # --sample of latents needs the checkpoint and the VAE, not the 42 GB of training latents
+    data = None if args.sample is not None and args.data == "imagenet-latents" else load_data(args, rank)
     check_data(data, args)
-    if args.steps is None:
+    if args.steps is None and data is not None:
         args.steps = math.ceil(args.epochs * len(data) / args.batch_size)  # 240 epochs (paper), iMF 640
         if args.stop_at is not None and args.stop_at > args.steps:
             raise Fail(f"--stop-at {args.stop_at} is beyond the {args.steps} steps of {args.epochs} epochs; pass a step within")
     if args.warmup is None:  # in epochs of this data set at this batch (iMF: 10, official; else 0)
         args.warmup = math.ceil(args.warmup_epochs * len(data) / args.batch_size) if data is not None else 0
     args.eval_every, args.ckpt_every = args.eval_every or args.steps, args.ckpt_every or args.steps
-    K = IMAGE_DATA[args.data][2] if data is not None and args.class_cond else 0
+    K = IMAGE_DATA[args.data][2] if args.data in IMAGE_DATA and args.class_cond else 0
     torch.manual_seed(args.seed)  # the same initial weights in every process
     if args.model == "mlp":
         net = mf.MLP(dim=2, **method.net_kwargs).to(device)
