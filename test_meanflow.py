@@ -883,7 +883,7 @@ def test_imagenet_latents_prepare_load_train_sample(tmp_path, capsys):
     assert len(os.listdir(out)) == 4
     shutil.copytree(out, tmp_path / "mixed")  # two sets in one folder: the error names both and the fix
     np.save(tmp_path / "mixed" / "shard-00000-of-00001.npy", np.zeros((1, 2, 2, 4, 32, 32), np.float16))
-    with pytest.raises(train.Fail, match="mixes latent shards of 1 and 2-shard preparations; delete"):
+    with pytest.raises(train.Fail, match=r"mixes the shards of several preparations \(shard-\*-of-00001 and -of-00002.npy\); delete"):
         train.ImageNetLatents(str(tmp_path / "mixed"))
     # an unreadable image (not an image; a truncated JPEG): one line naming it, no partial shard left
     for bad, content in (("zz.JPEG", b"not an image"), ("zz.jpg", open(tmp_path / "train" / "n00" / "img0.JPEG",

@@ -416,11 +416,11 @@ class ImageNetLatents:
     def __init__(self, path, imf=False):
         self.shift, self.scale = latent_normalisation(imf)
         files = sorted(glob.glob(os.path.join(path, "shard-*-of-*.npy")))
-        sets = sorted({int(f.rsplit("-of-", 1)[1][:-4]) for f in files})  # shard-i-of-n.npy: the n of each file
+        sets = sorted({f.rsplit("-of-", 1)[1][:-4] for f in files})  # shard-i-of-n.npy: the n of each file
         if len(sets) > 1:
-            raise Fail(f"{path} mixes latent shards of {' and '.join(map(str, sets))}-shard preparations; delete "
-                       f"the set you do not want (shard-*-of-{sets[0]:05d}.npy and its labels-*), or the folder")
-        if not files or sets != [len(files)]:
+            raise Fail(f"{path} mixes the shards of several preparations (shard-*-of-{' and -of-'.join(sets)}.npy); "
+                       "delete the set you do not want (and its labels-*), or the folder")
+        if not files or sets != [f"{len(files):05d}"]:  # as --prepare-imagenet names them
             raise Fail(f"{path} holds {len(files)} latent shards, not a complete set; "
                        f"run train.py --prepare-imagenet IMAGENET/train --data-path {path}")
         try:
