@@ -3294,3 +3294,279 @@ def test_a_signal_during_a_periodic_checkpoint_stops_on_that_checkpoint(tmp_path
     code, _, err = run_main(["--steps", 100, *TOY_RUN, "--ckpt-every", 2, "--out", tmp_path], capsys)
     assert code == 128 + signal.SIGTERM and "stopped by SIGTERM after step 2" in err, err
     assert written == [2] and ckpt_step(tmp_path) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train.py: tests for bugs a second mutation audit (train.py: arguments, data, sampling, metrics, schedule, logs,
+# resume, signals) found the suite missing; each comment names the mutant it kills.
+
+
+def tiny_pixel_dit(K=0):
+    """A DiT that fits fashion-mnist's (1, 32, 32) images, small enough for milliseconds a call."""
+    return mf.DiT_models["Ti/4"](input_size=32, in_channels=1, num_classes=K, depth=1, hidden_size=32, num_heads=2)
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+def test_seed_bound_is_exact(monkeypatch):  # A2: numpy seeds process k with seed * world + k, all below 2**32
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    train.get_args(["--seed", str(2**32 - 1)])
+    with pytest.raises(train.Fail, match="too large"):
+        train.get_args(["--seed", str(2**32)])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    train.get_args(["--seed", str(2**31 - 1), "--batch-size", "16"])  # processes 0, 1: seeds 2**32 - 2, 2**32 - 1
+    with pytest.raises(train.Fail, match="too large"):
+        train.get_args(["--seed", str(2**31), "--batch-size", "16"])  # process 1 would be seeded with 2**32 + 1
+
+
+def test_stop_at_the_last_step_is_accepted():  # A3
+    args = train.get_args(["--steps", "5", "--stop-at", "5"])
+    assert args.stop_at == args.steps == 5
+
+
+def test_sample_batch_need_not_split_over_the_processes(monkeypatch):  # A6: --sample draws ceil(batch / world) each
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    args = train.get_args(["--sample", "10"])  # the default global batch, 256, is not a multiple of 3
+    assert args.batch_size == 256
+    with pytest.raises(train.Fail, match="does not split"):  # training still needs an even split
+        train.get_args([])
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_toy_batch_is_split_over_processes_not_repeated():  # B6: every process drew the same B / world points
+    args = train.get_args(["--batch-size", "16"])
+    full, _ = train.get_batch(args, None, 3, 0, 1)
+    halves = [train.get_batch(args, None, 3, r, 2)[0] for r in range(2)]
+    assert torch.equal(torch.cat(halves), full) and not torch.equal(halves[0], halves[1])
+
+
+def test_batch_streams_of_two_seeds_are_not_shifted_copies():  # B1: seed + step made seed 1 replay seed 0 a step later
+    a0, a1 = (train.get_args(["--seed", s, "--batch-size", "16"]) for s in ("0", "1"))
+    for step in range(3):
+        assert not torch.equal(train.get_batch(a0, None, step + 1, 0, 1)[0], train.get_batch(a1, None, step, 0, 1)[0])
+
+
+def test_an_incomplete_shard_set_is_refused(tmp_path):  # F5: one of two shards trained on half of ImageNet silently
+    np.save(tmp_path / "shard-00000-of-00002.npy", np.zeros((2, 2, 2, 4, 32, 32), np.float16))
+    np.save(tmp_path / "labels-00000-of-00002.npy", np.array([0, 1]))
+    with pytest.raises(train.Fail, match="not a complete set"):
+        train.ImageNetLatents(str(tmp_path))
+
+
+# ---------------------------------------------------------------- samples and metrics
+
+
+def test_to_uint8_clamps_instead_of_wrapping_around():  # H3: 1.5 became 63, -1.5 became 192
+    x = torch.tensor([-3.0, -1.5, -1.0, 0.0, 1.0, 1.5, 3.0]).view(1, 1, 1, 7)
+    assert train.to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 0, 128, 255, 255, 255]
+
+
+def test_frechet_distance_with_correlated_features():  # H13: sqrtm(s1 * s2) equals sqrtm(s1 @ s2) for diagonals only
+    S = np.array([[2.0, 1.2], [1.2, 1.5]])
+    assert train.frechet_distance((np.zeros(2), S), (np.ones(2), S)) == pytest.approx(2.0, abs=1e-9)
+    S2 = np.array([[1.0, -0.5], [-0.5, 1.0]])
+    from scipy.linalg import sqrtm
+    exact = np.trace(S + S2 - 2 * sqrtm(S @ S2).real)
+    assert train.frechet_distance((np.zeros(2), S), (np.zeros(2), S2)) == pytest.approx(exact, abs=1e-9)
+
+
+def test_sampling_noise_depends_on_the_seed():  # H1: --seed was ignored by generate (every seed the same samples)
+    net = mf.MLP(dim=2)
+    torch.nn.init.normal_(net.out.weight)  # not the zero start, whose samples are the noise itself
+    method = mf.MeanFlow("meanflow")
+    run = lambda seed: train.generate(SimpleNamespace(data="checkerboard", seed=seed, sample_guidance={}), method,
+                                      net, range(8), 1, "cpu")[0]
+    assert np.array_equal(run(0), run(0)) and not np.array_equal(run(0), run(1))
+
+
+def test_the_ema_and_the_sampling_network_are_in_eval_mode(tmp_path, capsys, monkeypatch):  # H15, H16
+    """CIFAR-10's DiT has dropout 0.2: a network left in train mode drops units while sampling."""
+    make_cifar_tarball(str(tmp_path / "c"))
+    common = ["--data", "cifar10", "--data-path", tmp_path / "c", "--model", "Ti/4", "--batch-size", 4, "--out",
+              tmp_path / "run"]
+    seen = []
+    evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda args, job: seen.append(("pictures", job.ema.training))
+                        or evaluate(args, job))
+    assert run_main(common + ["--steps", 1], capsys)[0] == 0
+    monkeypatch.setattr(train, "sample_to_npz", lambda args, method, net, *rest: seen.append(("sample", net.training)))
+    assert run_main(common + ["--sample", 4], capsys)[0] == 0
+    assert seen == [("pictures", False), ("sample", False)]
+
+
+def test_unconditional_npz_of_two_processes_has_no_labels(tmp_path, monkeypatch):  # H10
+    """sample_to_npz of a two-process run, the processes played in turn (process 1 first; no process group)."""
+    make_fashion(str(tmp_path / "fm"))
+    args = train.get_args(["--data", "fashion-mnist", "--data-path", str(tmp_path / "fm"), "--model", "Ti/4",
+                           "--no-class-cond", "--sample", "5", "--out", str(tmp_path)])
+    args.sample_guidance = {}
+    monkeypatch.setattr(train.dist, "barrier", lambda: None)
+    net, method = tiny_pixel_dit().eval(), mf.MeanFlow("meanflow")
+    for rank in (1, 0):
+        train.sample_to_npz(args, method, net, None, rank, 2, "cpu")
+    npz = np.load(tmp_path / "samples-5-nfe1.npz")
+    assert npz.files == ["arr_0"] and npz["arr_0"].shape == (5, 32, 32, 3)
+
+
+# ---------------------------------------------------------------- method, schedule, optimizer
+
+
+def test_unconditional_imagenet_gets_no_paper_guidance():  # I2: the labels' guidance made such a run fail to start
+    args = train.get_args(["--data", "imagenet-latents", "--model", "B/4", "--no-class-cond"])
+    method = train.make_method(args)
+    assert (method.omega, method.kappa) == (1.0, 0.0)
+    args = train.get_args(["--data", "imagenet-latents", "--model", "B/4"])
+    assert train.make_method(args).kappa == 0.5  # conditional: the paper's B/4 setting
+
+
+def _step_job(lr_seen):
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+
+    def loss_fn(x, y, progress):
+        lr_seen.append(opt.param_groups[0]["lr"])
+        return net(x).sum(), dict(loss=torch.tensor(1.0))
+
+    job = SimpleNamespace(opt=opt, step=0, device="cpu", world=1, ema=torch.nn.Linear(2, 2), net=net, ckpt_path="none",
+                          rank=1, history=[], t_start=0.0, log_path="none")
+    return job, loss_fn
+
+
+def test_train_step_uses_the_lr_of_its_own_step():  # J3: get_lr(step + 1) skipped the first warm-up value
+    seen = []
+    job, loss_fn = _step_job(seen)
+    args = SimpleNamespace(lr=1.0, warmup=4, steps=10, ema=0.5)
+    for _ in range(5):
+        train.train_step(args, job, loss_fn, torch.ones(1, 2), None)
+    assert seen == [0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_logged_lr_is_that_of_the_last_step_logged():  # J2: the log showed the next step's lr
+    job, _ = _step_job([])
+    args = SimpleNamespace(lr=1.0, warmup=4, batch_size=8)
+    job.step = 2  # steps 0 and 1 done: the last one ran at lr 2/4
+    line = train.log_window(args, job, [[1.0, 1.0, 1.0, 1.0, 0.0]] * 2, 1.0)
+    assert line["lr"] == 0.5
+
+
+def test_adamw_is_the_papers(tmp_path):  # K2
+    args = train.get_args(["--out", str(tmp_path), "--weight-decay", "0.01"])
+    job = train.set_up(args)
+    group = job.opt.param_groups[0]
+    assert group["betas"] == (0.9, 0.95) and group["weight_decay"] == 0.01 and group["lr"] == args.lr
+
+
+def test_default_steps_cover_every_epoch(tmp_path):  # K1: a floor dropped the last partial batch of the 240 epochs
+    make_fashion(str(tmp_path / "fm"))  # 40 images, batch 7: 240 epochs are 1371.4 batches
+    args = train.get_args(["--data", "fashion-mnist", "--data-path", str(tmp_path / "fm"), "--model", "Ti/4",
+                           "--batch-size", "7", "--out", str(tmp_path / "run")])
+    train.set_up(args)
+    assert args.steps == 1372
+
+
+# ---------------------------------------------------------------- resume
+
+
+def test_resume_on_fewer_processes_sums_their_dtd_window(tmp_path, capsys, monkeypatch):  # L3
+    """A two-process checkpoint resumed by one process: process 0 carries the sum of both processes' window sums."""
+    common = ["--recipe", "improved-dtd", "--set", "dtd_share=0", "--set", "dtd_window=3", "--set",
+              "dtd_patience=1000", "--steps", 6, "--batch-size", 16, "--out", tmp_path]
+    assert run_main(common + ["--stop-at", 4], capsys)[0] == 0
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["dtd_acc"], ckpt["rng"] = [[1.0, 2.0, 1.0], [3.0, 5.0, 1.0]], ckpt["rng"] * 2  # as two processes wrote it
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    seen = []
+    monkeypatch.setattr(train, "train", lambda args, job: seen.append(list(job.method.state_dict()["dtd_acc"])))
+    code, _, err = run_main(common + ["--resume"], capsys)
+    assert code == 0 and "fresh random streams" in err, err
+    assert seen == [[4.0, 7.0, 2.0]]
+
+
+def test_save_atomic_syncs_the_temporary_before_the_rename(tmp_path, monkeypatch):  # O1
+    """A rename is atomic, but without fsync first a power cut can leave the new name on an empty file."""
+    calls = []
+    fsync, replace = train.os.fsync, train.os.replace
+    monkeypatch.setattr(train.os, "fsync", lambda fd: calls.append("fsync") or fsync(fd))
+    monkeypatch.setattr(train.os, "replace", lambda a, b: calls.append("replace") or replace(a, b))
+    train.save_atomic(str(tmp_path / "f.bin"), lambda f: f.write(b"x" * 10))
+    assert calls == ["fsync", "replace"] and (tmp_path / "f.bin").read_bytes() == b"x" * 10
+
+
+def test_claim_out_keeps_a_live_sample_temporary(tmp_path):  # P2
+    """A run starting in a folder removes train temporaries left by a kill -9, not the .npz a --sample is writing."""
+    ours, theirs = tmp_path / "ckpt.pt.tmp-123-0123abcd", tmp_path / "samples-5-nfe1.npz.tmp-456-89abcdef"
+    ours.write_bytes(b"x")
+    theirs.write_bytes(b"x")
+    release, _ = train.claim_out(train.get_args(["--out", str(tmp_path)]))
+    try:
+        assert not ours.exists() and theirs.exists()
+    finally:
+        release()
+
+
+def test_checkpoint_ema_is_the_ema_not_the_weights(tmp_path, capsys):  # R3: --sample drew from the raw weights
+    assert run_main(["--steps", 3, "--batch-size", 16, "--ema", 0.9, "--out", tmp_path], capsys)[0] == 0
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"])
+
+
+def _agree_worker(rank, world, port, out):
+    with gloo(rank, world, port):
+        with train.StopSignals() as s:
+            s.signum = [signal.SIGINT, signal.SIGINT, 0][rank]  # Ctrl-C reaches processes 0 and 1
+            torch.save(s.agreed("cpu"), os.path.join(out, f"{rank}.pt"))
+
+
+def test_signals_of_several_processes_agree_on_one_signal(tmp_path):  # Q1: a sum made SIGINT + SIGINT SIGILL
+    mp.spawn(_agree_worker, args=(3, free_port(), str(tmp_path)), nprocs=3)
+    assert [torch.load(tmp_path / f"{r}.pt") for r in range(3)] == [signal.SIGINT] * 3
+
+
+def test_shard_must_be_below_the_number_of_shards():  # A5: --shard 2 --num-shards 2 wrote a third shard
+    with pytest.raises(train.Fail, match="not among --num-shards"):
+        train.get_args(["--prepare-imagenet", "x", "--shard", "2", "--num-shards", "2"])
+    train.get_args(["--prepare-imagenet", "x", "--shard", "1", "--num-shards", "2"])
+
+
+# ---------------------------------------------------------------- the training step and the log
+
+
+def test_train_step_logs_the_mean_over_processes(monkeypatch):  # T1: the logged numbers were summed
+    monkeypatch.setattr(train.dist, "all_reduce", lambda t, *a, **k: t.mul_(2))  # two processes, equal numbers
+    job, loss_fn = _step_job([])
+    job.world = 2
+    stats = train.train_step(SimpleNamespace(lr=1.0, warmup=0, steps=10, ema=0.5), job, loss_fn, torch.ones(1, 2), None)
+    assert stats[0] == 1.0
+
+
+def test_ema_follows_the_weights_after_the_step():  # T3: the EMA was updated before opt.step, one step behind
+    job, loss_fn = _step_job([])
+    job.opt = torch.optim.SGD(job.net.parameters(), lr=0.1)
+    train.train_step(SimpleNamespace(lr=0.1, warmup=0, steps=10, ema=0.0), job, loss_fn, torch.ones(1, 2), None)
+    assert all(torch.equal(a, b) for a, b in zip(job.ema.parameters(), job.net.parameters()))  # decay 0: a copy
+
+
+def test_log_window_skips_non_finite_steps():  # U1: one step without r != t rows (u_loss NaN) made the window NaN
+    job, _ = _step_job([])
+    job.step = 2
+    acc = [[1.0, 1.0, float("nan"), 1.0, 0.0], [3.0, 1.0, 3.0, 1.0, 0.0]]
+    line = train.log_window(SimpleNamespace(lr=1.0, warmup=0, batch_size=8), job, acc, 1.0)
+    assert line["u_loss"] == 3.0 and line["loss"] == 2.0
+
+
+def test_the_last_steps_are_logged(tmp_path, capsys):  # S3: steps after the last full --log-every window were lost
+    assert run_main(["--steps", 3, "--batch-size", 16, "--log-every", 2, "--out", tmp_path], capsys)[0] == 0
+    assert [json.loads(s)["step"] for s in open(tmp_path / "log.jsonl")] == [2, 3]
+
+
+def test_sample_with_a_batch_below_the_number_of_processes(tmp_path, monkeypatch):  # H8: batch 1 // 2 = 0
+    args = train.get_args(["--sample", "3", "--batch-size", "1", "--out", str(tmp_path)])
+    args.sample_guidance = {}
+    monkeypatch.setattr(train.dist, "barrier", lambda: None)
+    net, method = mf.MLP(dim=2).eval(), mf.MeanFlow("meanflow")
+    for rank in (1, 0):
+        train.sample_to_npz(args, method, net, None, rank, 2, "cpu")
+    assert np.load(tmp_path / "samples-3-nfe1.npz")["arr_0"].shape == (3, 2)
