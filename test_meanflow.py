@@ -3301,11 +3301,6 @@ def test_a_signal_during_a_periodic_checkpoint_stops_on_that_checkpoint(tmp_path
 # resume, signals) found the suite missing; each comment names the mutant it kills.
 
 
-def tiny_pixel_dit(K=0):
-    """A DiT that fits fashion-mnist's (1, 32, 32) images, small enough for milliseconds a call."""
-    return mf.DiT_models["Ti/4"](input_size=32, in_channels=1, num_classes=K, depth=1, hidden_size=32, num_heads=2)
-
-
 # ---------------------------------------------------------------- argument checks
 
 
@@ -3404,7 +3399,8 @@ def test_unconditional_npz_of_two_processes_has_no_labels(tmp_path, monkeypatch)
                            "--no-class-cond", "--sample", "5", "--out", str(tmp_path)])
     args.sample_guidance = {}
     monkeypatch.setattr(train.dist, "barrier", lambda: None)
-    net, method = tiny_pixel_dit().eval(), mf.MeanFlow("meanflow")
+    net = mf.DiT_models["Ti/4"](input_size=32, in_channels=1, num_classes=0, depth=1, hidden_size=32, num_heads=2)
+    net, method = net.eval(), mf.MeanFlow("meanflow")
     for rank in (1, 0):
         train.sample_to_npz(args, method, net, None, rank, 2, "cpu")
     npz = np.load(tmp_path / "samples-5-nfe1.npz")

@@ -843,9 +843,10 @@ def generate(args, method, net, numbers, steps, device, vae=None, batch=256):
     Labels are balanced, the classes in turn (sample i has class i mod K), not drawn at random as the official
     evaluations draw them; iMF samples at args.sample_guidance (omega, interval)."""
     (C, H, _), K = IMAGE_DATA.get(args.data, (2, None, 0)), net.num_classes
+    if not len(numbers):  # this process has no share of a --sample smaller than the number of processes
+        return np.zeros((0,)), np.zeros((0,), np.int64) if K else None
     xs, ys = [], []
-    numbers = torch.as_tensor(numbers, dtype=torch.long)
-    for chunk in numbers.split(batch) if len(numbers) else ():  # split() of no numbers gives one empty chunk
+    for chunk in torch.as_tensor(numbers, dtype=torch.long).split(batch):
         e = torch.stack([torch.randn((C, H, H) if H else (C,), generator=torch.Generator().manual_seed(int(i)))
                          for i in chunk + args.seed * 1_000_003]).to(device)
         y = (chunk % K).to(device) if K else None  # the classes in turn
@@ -858,8 +859,6 @@ def generate(args, method, net, numbers, steps, device, vae=None, batch=256):
         else:
             xs.append(to_uint8(x) if H else x.float().cpu().numpy())
         ys.append(y.cpu().numpy() if K else None)
-    if not xs:  # no numbers: this process has no share of a --sample smaller than the number of processes
-        return np.zeros((0,)), np.zeros((0,), np.int64) if K else None
     return np.concatenate(xs), np.concatenate(ys) if K else None
 
 
@@ -1199,8 +1198,9 @@ def evaluate(args, job):
 
 def checkpoint(args, job):
     """Weights, EMA, optimizer, curriculum and every process's random streams, written atomically by rank 0."""
+    method = job.method.state_dict()
     rngs = [rng_state()] * job.world  # every process's random streams
-    accs = [job.method.state_dict()["dtd_acc"]] * job.world  # and its part of DTD's window sums (the rest is shared)
+    accs = [method["dtd_acc"]] * job.world  # and its part of DTD's window sums (the rest is shared)
     if job.world > 1:
         dist.all_gather_object(rngs, rng_state())
         dist.all_gather_object(accs, accs[0])
@@ -1212,7 +1212,7 @@ def checkpoint(args, job):
             raise Fail(f"the processes' weights differ at step {job.step}: their gradients were not synchronised")
     if job.rank == 0:
         state = dict(model=job.net.state_dict(), ema=job.ema.state_dict(), opt=job.opt.state_dict(), step=job.step,
-                     rng=rngs, method=job.method.state_dict(), dtd_acc=accs, recipe=args.recipe, args=vars(args),
+                     rng=rngs, method=method, dtd_acc=accs, recipe=args.recipe, args=vars(args),
                      time=time.time() - job.t_start)
         save_atomic(job.ckpt_path, lambda f: torch.save(state, f))
     if job.world > 1:
