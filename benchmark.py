@@ -182,6 +182,29 @@ def child(args, *cmd):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def check_args(ap, args):
+    """Bad flags stop here with one line (argparse's usage and error, exit 2), before any process starts."""
+    import meanflow as mf
+
+    models, kinds = args.models.split(","), args.recipes.split(",")
+    for m in models:
+        if m != "mlp" and m not in mf.DiT_models:
+            ap.error(f"unknown model {m!r} in --models; choose mlp or one of {', '.join(mf.DiT_models)}")
+    for k in kinds:
+        name, _, variant = k.partition("@")
+        if name not in RECIPES + PARTS or variant not in ("", "stock", "base"):
+            ap.error(f"unknown kind {k!r} in --recipes; choose from {', '.join(RECIPES + PARTS)}, each optionally "
+                     "with @stock or @base")
+    if any(k.endswith("@base") for k in kinds) and not args.baseline:
+        ap.error("a kind RECIPE@base needs --baseline PATH/meanflow.py")
+    if args.baseline and not os.path.isfile(args.baseline):
+        ap.error(f"--baseline {args.baseline}: no such file; pass a meanflow.py (e.g. from git show COMMIT:meanflow.py)")
+    if args.batch < 1 or args.steps < 1:
+        ap.error(f"--batch and --steps must be at least 1 (got {args.batch}, {args.steps})")
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        ap.error(f"--out {args.out}: its folder does not exist; create it or pass another path")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mlp,S/2,B/4", help="comma-separated: mlp and/or keys of DiT_models")
@@ -215,8 +238,7 @@ def main():
         print(json.dumps(result))
         return
 
-    if any(k.endswith("@base") for k in args.recipes.split(",")) and not args.baseline:
-        ap.error("a kind RECIPE@base needs --baseline PATH/meanflow.py")
+    check_args(ap, args)
     rows, base = [], {}
     for model in args.models.split(","):
         recipes = args.recipes.split(",")

@@ -2966,6 +2966,20 @@ def test_benchmark_runs_and_reports_ratios_to_flow_matching(tmp_path):
     assert re.search(r"mlp\s+meanflow@stock\s", p.stdout)
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--models", "Q/9"], "unknown model 'Q/9'"), (["--recipes", "meanflow,foo"], "unknown kind 'foo'"),
+    (["--recipes", "meanflow@bar"], "unknown kind 'meanflow@bar'"), (["--steps", "0"], "--steps must be at least 1"),
+    (["--recipes", "meanflow@base"], "needs --baseline"), (["--baseline", "nope/meanflow.py"], "no such file"),
+    (["--out", "nope/bench.jsonl"], "its folder does not exist")])
+def test_benchmark_refuses_bad_flags_in_one_line(tmp_path, flags, named):
+    """Bad flags: one error line naming the flag, exit 2, before any timing process starts (no output file)."""
+    p = subprocess.run([sys.executable, os.path.join(HERE, "benchmark.py"), "--models", "mlp", *flags],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    errors = [line for line in p.stderr.splitlines() if "error" in line]
+    assert p.returncode == 2 and len(errors) == 1 and named in errors[0], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and not p.stdout and os.listdir(tmp_path) == []
+
+
 def test_latents_are_normalised_as_each_recipes_official_code(tmp_path):
     """MeanFlow trains on SD-VAE latents times 0.18215 (as DiT); iMF standardises each channel with its own ImageNet
     statistics (official utils/vae_util.py). The batches use the recipe's, and generate() inverts it for the VAE."""
