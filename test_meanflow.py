@@ -2353,6 +2353,27 @@ def test_study_runner_appends_and_resumes(tmp_path, capsys):
     assert study.main(argv + ["1"]) == 0 and "2 runs to do, 2 already" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "1e-3"], "holds runs with other settings"), (["--steps", "6"], "holds runs with other settings"),
+    (["--part", "images"], "holds runs with other settings"), (["--garbage"], "line 2 is not a run of this study"),
+    (["--steps", "0"], "--steps 0: must be at least 1"), (["--eval-every", "0"], "--eval-every 0: must be at least 1"),
+    (["--ema", "1"], "--ema 1.0: must be in [0, 1)"), (["--lr", "nan"], "--lr nan: must be a positive number")])
+def test_study_runner_refuses_bad_numbers_and_another_studys_file(tmp_path, capsys, flags, named):
+    """A study file resumes only at the settings it was made with (a run there at another lr, length or part would
+    count as done, and the notebooks would mix them); bad numbers and a file that is not a study's: one line, exit 2,
+    the file unchanged."""
+    study = load_study()
+    out = tmp_path / "study.jsonl"
+    out.write_text(json.dumps(dict(recipe="meanflow", seed=0, steps=4, lr=2e-3, batch_size=256, ema=0.995)) + "\n"
+                   + ("{not json\n" if flags == ["--garbage"] else ""))
+    before = out.read_text()
+    argv = ["--out", str(out), "--steps", "4", "--eval-every", "2", "--recipes", "meanflow", "--seeds", "0", "1"]
+    with pytest.raises(SystemExit) as exit_:
+        study.main(argv + ([] if flags == ["--garbage"] else flags))
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert exit_.value.code == 2 and len(errors) == 1 and named in errors[0] and out.read_text() == before
+
+
 def test_study_runner_images(tmp_path, monkeypatch):
     """The image half: Fashion-MNIST files (training and test split) in the official format, a DiT per run, 1- and
     2-NFE samples scored by the classifier against the test split, with the real-data floor."""

@@ -245,17 +245,37 @@ def main(argv=None):
     args.out = args.out or f"runs/study-{args.part}.jsonl"
     args.recipes = args.recipes or (TOY_RECIPES if toy else IMAGE_RECIPES)
     args.seeds = args.seeds if args.seeds is not None else [0, 1, 2, 3, 4] if toy else [0, 1, 2]
-    args.steps = args.steps or (3000 if toy else 2000)
-    args.batch_size = args.batch_size or (256 if toy else 64)
-    args.ema = args.ema or (0.995 if toy else 0.99)
+    args.steps = args.steps if args.steps is not None else 3000 if toy else 2000
+    args.batch_size = args.batch_size if args.batch_size is not None else 256 if toy else 64
+    args.ema = args.ema if args.ema is not None else 0.995 if toy else 0.99
     args.warmup = 0 if toy else 50  # lr warm-up steps (train.get_lr): the toy as train.py's, none
+    for flag, ok in [("steps", args.steps >= 1), ("eval_every", args.eval_every >= 1), ("workers", args.workers >= 1),
+                     ("batch_size", args.batch_size >= 1), ("classifier_steps", args.classifier_steps >= 1),
+                     ("lr", 0 < args.lr < float("inf")), ("ema", 0 <= args.ema < 1)]:
+        if not ok:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be "
+                    + ("in [0, 1)" if flag == "ema" else "a positive number" if flag == "lr" else "at least 1"))
     done = set()
-    if os.path.exists(args.out):
-        done = {(d["recipe"], d["seed"]) for d in map(json.loads, open(args.out)) if d["steps"] == args.steps}
+    if os.path.exists(args.out):  # resume: the runs there must be this study's, at these settings
+        settings = dict(part=args.part, steps=args.steps, lr=args.lr, batch_size=args.batch_size, ema=args.ema)
+        with open(args.out) as f:
+            for i, line in enumerate(f, 1):
+                try:
+                    d = json.loads(line)
+                    theirs = dict(part="images" if "floor" in d else "toy", **{k: d[k] for k in list(settings)[1:]})
+                    run = (d["recipe"], d["seed"])
+                except (ValueError, KeyError, TypeError):
+                    p.error(f"--out {args.out}: line {i} is not a run of this study; pass another --out")
+                if theirs != settings:
+                    p.error(f"--out {args.out} holds runs with other settings ({theirs}, here {settings}); "
+                            "pass another --out, or the settings it was made with to resume it")
+                done.add(run)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     jobs = [(r, s) for s in args.seeds for r in args.recipes if (r, s) not in done]
     jobs.sort(key=lambda j: (args.recipes.index(j[0]) >= 3, j[1]))  # the first three recipes' seeds first
     print(f"{len(jobs)} runs to do, {len(done)} already in {args.out}", flush=True)
+    if not jobs:
+        return 0
     args.workers = max(1, min(args.workers, len(jobs)))
     if args.workers == 1:
         worker(0, args, jobs)
