@@ -3218,16 +3218,18 @@ def test_study_run_seeds_the_init_and_draws_data_from_the_generator(monkeypatch)
 
 
 def test_study_resume_skips_only_runs_of_the_same_length(tmp_path, monkeypatch):
-    # A finished 4-step run does not stand in for a 6-step one. Kills: done without the steps check.
+    # A finished 4-step run does not stand in for a 6-step one: resumed at 4 steps it is skipped, asked for 6 steps the
+    # file is refused (test_study_runner_refuses_bad_numbers_and_another_studys_file). Kills: done without the check.
     study = load_study()
     out = tmp_path / "study.jsonl"
-    out.write_text(json.dumps(dict(recipe="meanflow", seed=0, steps=4)) + "\n")
+    out.write_text(json.dumps(dict(recipe="meanflow", seed=0, steps=4, lr=2e-3, batch_size=256, ema=0.995)) + "\n")
     jobs = []
     monkeypatch.setattr(study, "worker", lambda rank, args, j: jobs.append(list(j)))
     base = ["--out", str(out), "--recipes", "meanflow", "--seeds", "0", "1"]
     study.main(base + ["--steps", "4"])
-    study.main(base + ["--steps", "6"])
-    assert jobs == [[("meanflow", 1)], [("meanflow", 0), ("meanflow", 1)]]
+    with pytest.raises(SystemExit):
+        study.main(base + ["--steps", "6"])
+    assert jobs == [[("meanflow", 1)]]
 
 
 def test_study_toy_has_no_lr_warm_up_images_have_50_steps(tmp_path, monkeypatch):
