@@ -3603,3 +3603,115 @@ def test_sample_with_a_batch_below_the_number_of_processes(tmp_path, monkeypatch
     for rank in (1, 0):
         train.sample_to_npz(args, method, net, None, rank, 2, "cpu")
     assert np.load(tmp_path / "samples-3-nfe1.npz")["arr_0"].shape == (3, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# toy_data: tests for bugs a mutation audit found (65 mutants of toy_data/__init__.py; these kill the 14 real-bug
+# survivors: data sets whose moments are right but whose shape, noise, weights or widths are not, a square side that
+# is not the scored one, a zero std accepted, the sliced-Wasserstein generator ignored).
+def _robust_std(x):
+    # median absolute deviation, scaled to the std of a normal: blind to the few points a window borrows from a neighbour
+    return 1.4826 * (x - x.median()).abs().median().item()
+
+
+def _window(phi, centre, half=0.2):
+    return (torch.remainder(phi - centre + math.pi, 2 * math.pi) - math.pi).abs() < half
+
+
+def _noise_is_isotropic(resid, phi, sel, noise):
+    # The residual across the curve at polar angles pi/4 and 3pi/4 (where the curve runs across the radius): for
+    # N(0, noise^2 I) it has std `noise` at both; noise only along (1, 1) gives sqrt(2) noise and ~0.
+    for centre in (math.pi / 4, 3 * math.pi / 4):
+        s = _robust_std(resid[sel & _window(phi, centre)])
+        assert abs(s / noise - 1) < 0.1, (centre, s, noise)
+
+
+def test_moons_noise_is_isotropic_and_of_the_stated_size():
+    # Kills: noise * _randn(n, generator, 1) (one noise value for both coordinates); a wrong default noise.
+    noise = 0.05
+    var = (0.75 + 0.5 - 4 / math.pi**2 + (2 / math.pi - 0.25) ** 2) / 2 + noise**2  # the documented moments
+    p = td.moons(400_000, torch.Generator().manual_seed(0)).double() * math.sqrt(var) + torch.tensor([0.5, 0.25])
+    rho, phi = p.norm(dim=1), torch.atan2(p[:, 1], p[:, 0])
+    upper = p[:, 1] > 0.6  # only the upper half circle (centre 0, radius 1) reaches y > 0.6
+    _noise_is_isotropic(rho - 1, phi, upper, noise)
+
+
+def test_rings_radii_shares_and_isotropic_noise():
+    # Circles of radius 1..4 picked in proportion to their length. Kills: noise drawn once for both coordinates;
+    # DATASETS["rings"] pointing at another set.
+    noise = 0.2
+    p = td.sample("rings", 400_000, torch.Generator().manual_seed(0)).double() * math.sqrt(5 + noise**2)
+    rho, phi = p.norm(dim=1), torch.atan2(p[:, 1], p[:, 0])
+    ring = rho.round().clamp(1, 4)
+    shares = torch.stack([(ring == k).double().mean() for k in (1, 2, 3, 4)])
+    assert (shares - torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)).abs().max() < 0.01, shares
+    _noise_is_isotropic(rho - ring, phi, ring == 4, noise)
+
+
+def test_spirals_turn_the_right_way_with_isotropic_noise():
+    # FFJORD's 2spirals: arm (-a cos a, a sin a) / (3 pi / 2) and its mirror through 0, so at polar angle phi the arms
+    # pass at the radii a / (3 pi / 2) with a = -phi (mod pi), 2/3 apart. Kills: the arm mirrored (a cos a, a sin a);
+    # noise drawn once for both coordinates.
+    noise = 0.08
+    p = td.sample("spirals", 400_000, torch.Generator().manual_seed(0)).double() * math.sqrt(1 + noise**2)
+    rho, phi = p.norm(dim=1), torch.atan2(p[:, 1], p[:, 0])
+    base = torch.remainder(-phi, math.pi) / (1.5 * math.pi)
+    resid = torch.remainder(rho - base + 1 / 3, 2 / 3) - 1 / 3  # radial offset from the nearest pass of an arm
+    passing = rho - resid  # that pass's radius: 1.17 at pi/4, 1.5 at 3pi/4 within [1, 1.7] (and whole, not cut)
+    _noise_is_isotropic(resid, phi, (passing > 1.0) & (passing < 1.7), noise)
+
+
+@pytest.mark.parametrize("name, weights, stds", [("eight_gaussians", [0.125] * 8, [0.14] * 8),
+                                                 ("gaussian_mixture", [0.15, 0.10] * 4, [0.1, 0.2] * 4)])
+def test_ring_mixtures_have_their_stated_weights_and_widths(name, weights, stds):
+    # 8 modes at angles 2 pi k / 8; eight_gaussians equal with std 0.14; the default mixture alternates narrow (std 0.1,
+    # weight 0.15) and wide (std 0.2, weight 0.10), starting narrow at angle 0. Kills: other stds or weights in
+    # eight_gaussians, the default's weights swapped, DATASETS["gaussian_mixture"] pointing at eight_gaussians.
+    p = td.sample(name, 400_000, torch.Generator().manual_seed(0)).double()
+    k = torch.remainder(torch.round(torch.atan2(p[:, 1], p[:, 0]) / (math.pi / 4)), 8).long()
+    angle = k.double() * math.pi / 4
+    pi = torch.tensor(weights, dtype=torch.float64)
+    R = math.sqrt(2 * (1 - (pi * torch.tensor(stds, dtype=torch.float64) ** 2).sum().item()))  # unit variance
+    resid = p - R * torch.stack([angle.cos(), angle.sin()], 1)
+    for j in range(8):
+        assert abs((k == j).double().mean().item() - weights[j]) < 0.005, (j, weights[j])
+        s = _robust_std(resid[k == j].flatten())
+        assert abs(s / stds[j] - 1) < 0.05, (j, s, stds[j])
+
+
+def test_ring_mixture_covariance_is_exactly_identity():
+    # ring(): Cov[x] = R^2 / 2 + sum_k pi_k sigma_k^2 per coordinate = 1 exactly, also with unequal weights and widths
+    # alternating on 8 modes (a sampled variance cannot see 0.3%). Kills: R from the unweighted mean of sigma_k^2.
+    for gm in (td.GaussianMixture.default(), td.GaussianMixture.ring([0.2, 0.05] * 4, [0.05, 0.4] * 4)):
+        mean = gm.pi @ gm.mu
+        cov = (gm.pi[:, None, None] * (gm.mu[:, :, None] * gm.mu[:, None, :])).sum(0) - torch.outer(mean, mean)
+        cov = cov + (gm.pi * gm.sigma**2).sum() * torch.eye(2, dtype=torch.float64)
+        torch.testing.assert_close(cov, torch.eye(2, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_mixture_rejects_a_zero_std():
+    # v is singular at t = 0 for a point mass. Kills: `sigma < 0` instead of `sigma <= 0`.
+    with pytest.raises(ValueError, match="positive"):
+        td.GaussianMixture([[0.0, 0.0], [1.0, 1.0]], [0.0, 0.5])
+
+
+def test_checkerboard_squares_are_exactly_the_on_squares_region():
+    # The drawn squares (train.py's figure) and on_squares agree point by point on the whole board, and cover half of
+    # it. Kills: a square side of 1 instead of BOARD_SCALE (the squares overlap the empty ones).
+    g = torch.Generator().manual_seed(0)
+    pts = (torch.rand(20_000, 2, generator=g, dtype=torch.float64) * 4 - 2) * td.BOARD_SCALE
+    squares = td.checkerboard_squares()
+    drawn = torch.zeros(len(pts), dtype=torch.bool)
+    for x0, y0, s in squares:
+        drawn |= (pts[:, 0] >= x0) & (pts[:, 0] < x0 + s) & (pts[:, 1] >= y0) & (pts[:, 1] < y0 + s)
+    scored = torch.tensor([td.on_squares(p[None]) == 1.0 for p in pts])
+    assert torch.equal(drawn, scored)
+    assert abs(sum(s * s for *_, s in squares) - 8 * td.BOARD_SCALE**2) < 1e-12
+
+
+def test_sliced_wasserstein_draws_its_directions_from_the_generator():
+    # Documented: directions from `generator`, seed 0 when None. Kills: the generator argument ignored.
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(500, 2, generator=g), torch.randn(500, 2, generator=g) * torch.tensor([1.0, 2.0])
+    sw = lambda seed: td.sliced_wasserstein(a, b, n_proj=8, generator=torch.Generator().manual_seed(seed))
+    assert sw(0) == td.sliced_wasserstein(a, b, n_proj=8) and sw(1) == sw(1) and sw(1) != sw(0)
