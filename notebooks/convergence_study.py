@@ -224,6 +224,37 @@ def worker(rank, args, jobs):
         print(f"{name} seed {seed}: {result['seconds']:.0f} s, final 1-NFE score {score:.4f}", flush=True)
 
 
+def check_numbers(p, args):  # one argparse error line (exit 2) for a number no run can use
+    for flag, ok in [("steps", args.steps >= 1), ("eval_every", args.eval_every >= 1), ("workers", args.workers >= 1),
+                     ("batch_size", args.batch_size >= 1), ("classifier_steps", args.classifier_steps >= 1),
+                     ("lr", 0 < args.lr < float("inf")), ("ema", 0 <= args.ema < 1)]:
+        if not ok:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be "
+                    + ("in [0, 1)" if flag == "ema" else "a positive number" if flag == "lr" else "at least 1"))
+
+
+def finished_runs(p, args):
+    """The (recipe, seed) runs already in args.out, which must all be this study's at these settings: a run made at
+    another lr or length would otherwise count as done, and the notebooks would mix them."""
+    done = set()
+    if not os.path.exists(args.out):
+        return done
+    settings = dict(part=args.part, steps=args.steps, lr=args.lr, batch_size=args.batch_size, ema=args.ema)
+    with open(args.out) as f:
+        for i, line in enumerate(f, 1):
+            try:
+                d = json.loads(line)
+                theirs = dict(part="images" if "floor" in d else "toy", **{k: d[k] for k in list(settings)[1:]})
+                run = (d["recipe"], d["seed"])
+            except (ValueError, KeyError, TypeError):
+                p.error(f"--out {args.out}: line {i} is not a run of this study; pass another --out")
+            if theirs != settings:
+                p.error(f"--out {args.out} holds runs with other settings ({theirs}, here {settings}); "
+                        "pass another --out, or the settings it was made with to resume it")
+            done.add(run)
+    return done
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--part", choices=["toy", "images"], default="toy")
@@ -249,27 +280,8 @@ def main(argv=None):
     args.batch_size = args.batch_size if args.batch_size is not None else 256 if toy else 64
     args.ema = args.ema if args.ema is not None else 0.995 if toy else 0.99
     args.warmup = 0 if toy else 50  # lr warm-up steps (train.get_lr): the toy as train.py's, none
-    for flag, ok in [("steps", args.steps >= 1), ("eval_every", args.eval_every >= 1), ("workers", args.workers >= 1),
-                     ("batch_size", args.batch_size >= 1), ("classifier_steps", args.classifier_steps >= 1),
-                     ("lr", 0 < args.lr < float("inf")), ("ema", 0 <= args.ema < 1)]:
-        if not ok:
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be "
-                    + ("in [0, 1)" if flag == "ema" else "a positive number" if flag == "lr" else "at least 1"))
-    done = set()
-    if os.path.exists(args.out):  # resume: the runs there must be this study's, at these settings
-        settings = dict(part=args.part, steps=args.steps, lr=args.lr, batch_size=args.batch_size, ema=args.ema)
-        with open(args.out) as f:
-            for i, line in enumerate(f, 1):
-                try:
-                    d = json.loads(line)
-                    theirs = dict(part="images" if "floor" in d else "toy", **{k: d[k] for k in list(settings)[1:]})
-                    run = (d["recipe"], d["seed"])
-                except (ValueError, KeyError, TypeError):
-                    p.error(f"--out {args.out}: line {i} is not a run of this study; pass another --out")
-                if theirs != settings:
-                    p.error(f"--out {args.out} holds runs with other settings ({theirs}, here {settings}); "
-                            "pass another --out, or the settings it was made with to resume it")
-                done.add(run)
+    check_numbers(p, args)
+    done = finished_runs(p, args)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     jobs = [(r, s) for s in args.seeds for r in args.recipes if (r, s) not in done]
     jobs.sort(key=lambda j: (args.recipes.index(j[0]) >= 3, j[1]))  # the first three recipes' seeds first
