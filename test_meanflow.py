@@ -3715,3 +3715,151 @@ def test_sliced_wasserstein_draws_its_directions_from_the_generator():
     a, b = torch.randn(500, 2, generator=g), torch.randn(500, 2, generator=g) * torch.tensor([1.0, 2.0])
     sw = lambda seed: td.sliced_wasserstein(a, b, n_proj=8, generator=torch.Generator().manual_seed(seed))
     assert sw(0) == td.sliced_wasserstein(a, b, n_proj=8) and sw(1) == sw(1) and sw(1) != sw(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# meanflow.py: tests for bugs a second mutation audit found (56 mutants of the current file, 14 real-bug survivors):
+# DTD's window statistics and catch-up, class dropout's row count, the kappa forward's rows, the logged beta, iMF
+# sampling's interval, guidance_scalars, iMFDiT's init scales, norms, RoPE tables and RMSNorm eps, DiT positions.
+def test_dtd_compares_each_window_with_the_one_before_not_the_first():  # D6
+    """A loss that drops, then plateaus, has converged once two plateau windows agree: stage 1 at step 75
+    (windows 1-25: 2.0, 26-50 and 51-75: 1.0 +- noise). Against the stage's first window it would run to tau."""
+    m = mf.MeanFlow("improved-dtd", dtd_share=0)  # window 25, patience 200, no deadline
+    g = torch.Generator().manual_seed(0)
+    losses = torch.cat([torch.full((25,), 2.0), 1 + 0.01 * torch.randn(200, generator=g)])
+    stages = []
+    for v in losses:
+        m.dtd_step(v)
+        stages.append(m.dtd_stage)
+    assert stages.index(1) + 1 == 75
+
+
+def test_dtd_window_counts_only_finite_steps():  # D9
+    """A step whose process had no r = t rows (v_loss nan) adds nothing to the window, not even to its count."""
+    m = mf.MeanFlow("improved-dtd", dtd_share=0)
+    for v in (1.0, float("nan"), 3.0):
+        m.dtd_step(torch.tensor(v))
+    assert m.state_dict()["dtd_acc"] == [4.0, 10.0, 2.0] and m.state_dict()["dtd_steps"] == 3
+
+
+def test_dtd_catches_up_at_once_with_a_missed_deadline():  # D12
+    """A resumed run far past its stage's deadline jumps to the stage its progress allows, not one stage."""
+    m = mf.MeanFlow("improved-dtd")  # 20 stages, share 0.25: stage k's deadline at progress (k + 1) * 0.25 / 19
+    m.dtd_step(torch.tensor(1.0), progress=0.1)  # floor(0.1 * 19 / 0.25) = 7
+    assert m.dtd_stage == 7
+    m.dtd_step(torch.tensor(1.0), progress=0.5)  # beyond the whole curriculum's share
+    assert m.dtd_stage == 19
+
+
+def test_class_dropout_drops_exactly_k_rows():  # L1
+    """class_dropout = 1: k = B, capped at the r = t rows: every one of the B - n last rows is dropped."""
+    m, y = mf.MeanFlow("meanflow", class_dropout=1.0), torch.zeros(8, dtype=torch.long)
+    y_in, drop = m.drop_labels(y, 2, 3)
+    assert drop.tolist() == [False] * 2 + [True] * 6 and y_in.tolist() == [0, 0] + [3] * 6
+
+
+def test_logged_beta_is_the_mean_over_the_r_neq_t_rows():  # O3
+    m = mf.MeanFlow("improved-dtd")
+    net = mf.MLP(dim=2, hidden=16)
+    torch.manual_seed(0)
+    x = torch.randn(64, 2)
+    t = torch.rand(64)
+    r = torch.where(torch.arange(64) < 16, 0.3 * t, t)
+    _, logs = m.loss(net, x, t=t, r=r, progress=0.0)
+    mask = t != r
+    assert torch.allclose(logs["beta"], m.beta((t - r)[mask], 0.0).mean())
+
+
+def _imf_net(**kw):
+    return mf.iMFDiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=3, num_heads=2, head_depth=2,
+                     num_classes=3, **kw)
+
+
+def _randomize(net, std=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return net
+
+
+def test_imf_sampler_passes_omega_and_the_whole_interval():  # S2
+    method = mf.MeanFlow("imf")
+    torch.manual_seed(0)
+    net = _randomize(mf.MLP(dim=2, hidden=16, **method.net_kwargs))
+    e, full = torch.randn(6, 2), lambda a: torch.full((6,), a)
+    u = net(e, full(1.0), full(0.0), None, full(2.0), full(0.2), full(0.6))
+    assert torch.allclose(method.sample(net, e, omega=2.0, t_min=0.2, t_max=0.6), e - u, atol=1e-6)
+
+
+def test_guidance_scalars_pass_the_given_interval_through():  # S3
+    t = torch.rand(5)
+    w, lo, hi = mf.guidance_scalars(t, torch.full_like(t, 4.0), torch.zeros(5), torch.full_like(t, 0.05))
+    assert torch.equal(w, torch.full_like(t, 0.75)) and torch.equal(lo, torch.zeros(5)) and torch.equal(hi, torch.full_like(t, 0.05))
+
+
+def test_imf_init_scales_as_the_official_code():  # N2, N8
+    torch.manual_seed(0)
+    D = 192
+    net = mf.iMFDiT(input_size=8, patch_size=2, in_channels=2, hidden_size=D, depth=3, num_heads=3, head_depth=1,
+                    num_classes=1000)
+    for blocks in (net.blocks, net.u_blocks, net.v_blocks):  # 0.32 / sqrt(fan_in) in every block, shared ones too
+        assert abs(blocks[0].attn.qkv.weight.std().item() * D**0.5 - 0.32) < 0.01
+    assert abs(net.embedders["time"][0].weight.std().item() * 256**0.5 - 1.0) < 0.02  # embedders: 1 / sqrt(fan_in)
+    assert abs(net.y_embedder.weight.std().item() * D**0.5 - 1.0) < 0.02  # label rows N(0, 1/D)
+
+
+def test_imf_every_norm_weight_is_used():  # N3, N7
+    """Each RMSNorm (block norms, QK-norms) shapes the output: scaling its weight moves u."""
+    net = _randomize(_imf_net())
+    g = torch.Generator().manual_seed(1)
+    z, t = torch.randn(2, 2, 8, 8, generator=g), torch.rand(2, generator=g)
+    y = torch.tensor([0, 2])
+    u = net(z, t, 0.5 * t, y)
+    blk = net.blocks[0]
+    for norm in (blk.norm1, blk.norm2, blk.attn.q_norm, blk.attn.k_norm):
+        with torch.no_grad():
+            norm.weight.mul_(2.0)
+        assert not torch.allclose(net(z, t, 0.5 * t, y), u, atol=1e-4)
+        with torch.no_grad():
+            norm.weight.div_(2.0)
+
+
+def test_imf_rope_tables_use_theta_10000():  # N5
+    net = _imf_net()
+    d, n = 16, 20 + 16  # head dim 32 / 2; 20 condition tokens + 16 patches
+    angles = torch.arange(n, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    assert torch.allclose(net.rope_cos, angles.cos().float()) and torch.allclose(net.rope_sin, angles.sin().float())
+
+
+def test_rms_norm_uses_its_eps():  # N6
+    x = 1e-3 * torch.randn(3, 8, dtype=torch.float64)
+    ref = x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    assert torch.allclose(mf.RMSNorm(8)(x), ref.to(torch.float64), rtol=1e-5)
+
+
+def test_dit_positions_tell_rows_from_columns():  # K5
+    pe = mf.sincos_pos_embed_2d(32, 4)  # (16, 32): token n at row n // 4, column n % 4
+    assert len({tuple(row) for row in pe.tolist()}) == 16
+    assert not torch.allclose(pe[1], pe[4])  # (0, 1) and (1, 0)
+
+
+class _Counter(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.num_classes, self.rows = net, net.num_classes, []
+
+    def forward(self, z, t, r, y=None, *a, **kw):
+        if not torch.is_grad_enabled():
+            self.rows.append(z.shape[0])
+        return self.net(z, t, r, y, *a, **kw)
+
+
+def test_kappa_forward_takes_only_the_r_neq_t_rows_from_the_network():  # G1 (efficiency: one extra row per step)
+    """Guidance on every row, no dropout: u(z,t,t|null) on all B rows, u(z,t,t|y) on the n r != t rows only."""
+    B, n = 16, 4
+    method = mf.MeanFlow("meanflow", omega=0.2, kappa=0.92, class_dropout=0.0)
+    net = _Counter(mf.MLP(dim=2, hidden=16, num_classes=3))
+    torch.manual_seed(0)
+    method.loss(net, torch.randn(B, 2), torch.randint(0, 3, (B,)))
+    assert net.rows == [B + n]
