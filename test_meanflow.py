@@ -3775,18 +3775,10 @@ def _imf_net(**kw):
                      num_classes=3, **kw)
 
 
-def _randomize(net, std=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return net
-
-
 def test_imf_sampler_passes_omega_and_the_whole_interval():  # S2
     method = mf.MeanFlow("imf")
     torch.manual_seed(0)
-    net = _randomize(mf.MLP(dim=2, hidden=16, **method.net_kwargs))
+    net = randomize(mf.MLP(dim=2, hidden=16, **method.net_kwargs), std=0.3)
     e, full = torch.randn(6, 2), lambda a: torch.full((6,), a)
     u = net(e, full(1.0), full(0.0), None, full(2.0), full(0.2), full(0.6))
     assert torch.allclose(method.sample(net, e, omega=2.0, t_min=0.2, t_max=0.6), e - u, atol=1e-6)
@@ -3811,7 +3803,7 @@ def test_imf_init_scales_as_the_official_code():  # N2, N8
 
 def test_imf_every_norm_weight_is_used():  # N3, N7
     """Each RMSNorm (block norms, QK-norms) shapes the output: scaling its weight moves u."""
-    net = _randomize(_imf_net())
+    net = randomize(_imf_net(), std=0.3)
     g = torch.Generator().manual_seed(1)
     z, t = torch.randn(2, 2, 8, 8, generator=g), torch.rand(2, generator=g)
     y = torch.tensor([0, 2])
