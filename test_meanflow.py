@@ -3727,10 +3727,7 @@ def test_dtd_compares_each_window_with_the_one_before_not_the_first():  # D6
     m = mf.MeanFlow("improved-dtd", dtd_share=0)  # window 25, patience 200, no deadline
     g = torch.Generator().manual_seed(0)
     losses = torch.cat([torch.full((25,), 2.0), 1 + 0.01 * torch.randn(200, generator=g)])
-    stages = []
-    for v in losses:
-        m.dtd_step(v)
-        stages.append(m.dtd_stage)
+    stages = _dtd_stages(m, losses)
     assert stages.index(1) + 1 == 75
 
 
@@ -3770,11 +3767,6 @@ def test_logged_beta_is_the_mean_over_the_r_neq_t_rows():  # O3
     assert torch.allclose(logs["beta"], m.beta((t - r)[mask], 0.0).mean())
 
 
-def _imf_net(**kw):
-    return mf.iMFDiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=3, num_heads=2, head_depth=2,
-                     num_classes=3, **kw)
-
-
 def test_imf_sampler_passes_omega_and_the_whole_interval():  # S2
     method = mf.MeanFlow("imf")
     torch.manual_seed(0)
@@ -3803,7 +3795,7 @@ def test_imf_init_scales_as_the_official_code():  # N2, N8
 
 def test_imf_every_norm_weight_is_used():  # N3, N7
     """Each RMSNorm (block norms, QK-norms) shapes the output: scaling its weight moves u."""
-    net = randomize(_imf_net(), std=0.3)
+    net = randomize(tiny_imf(num_classes=3), std=0.3)
     g = torch.Generator().manual_seed(1)
     z, t = torch.randn(2, 2, 8, 8, generator=g), torch.rand(2, generator=g)
     y = torch.tensor([0, 2])
@@ -3818,7 +3810,7 @@ def test_imf_every_norm_weight_is_used():  # N3, N7
 
 
 def test_imf_rope_tables_use_theta_10000():  # N5
-    net = _imf_net()
+    net = tiny_imf(num_classes=3)
     d, n = 16, 20 + 16  # head dim 32 / 2; 20 condition tokens + 16 patches
     angles = torch.arange(n, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
     assert torch.allclose(net.rope_cos, angles.cos().float()) and torch.allclose(net.rope_sin, angles.sin().float())
@@ -3836,22 +3828,11 @@ def test_dit_positions_tell_rows_from_columns():  # K5
     assert not torch.allclose(pe[1], pe[4])  # (0, 1) and (1, 0)
 
 
-class _Counter(torch.nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.num_classes, self.rows = net, net.num_classes, []
-
-    def forward(self, z, t, r, y=None, *a, **kw):
-        if not torch.is_grad_enabled():
-            self.rows.append(z.shape[0])
-        return self.net(z, t, r, y, *a, **kw)
-
-
 def test_kappa_forward_takes_only_the_r_neq_t_rows_from_the_network():  # G1 (efficiency: one extra row per step)
     """Guidance on every row, no dropout: u(z,t,t|null) on all B rows, u(z,t,t|y) on the n r != t rows only."""
     B, n = 16, 4
     method = mf.MeanFlow("meanflow", omega=0.2, kappa=0.92, class_dropout=0.0)
-    net = _Counter(mf.MLP(dim=2, hidden=16, num_classes=3))
+    net = RowCounter(mf.MLP(dim=2, hidden=16, num_classes=3))
     torch.manual_seed(0)
     method.loss(net, torch.randn(B, 2), torch.randint(0, 3, (B,)))
-    assert net.rows == [B + n]
+    assert [rows for rows, _, grad, _ in net.calls if not grad] == [B + n]  # the no-grad (guidance) forwards
