@@ -998,7 +998,7 @@ def sample_to_npz(args, method, net, data, rank, world, device):
         dist.barrier()
         if rank == 0:
             parts = [dict(np.load(f"{path}.part{r}")) for r in range(world)]
-            parts = [p for p in parts if len(p["x"])] or parts[:1]  # with N below the number of processes
+            parts = [p for p in parts if len(p["x"])]  # empty parts (N below the number of processes)
             x, y = (np.concatenate([p[key] for p in parts]) for key in "xy")
             y = y if args.data in IMAGE_DATA and args.class_cond else None
             for r in range(world):
