@@ -14,11 +14,11 @@ Papers implemented here
 Conventions (fixed once; every function below uses them)
 - data x, noise e ~ N(0, I), time t in [0, 1]: t = 1 is noise, t = 0 is data.
 - path z_t = (1 - t) x + t e, conditional velocity v = e - x (constant along the path).
-- average velocity u(z_t, t, r) = 1/(t - r) * integral_r^t v(z_s, s) ds for r <= t, so z_r = z_t - (t - r) u,
-  and u(z, t, t) = v(z, t). Arguments in the code's call order net(z, t, r) everywhere here (the papers
-  write u(z_t, r, t): same function, r and t swapped in the argument list).
-- MeanFlow identity: u = v - (t - r) du/dt, with du/dt = v . d_z u + d_t u (r held fixed), i.e. the
-  JVP of u along the tangent (dz, dt, dr) = (v, 1, 0).
+- average velocity u(z_t, t, r) = 1/(t - r) * integral_r^t v(z_s, s) ds for r <= t (MeanFlow Eq. 3), so
+  z_r = z_t - (t - r) u and u(z, t, t) = v(z, t). Arguments in the code's call order net(z, t, r) everywhere
+  here (the papers write u(z_t, r, t): same function, r and t swapped in the argument list).
+- MeanFlow identity (Eq. 6): u = v - (t - r) du/dt, with du/dt = v . d_z u + d_t u (r held fixed; Eq. 8),
+  i.e. the JVP of u along the tangent (dz, dt, dr) = (v, 1, 0).
 - every network is called as net(z, t, r, y=None) -> u, with t, r of shape (B,) and t >= r. Inside it
   embeds (t, t - r) (MeanFlow Table 1c), t raw in [0, 1]; the iMF network embeds t - r only (official).
   y = num_classes means "no label".
@@ -223,8 +223,8 @@ class MeanFlow:
         t, r = self.quantile(u_hi).float(), self.quantile(u_lo).float()
         return t, torch.where(fm, t, r)
 
-    # ---- the MeanFlow loss: u_tgt = v - (t - r) (v . d_z u + d_t u), error |u - sg(u_tgt)|^2 with the
-    # adaptive weight 1 / sg((l + c)^p) (MeanFlow: the identity as a loss; tangent (v, 1, 0): Table 1b) ----
+    # ---- the MeanFlow loss (MeanFlow Eqs. 9-11): u_tgt = v - (t - r) (v . d_z u + d_t u), error
+    # |u - sg(u_tgt)|^2 with the adaptive weight 1 / sg((l + c)^p) (Sec. 4.3); tangent (v, 1, 0): Table 1b ----
     def adaptive(self, l):
         """l / sg((l + c)^p) per sample. Its gradient in u is 2 (u - u_tgt) / (l + c)^p: p = 0.5 gives every sample
         about the same gradient size (a norm, like the Pseudo-Huber loss), p = 1 a weighted loss of about 1 each
@@ -287,7 +287,7 @@ class MeanFlow:
             logs["beta"] = (self.beta(t - r, progress) * (1 - fm)).sum() / (1 - fm).sum()
         return logs
 
-    # ---- classifier-free guidance inside the target: v replaced by v_g (MeanFlow Sec. 4) -----------
+    # ---- classifier-free guidance inside the target: v replaced by v_g (MeanFlow Eqs. 13-19; kappa: Sec. B.1) --
     def drop_labels(self, y, n, num_classes):
         """Class dropout as the official code: k ~ Binomial(B, class_dropout) rows get the null label, and they
         are r = t rows. Ours are the last k rows (rows [:n] have r != t; k is capped at B - n, so with no r = t
@@ -402,8 +402,8 @@ class MeanFlow:
         self._dtd_acc = torch.tensor(d["dtd_acc"], dtype=torch.float32)  # float32 -> float -> float32: exact
         self._dtd_prev = None if d["dtd_prev"] is None else tuple(d["dtd_prev"])
 
-    # ---- iMF (Geng et al.): V = u + (t - r) sg(du/dt) along the network's own v, regressed on the guided v;
-    # guidance (omega, [t_min, t_max]) as a network condition ----------------------------------
+    # ---- iMF (Geng et al.): V = u + (t - r) sg(du/dt) along the network's own v, regressed on the guided v
+    # (iMF Sec. 4.1, Eqs. 9-12, Alg. 1); guidance (omega, [t_min, t_max]) as a network condition ---------
     def sample_imf_conditions(self, t, r):
         """omega ~ p(omega) ~ omega^-beta on [1, omega_max] (inverse CDF); interval t_min ~ U[0, 0.5],
         t_max ~ U[0.5, 1], except [0, 1] on the r = t rows (as the official code)."""
@@ -457,7 +457,7 @@ class MeanFlow:
         loss = (self.adaptive(l_u) + self.adaptive(l_v)).mean()
         return loss, self._logs(loss, l_u, t, r, 0.0, x)
 
-    # ---- samplers: z_r = z_t - (t - r) u(z_t, t, r), one step or a few --------------------------
+    # ---- samplers: z_r = z_t - (t - r) u(z_t, t, r) (MeanFlow Eq. 12, Alg. 2), one step or a few ----------
     def _conditions(self, e, omega, t_min, t_max):
         if not self.imf:
             if (omega, t_min, t_max) != (1.0, 0.0, 1.0):
