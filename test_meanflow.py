@@ -3273,6 +3273,43 @@ def test_study_test_split_is_padded_as_the_training_split(tmp_path):
     assert te_x.shape == (20, 1, 32, 32) and np.array_equal(tr_x, te_x) and np.array_equal(tr_y, te_y)
 
 
+def test_study_downloads_the_test_split_md5_checked_and_a_failure_is_one_line(tmp_path, monkeypatch):
+    """The image study's default data when neither Debian's copy nor data/fashion-mnist holds Fashion-MNIST: the four
+    official files are downloaded (the training split as train.py does, then the test split), each md5-checked, and a
+    second call downloads nothing. Offline, with the training split present, the missing test split is one line
+    naming the file and the fix, and leaves no partial file."""
+    study = load_study()
+    folder = fashion_default_path(tmp_path, monkeypatch)
+    server = tmp_path / "server"
+    x, y = make_fashion(str(server))
+    tx, ty = np.random.default_rng(1).integers(0, 256, (10, 28, 28), dtype=np.uint8), np.arange(10)
+    write_idx(str(server / "t10k-images-idx3-ubyte.gz"), tx)
+    write_idx(str(server / "t10k-labels-idx1-ubyte.gz"), ty)
+    files = {n: (server / n).read_bytes() for n in os.listdir(server)}
+    md5 = {n: hashlib.md5(raw).hexdigest() for n, raw in files.items()}
+    monkeypatch.setattr(train, "FASHION_MD5", {n: md5[n] for n in train.FASHION_MD5})
+    monkeypatch.setattr(train, "FASHION_TEST_MD5", {n: md5[n] for n in train.FASHION_TEST_MD5})
+    main = train.FASHION_URLS[0]
+    requested = []
+    monkeypatch.setattr(train.urllib.request, "urlopen", fake_urlopen({main + n: b for n, b in files.items()}, requested))
+    (tr_x, tr_y), (te_x, te_y) = study.fashion_mnist()
+    assert np.array_equal(tr_x[:, 0, 2:30, 2:30], x) and np.array_equal(tr_y, y)
+    assert np.array_equal(te_x[:, 0, 2:30, 2:30], tx) and np.array_equal(te_y, ty)
+    assert sorted(requested) == sorted(main + n for n in files) and sorted(os.listdir(folder)) == sorted(files)
+    requested.clear()
+    study.fashion_mnist()
+    assert requested == []
+    for n in train.FASHION_TEST_MD5:
+        os.remove(os.path.join(folder, n))
+    monkeypatch.setattr(train.urllib.request, "urlopen", fake_urlopen({}, []))
+    with pytest.raises(SystemExit) as exc:
+        study.fashion_mnist()
+    msg = str(exc.value.code)
+    assert "\n" not in msg and msg.startswith("convergence_study.py: error: could not download Fashion-MNIST")
+    assert "t10k-images-idx3-ubyte.gz" in msg and "apt-get install dataset-fashion-mnist" in msg
+    assert leftovers(folder) == [] and sorted(os.listdir(folder)) == sorted(train.FASHION_MD5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Preemption audit: a read-only folder at exit, a first checkpoint that cannot be written, a resume with another batch
 # ---------------------------------------------------------------------------------------------

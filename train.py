@@ -64,6 +64,8 @@ FASHION_URLS = ("https://github.com/zalandoresearch/fashion-mnist/raw/master/dat
                 "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/")
 FASHION_MD5 = {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
                "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe"}
+FASHION_TEST_MD5 = {"t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",  # the test split: only the
+                    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}  # convergence study reads it
 CIFAR_URL, CIFAR_MD5 = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"
 LATENT_SCALE = 0.18215  # SD-VAE latents times this have about unit variance (as DiT, MeanFlow)
 VAE_BATCH = 16  # images the SD-VAE decodes at once (pictures, --sample)
@@ -85,8 +87,8 @@ LOG_KEYS = ("loss", "v_loss", "u_loss", "beta", "dtd_stage")
 # and EDM's augmentation pipeline is not implemented (README: "CIFAR-10").
 DATA_RECIPES = {"cifar10": dict(recipe="meanflow", class_cond=False, dropout=0.2, lr=6e-4, batch_size=1024,
                                 knobs=dict(P_mean=-2.0, P_std=2.0, p=0.75, c=1e-3, ratio_r_neq_t=0.75))}
-# iMF's own training budget (official configs/train_config.yml, B/2; the same for every size there), with its 10
-# warm-up epochs (12,512 steps on ImageNet at batch 1024; --warmup STEPS overrides them).
+# iMF's own training budget (official configs/train_config.yml, which configures B/2 only; train.py uses it for every
+# size), with its 10 warm-up epochs (12,512 steps on ImageNet at batch 1024; --warmup STEPS overrides them).
 IMF_TRAINING = dict(batch_size=1024, epochs=640, warmup_epochs=10)
 # iMF's sample pictures for sizes without an entry in meanflow.imf_guidance: the official training config's setting.
 IMF_PICTURE_GUIDANCE = dict(omega=7.5, t_min=0.4, t_max=0.65)
@@ -314,9 +316,10 @@ def fetch(urls, md5):
     raise OSError(errors[0])
 
 
-def download_fashion_mnist(path):
-    """The official training files into path (those already there are kept), each md5-checked before it is saved."""
-    for name, md5 in FASHION_MD5.items():
+def download_fashion_mnist(path, files=None):
+    """The official files (default: the training split, FASHION_MD5) into path (those already there are kept), each
+    md5-checked before it is saved."""
+    for name, md5 in (FASHION_MD5 if files is None else files).items():
         if os.path.exists(os.path.join(path, name)):
             continue
         try:

@@ -126,13 +126,23 @@ N_PER_CLASS, K = 100, 10
 
 def fashion_mnist(path=None):
     """(train x, train y), (test x, test y): uint8 (N, 1, 32, 32) and int labels, from path (the four official files),
-    or by default Debian's copy or data/fashion-mnist."""
-    x, y = train.load_fashion_mnist(path or train.DATA_PATHS["fashion-mnist"])
-    for folder in [path] if path else [train.FASHION_DEBIAN, train.DATA_PATHS["fashion-mnist"]]:
-        files = [os.path.join(folder, f"t10k-{n}-idx{d}-ubyte.gz") for n, d in (("images", 3), ("labels", 1))]
-        if all(map(os.path.exists, files)):
-            tx, ty = map(train.read_idx, files)
-            return (x, y), (np.pad(tx, ((0, 0), (2, 2), (2, 2)))[:, None], ty)
+    or by default Debian's copy, else data/fashion-mnist (the official files are downloaded there once, as train.py
+    does for the training split, md5-checked)."""
+    default = train.DATA_PATHS["fashion-mnist"]
+    folders = [path] if path else [train.FASHION_DEBIAN, default]
+    test_files = lambda folder: [os.path.join(folder, name) for name in train.FASHION_TEST_MD5]  # images, labels
+    try:  # a failed download or a bad file: one line, as train.py
+        x, y = train.load_fashion_mnist(path or default)
+        if not path and not any(all(map(os.path.exists, test_files(f))) for f in folders):
+            print(f"downloading Fashion-MNIST's test split ({train.FASHION_URLS[0]}) into {default}", flush=True)
+            train.download_fashion_mnist(default, train.FASHION_TEST_MD5)
+        for folder in folders:
+            files = test_files(folder)
+            if all(map(os.path.exists, files)):
+                tx, ty = map(train.read_idx, files)
+                return (x, y), (np.pad(tx, ((0, 0), (2, 2), (2, 2)))[:, None], ty)
+    except train.Fail as err:
+        raise SystemExit(f"convergence_study.py: error: {err}")
     raise SystemExit("no Fashion-MNIST test split (t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in "
                      f"{path or train.FASHION_DEBIAN + ' or ' + train.DATA_PATHS['fashion-mnist']}: apt-get install "
                      "dataset-fashion-mnist, or put the official files there")
