@@ -194,6 +194,12 @@ class MeanFlow:
         """Network options this recipe needs: iMF conditions on omega and its interval, in context."""
         return dict(in_context=True, guidance_cond=True, v_head=True) if self.imf else {}
 
+    def _check_net(self, net):  # iMF's loss and samplers feed the guidance conditions and read the v-head
+        m = _module(net)  # a network that does not say (a user's own) is taken at its word
+        if self.imf and not (getattr(m, "guidance_cond", True) and getattr(m, "v_head", True)):
+            raise ValueError("recipe 'imf' needs a network with guidance conditions and a v-head: one of iMF_models, "
+                             "or a DiT or MLP built with **MeanFlow('imf').net_kwargs")
+
     # ---- (t, r) sampling: logit-normal times, a share of r != t rows (MeanFlow Table 1a) --------
     def quantile(self, u):
         """Inverse CDF of one time draw: logit-normal sigmoid(P_mean + P_std * N(0,1)), or uniform."""
@@ -238,6 +244,7 @@ class MeanFlow:
         training step: it advances DTD. du/dt enters only as (t - r) du/dt: the forward-mode pass runs on the
         r != t rows [:n] only (same loss and gradients as one pass over the batch, tested; 1 + 0.25/3 of a
         flow-matching step instead of 4/3)."""
+        self._check_net(net)
         B = x.shape[0]
         if t is None:
             t, r = self.sample_t_r(B, x.device)
@@ -471,6 +478,7 @@ class MeanFlow:
     def sample(self, net, e, y=None, steps=1, omega=1.0, t_min=0.0, t_max=1.0):
         """k-NFE MeanFlow sampling on a uniform grid 1 -> 0: z_r = z_t - (t - r) u(z_t, t, r).
         Guidance needs no extra pass: MeanFlow bakes it into u, iMF takes omega as a condition."""
+        self._check_net(net)
         cond = self._conditions(e, omega, t_min, t_max)
         return self._walk(e, steps, lambda z, t, r: net(z, t, r, y, **cond))
 
@@ -478,6 +486,7 @@ class MeanFlow:
     def sample_euler(self, net, e, y=None, steps=32, omega=1.0, t_min=0.0, t_max=1.0):
         """Many-step Euler with the instantaneous velocity read out of the network: u(z, t, t)
         (iMF: its v-head). The improved-training paper's probe of how well v is learned."""
+        self._check_net(net)
         cond = self._conditions(e, omega, t_min, t_max)
         if self.imf:
             return self._walk(e, steps, lambda z, t, r: net(z, t, t, y, **cond, return_v="only"))
@@ -631,7 +640,7 @@ class DiT(nn.Module):
                  attention="sdpa", cond_tokens=4, dropout=0.0):
         super().__init__()
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
-        self.in_context, self.guidance_cond = in_context, guidance_cond
+        self.in_context, self.guidance_cond, self.v_head = in_context, guidance_cond, v_head
         # Patch embedding: a p x p, stride-p convolution is a linear map of each flattened patch.
         self.x_embedder = nn.Linear(in_channels * patch_size * patch_size, hidden_size)
         grid = input_size // patch_size
@@ -827,7 +836,8 @@ class iMFDiT(nn.Module):
         super().__init__()
         assert 0 < head_depth <= depth, "the v-head branches off inside the network"
         D, p = hidden_size, patch_size
-        self.in_channels, self.patch_size, self.num_classes, self.guidance_cond = in_channels, p, num_classes, True
+        self.in_channels, self.patch_size, self.num_classes = in_channels, p, num_classes
+        self.guidance_cond = self.v_head = True  # iMF's conditions and its v-head are part of this network
         self.x_embedder = nn.Linear(in_channels * p * p, D)  # a p x p, stride-p convolution
         # h, 1 - 1/omega, t_min, t_max: sinusoids of the raw scalar and a 2-layer MLP each (as the DiT's)
         self.embedders = nn.ModuleDict({k: nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
@@ -903,7 +913,7 @@ class MLP(nn.Module):
     def __init__(self, dim=2, hidden=256, depth=4, num_classes=0, guidance_cond=False, v_head=False,
                  in_context=False):
         super().__init__()  # in_context: accepted so that the recipes' net_kwargs fit; an MLP has no tokens
-        self.num_classes, self.guidance_cond = num_classes, guidance_cond
+        self.num_classes, self.guidance_cond, self.v_head = num_classes, guidance_cond, v_head
         width = dim + 2 + 3 * guidance_cond  # z, t, t - r (+ 1 - 1/omega, t_min, t_max)
         self.y_embedder = nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None
         layers = []

@@ -482,6 +482,27 @@ def test_imf_guidance_conditions_and_sampling_at_any_omega():
     assert not torch.allclose(a, b)  # omega is a network condition: no extra pass, different output
 
 
+def test_imf_refuses_a_network_without_its_conditions_or_v_head_in_one_message():
+    """recipe "imf" with a DiT or MLP built without MeanFlow("imf").net_kwargs: loss, sample and sample_euler say what
+    the network lacks and how to build it (not a TypeError deep inside the network); with the kwargs, or the iMF
+    network, all three run; the other recipes take either network."""
+    method = mf.MeanFlow("imf")
+    x, e, y = torch.randn(4, 2, 8, 8), torch.randn(4, 2, 8, 8), torch.tensor([0, 1, 2, 0])
+    lacking = [tiny_dit(num_classes=3), tiny_dit(num_classes=3, guidance_cond=True),
+               tiny_dit(num_classes=3, v_head=True), mf.MLP(num_classes=3)]
+    for net in lacking:
+        z = x if isinstance(net, mf.DiT) else torch.randn(4, 2)
+        for call in (lambda: method.loss(net, z, y), lambda: method.sample(net, z, y),
+                     lambda: method.sample_euler(net, z, y, steps=2)):
+            with pytest.raises(ValueError, match=r"recipe 'imf' needs a network .*net_kwargs"):
+                call()
+    for net in (tiny_dit(num_classes=3, **method.net_kwargs), tiny_imf(num_classes=3)):
+        method.loss(net, x, y)[0].backward()
+        method.sample(net, e, y, omega=2.0), method.sample_euler(net, e, y, steps=2)
+    for net in (tiny_dit(num_classes=3), tiny_imf(num_classes=3)):
+        mf.MeanFlow("meanflow").loss(net, x, y)[0].backward()
+
+
 # ---------------------------------------------------------------------------------------------
 # A toy MeanFlow learns the exact field; a wrong tangent does not
 # ---------------------------------------------------------------------------------------------
@@ -897,6 +918,9 @@ def test_imagenet_latents_prepare_load_train_sample(tmp_path, capsys):
         assert_one_line_error(code, err, bad, "is not a readable image", "remove or replace it")
         assert os.listdir(tmp_path / "badlat") == []
         shutil.rmtree(tmp_path / "bad")
+    code, _, err = run_main(["--prepare-imagenet", tmp_path / "nowhere", "--data-path", tmp_path / "nolat"], capsys)
+    assert_one_line_error(code, err, "nowhere is not a folder", "ImageNet's train folder")  # before loading a VAE
+    assert not os.path.exists(tmp_path / "nolat")
     lat = np.load(out / "shard-00000-of-00002.npy", mmap_mode="r")
     assert isinstance(lat, np.memmap) and lat.shape == (3, 2, 2, 4, 32, 32)  # files 0, 2, 4 of the sorted list
     # shard 0 holds n00/img0, n00/img4 (class 0) and n01/img3 (class 1): order of the sorted file list, every 2nd
@@ -2679,7 +2703,7 @@ def test_meanflow_without_appendix_computes_the_same(tmp_path):
 LECTURE_DELETE = ["drop_labels", "guided_velocity",  # guidance
                   "_expect", "beta", "_alpha_raw", "weights", "dtd_step", "_dtd_reset", "state_dict",
                   "load_state_dict",  # improved training
-                  "sample_imf_conditions", "imf_loss", "rope_cos_sin", "apply_rope", "RMSNorm", "iMFAttention",
+                  "_check_net", "sample_imf_conditions", "imf_loss", "rope_cos_sin", "apply_rope", "RMSNorm", "iMFAttention",
                   "SwiGLU", "iMFBlock", "iMFFinalLayer", "iMFDiT", "iMF_sizes", "iMF_models", "imf_guidance"]  # iMF
 LECTURE_REPLACE = [("y_in, drop = ", "y_in = y"), ("v_g = self.guided_velocity(", "v_g = v"),
                    ("w = self.weights(", "w = 1"), ("RECIPES = {", 'RECIPES = {"meanflow": _meanflow}')]
@@ -2716,6 +2740,9 @@ def lecture_cut(text):
     for n in ast.walk(method("loss")):
         if isinstance(n, ast.Expr) and ast.unparse(n).startswith("self.dtd_step("):
             cut(n, comments=False)
+    for fn in ("loss", "sample", "sample_euler"):
+        n = next(n for n in method(fn).body if ast.unparse(n).startswith("self._check_net("))
+        cut(n, comments=False)
     for old, new in LECTURE_REPLACE:
         node = next(n for n in ast.walk(tree) if isinstance(n, ast.Assign) and ast.unparse(n).startswith(old))
         indent = lines[node.lineno - 1][:len(lines[node.lineno - 1]) - len(lines[node.lineno - 1].lstrip())]

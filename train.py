@@ -26,6 +26,7 @@ import fcntl
 import glob
 import gzip
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -533,7 +534,9 @@ def load_images(files):
 def prepare_imagenet(args):
     root, n = args.prepare_imagenet, args.num_shards or int(os.environ.get("WORLD_SIZE", 1))
     s = args.shard if args.shard is not None else int(os.environ.get("RANK", 0))
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
+    if not os.path.isdir(root):
+        raise Fail(f"--prepare-imagenet {root} is not a folder; pass ImageNet's train folder (one folder per class)")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     files = [(os.path.join(root, c, f), k) for k, c in enumerate(classes)
              for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith((".jpeg", ".jpg", ".png"))][s::n]
     if not files:
@@ -1227,8 +1230,10 @@ def train(args, job):
     SIGINT/SIGTERM (all processes at the same step, checkpoint written) and at --stop-at."""
     # Data parallel: DDP's gradient hooks fire through all of the loss's forwards (the plain one, the forward-mode
     # pass on dual tensors, the no-grad guidance one) and one backward (tested against one process on the global
-    # batch). The buffers are constants (positions): no broadcast each forward.
-    model = torch.nn.parallel.DistributedDataParallel(job.net, broadcast_buffers=False) if job.world > 1 else job.net
+    # batch). The buffers are constants (positions): no broadcast each forward (torch 2.13 renamed the flag).
+    DDP = torch.nn.parallel.DistributedDataParallel
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    model = DDP(job.net, **{no_sync: False}) if job.world > 1 else job.net
 
     def loss_fn(x, y, progress):
         with job.autocast:  # the JVP too (an fp32 JVP measured no better; README); meanflow.py sums errors in fp32
