@@ -13,8 +13,9 @@ the forward-mode pass with PyTorch's own forward-mode rules (math attention) ins
 rules; RECIPE@base is the meanflow.py given by --baseline. Each kind's peak memory comes from a fresh process:
 torch.cuda.max_memory_allocated on GPU, the resident-set high-water mark on CPU (parameters, gradients and
 optimizer state included in both; big allocations forced to mmap, so that the high-water mark follows live
-memory). Times come from one process per network, with the default allocator, in which the kinds take turns step
-by step, so that a busy machine slows them alike: the median wall-clock time of a step after warm-up, and the
+memory). Times come from one process per network (with --pairwise: one per recipe, beside its flow-matching
+step), with the default allocator, in which the kinds take turns step by step, so that a busy machine slows them
+alike: the median wall-clock time of a step after warm-up, and the
 median CPU time of the process (on a shared CPU the steadier measure), each with its ratio to flow matching.
 """
 import argparse
@@ -91,7 +92,7 @@ def build(model, kind, batch, bf16, compile_, baseline=None):
         net, x = mf.MLP(dim=2, num_classes=10, **method.net_kwargs), torch.randn(batch, 2)
     elif method.imf and model in getattr(mf, "iMF_models", {}):  # iMF trains its own network (train.py --recipe imf)
         net, x = mf.iMF_models[model](input_size=32, in_channels=4, num_classes=1000), torch.randn(batch, 4, 32, 32)
-    else:  # iMF at a size the official network lacks (S/2): the in-context DiT stands in
+    else:  # the DiT: adaLN for MeanFlow; for iMF at a size iMF_models lacks (S/2), the in-context DiT stands in
         net = mf.DiT_models[model](input_size=32, in_channels=4, num_classes=1000, **method.net_kwargs)
         x = torch.randn(batch, 4, 32, 32)
     fm = name.startswith("fm")

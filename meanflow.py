@@ -75,8 +75,9 @@ def jvp(f, primals, tangents):
     """(f(*primals), the derivative of f at primals along tangents) in one forward-mode pass.
 
     Like torch.func.jvp, with plain dual tensors. f is written in plain PyTorch and runs under JVP_RULES: below,
-    PyTorch's own forward-mode AD; with the APPENDIX, cheaper tangent rules for the costly ops. The tangent is
-    computed outside autograd (stop-gradient: the loss never differentiates it). f may return a tensor or a tuple."""
+    PyTorch's own forward-mode AD; with the APPENDIX, cheaper tangent rules for the costly ops, which compute the
+    tangent under no_grad (PyTorch's own rules also record the tangent ops for backward, which holds memory; the loss
+    never differentiates the tangent either way: it detaches the target). f may return a tensor or a tuple."""
     with fwAD.dual_level(), JVP_RULES():
         out = f(*[fwAD.make_dual(p, d) for p, d in zip(primals, tangents)])
         pairs = [fwAD.unpack_dual(o) for o in (out if isinstance(out, tuple) else (out,))]
@@ -242,8 +243,8 @@ class MeanFlow:
         t, r, e are sampled unless given; net may be wrapped in DistributedDataParallel. logs: v_loss / u_loss
         (mean squared error per element on the r = t / r != t rows), beta, dtd_stage. A call with gradients is a
         training step: it advances DTD. du/dt enters only as (t - r) du/dt: the forward-mode pass runs on the
-        r != t rows [:n] only (same loss and gradients as one pass over the batch, tested; 1 + 0.25/3 of a
-        flow-matching step instead of 4/3)."""
+        r != t rows [:n] only (same loss and gradients as one pass over the batch, tested; a counted floor of
+        1 + 0.25/3 flow-matching steps instead of 4/3; the measured costs are in the README)."""
         self._check_net(net)
         B = x.shape[0]
         if t is None:
@@ -276,7 +277,7 @@ class MeanFlow:
             # Stop-gradient on the target: it depends on the network itself; differentiating through it
             # would chase a moving target (and costs a second-order pass).
             parts.insert(0, (u, (v_g[:n] - (t_ - r_)[:n].clamp(0, 1) * dudt).detach()))
-        # Sum (not mean) over data dimensions, so that c and p mean the same at any resolution.
+        # Sum (not mean) over data dimensions, as the official code: the papers' c and p are set for this sum.
         l = torch.cat([sq_err(u, u_tgt) for u, u_tgt in parts])  # (B,), rows in the order of t, r
         w = self.weights(t, r, progress)
         loss = (w * self.adaptive(l)).mean()
@@ -731,7 +732,7 @@ class DiT(nn.Module):
 # ---- The iMF network (Geng et al., iMF; official models/imfDiT.py): a pre-norm transformer conditioned in context.
 # Unlike the DiT it sees h = t - r only (no t), has no adaLN and no absolute positions: RMSNorm, QK-norm, RoPE over
 # the whole sequence (condition tokens included), a bias-free SwiGLU MLP, zero-initialised residual gates, and a
-# v-head that branches off before the last `head_depth` blocks (run only when return_v=True). -------------------
+# v-head that branches off before the last `head_depth` blocks (run only when return_v asks for v). -------------
 def rope_cos_sin(dim, n, theta=10000.0):
     """Rotary tables for positions 0..n-1: cos, sin of shape (n, dim/2), angle pos * theta^(-2i/dim)."""
     freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)

@@ -76,8 +76,9 @@ def moons(n, generator=None, noise=0.05):
 
 def spirals(n, generator=None, noise=0.08):
     # Two arms of an Archimedean spiral, 540 degrees each (FFJORD's "2spirals"). With the angle
-    # a = sqrt(U) * 3 pi the points are uniform along the arc; E|p|^2 = E[a^2] = (3 pi)^2 / 2, so the two
-    # coordinates' variances average to (3 pi / 2)^2 (1.03 / 0.97 of it; the arms are point-symmetric, mean 0).
+    # a = sqrt(U) * 3 pi the points are nearly uniform along the arc (exactly so only far from the centre);
+    # E|p|^2 = E[a^2] = (3 pi)^2 / 2, so the two coordinates' variances average to (3 pi / 2)^2 (1.03 / 0.97 of
+    # it; the arms are point-symmetric, mean 0).
     a = torch.sqrt(_rand(n, generator)) * 3 * math.pi
     p = torch.stack([-a * torch.cos(a), a * torch.sin(a)], 1) / (3 * math.pi / 2)
     p = torch.where(_rand(n, generator, 1) < 0.5, p, -p) + noise * _randn(n, generator, 2)
