@@ -71,7 +71,7 @@ CIFAR_URL, CIFAR_MD5 = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 LATENT_SCALE = 0.18215  # SD-VAE latents times this have about unit variance (as DiT, MeanFlow)
 VAE_BATCH = 16  # images the SD-VAE decodes at once (pictures, --sample)
 # iMF (official utils/vae_util.py) standardises each latent channel with its own ImageNet statistics instead: with
-# 0.18215 its inputs would have channel std 0.73-0.97 and means up to 0.16, not the scale its recipe was tuned on.
+# 0.18215 its inputs would have channel std 0.72-0.97 and means up to 0.16, not the scale its recipe was tuned on.
 IMF_LATENT_MEAN = (0.86488, -0.27787343, 0.21616915, 0.3738409)
 IMF_LATENT_STD = (4.85503674, 5.31922414, 3.93725398, 3.9870003)
 PAPER = dict(recipe="improved-dtd", batch_size=256, lr=1e-4, ema=0.9999, log_every=100, eval_every=10_000,
@@ -82,10 +82,10 @@ PAPER = dict(recipe="improved-dtd", batch_size=256, lr=1e-4, ema=0.9999, log_eve
 TOY = dict(recipe="meanflow", batch_size=256, lr=2e-3, ema=0.995, log_every=100, steps=3000,
            warmup_epochs=0)  # eval, save at the end
 LOG_KEYS = ("loss", "v_loss", "u_loss", "beta", "dtd_stage")
-# Each image dataset's own recipe where it differs from ImageNet's. CIFAR-10 as py-meanflow trains it (MeanFlow's
-# CIFAR-10 result, 1-NFE FID 2.92, scripts/cifar10_v0.sh): unconditional, logit-normal(-2, 2), adaptive weight
-# p = 0.75, c = 1e-3, 75% of the rows r != t, dropout 0.2, lr 6e-4, batch 1024. Our DiT stands in for their U-Net
-# and EDM's augmentation pipeline is not implemented (README: "CIFAR-10").
+# Each image dataset's own recipe where it differs from ImageNet's. CIFAR-10 with py-meanflow's method knobs
+# (MeanFlow's CIFAR-10 result, 1-NFE FID 2.92, scripts/cifar10_v0.sh): unconditional, logit-normal(-2, 2), adaptive
+# weight p = 0.75, c = 1e-3, 75% of the rows r != t, dropout 0.2, lr 6e-4, batch 1024. Not copied (README:
+# "CIFAR-10"): their U-Net (our DiT stands in), EDM's augmentation, 16,000 epochs with 200 warm-up, Adam (0.9, 0.999).
 DATA_RECIPES = {"cifar10": dict(recipe="meanflow", class_cond=False, dropout=0.2, lr=6e-4, batch_size=1024,
                                 knobs=dict(P_mean=-2.0, P_std=2.0, p=0.75, c=1e-3, ratio_r_neq_t=0.75))}
 # iMF's own training budget (official configs/train_config.yml, which configures B/2 only; train.py uses it for every
@@ -100,7 +100,8 @@ class Fail(Exception):
 
 
 class Stopped(Exception):
-    """SIGINT or SIGTERM while training: every process saved the checkpoint; main prints how to resume."""
+    """SIGINT or SIGTERM while training: every process stopped at the same step and process 0 wrote the checkpoint;
+    main prints how to resume."""
 
 
 # Every numeric argument, checked before any work: what it must be (float ones must also be finite). A new
@@ -137,7 +138,8 @@ def get_args(argv=None):
     a("--data-path", help="data folder (default " + ", ".join(f"{p} for {d}" for d, p in DATA_PATHS.items())
       + f"; fashion-mnist reads Debian's {FASHION_DEBIAN} first, where installed)")
     a("--model", help="'mlp' for 2-D data (default there), else a DiT size of meanflow.DiT_models (default B/4); "
-      "--recipe imf: a size of meanflow.iMF_models, the official iMF network (B/2 M/2 L/2 XL/2; Ti/2, Ti/4 for CPU)")
+      "--recipe imf: a size of meanflow.iMF_models, the official iMF network (official sizes B/2 M/2 L/2 XL/2; /4 "
+      "patches and Ti for CPU too; the default B/4 is not an official iMF size)")
     a("--recipe", help=f"{', '.join(mf.RECIPES)} (default improved-dtd; cifar10 and toy meanflow)")
     a("--steps", type=int, help="optimizer steps (default: 240 epochs, paper; iMF 640; toy 3000)")
     a("--batch-size", type=int, help="global batch, split over processes (default 256, paper and toy; iMF and "
@@ -146,7 +148,8 @@ def get_args(argv=None):
     a("--warmup", type=int, help="linear learning-rate warmup steps (default 0, paper; iMF 10 epochs, official)")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0, paper); betas (0.9, 0.95)")
     a("--ema", type=float, help="EMA decay of the weights that make samples (default 0.9999, paper; toy 0.995)")
-    paper = "(default: paper, per size, meanflow.paper_guidance, on class-conditional ImageNet latents; else none)"
+    paper = ("(default: per size, meanflow.paper_guidance (the paper's; B/4 the official config's), on "
+             "class-conditional ImageNet latents; else none)")
     a("--omega", type=float, help="guidance scale in the target " + paper)
     a("--kappa", type=float, help="guidance mixing kappa " + paper)
     a("--t-lo", type=float, help="start of the guidance interval " + paper)
@@ -166,16 +169,17 @@ def get_args(argv=None):
       "log.jsonl and pictures (without it, or --resume, such a folder is refused)")
     a("--stop-at", type=int, help="checkpoint and exit (code 0) after this step, to split a run into jobs or "
       "test resuming (default never)")
-    a("--precision", choices=["bf16", "fp32"], help="autocast dtype (default bf16 on GPU, with TF32; fp32 on CPU)")
+    a("--precision", choices=["bf16", "fp32"], help="autocast dtype (default bf16 on GPU, fp32 on CPU; every GPU run "
+      "allows TF32 matmuls, fp32 included)")
     a("--compile", action="store_true", help="torch.compile the loss (default off): the forward-mode pass runs "
       "eagerly (Dynamo does not trace dual tensors under a TorchFunctionMode); the guidance forwards and the rest "
       "compile")
     a("--sample", type=int, metavar="N", help="write N samples of the EMA model in <out>/ckpt.pt to an .npz, exit")
     a("--sample-steps", type=int, help="NFE of --sample (default 1)")
     a("--sample-omega", type=float, help="iMF: guidance scale at sampling, an input of the network (default: per "
-      "size, meanflow.imf_guidance; also for the training pictures)")
+      "size, meanflow.imf_guidance, other sizes 7.5 as the official training config; also for the training pictures)")
     a("--sample-interval", type=float, nargs=2, metavar=("T_MIN", "T_MAX"), help="iMF: the guidance interval at "
-      "sampling (default: per size, meanflow.imf_guidance)")
+      "sampling (default: per size, meanflow.imf_guidance, other sizes 0.4 0.65 as the official training config)")
     a("--fid-ref", help="reference .npz for FID: its mu/sigma when present, as the ADM evaluator, else its images "
       "arr_0 (uint8 NxHxWx3) (default: the training images on pixel data; imagenet-latents: none, FID skipped)")
     a("--prepare-imagenet", metavar="DIR", help="encode a class-per-folder image tree to latents in --data-path")
@@ -500,7 +504,7 @@ def get_batch(args, data, step, rank, world):
 # ----------------------------------------------------------------------------------------------------------
 # ImageNet -> SD-VAE latents, once. Center crop to 256 as ADM / DiT; we keep the posterior (mean, std) of each image
 # and of its mirror image, so that training draws a fresh latent of a random flip every time (the official JAX
-# loader flips cached latents, a no-op). Shard s of n encodes files s, s + n, ...: one job each, or torchrun.
+# loader keeps a use_flip flag but never applies it: no flips). Shard s of n encodes files s, s + n, ...: one job each, or torchrun.
 
 
 def center_crop(img, size=256):
@@ -846,8 +850,8 @@ def load_vae(args, device):
 def generate(args, method, net, numbers, steps, device, vae=None, batch=256):
     """Samples number `numbers` of one fixed stream (noise and class depend on the number alone, so any split
     over processes gives the same set): (points (n, 2) float, None) or (images (n, H, W, 3) uint8, labels).
-    Labels are balanced, the classes in turn (sample i has class i mod K), not drawn at random as the official
-    evaluations draw them; iMF samples at args.sample_guidance (omega, interval)."""
+    Labels are balanced, the classes in turn (sample i has class i mod K), as iMF's official sampler takes them;
+    MeanFlow's official evaluation draws them at random; iMF samples at args.sample_guidance (omega, interval)."""
     (C, H, _), K = IMAGE_DATA.get(args.data, (2, None, 0)), net.num_classes
     if not len(numbers):  # this process has no share of a --sample smaller than the number of processes
         return np.zeros((0,)), np.zeros((0,), np.int64) if K else None
@@ -923,7 +927,8 @@ def save_grids(path, image_sets, cols=8):
 
 
 def toy_distances(args, points):
-    """Energy distance and sliced Wasserstein-2 to a fresh sample of the data (exact, no density needed)."""
+    """Energy distance and sliced Wasserstein-2 (256 fixed directions) to a fixed sample of the data (seed 12345):
+    no density needed."""
     ref = toy_data.sample(args.data, len(points), generator=torch.Generator().manual_seed(12345))
     points = torch.as_tensor(points)
     return toy_data.energy_distance(points, ref), toy_data.sliced_wasserstein(points, ref)

@@ -5,14 +5,15 @@
     python notebooks/convergence_study.py --out /tmp/smoke.jsonl --steps 20 --eval-every 10 --seeds 0 --recipes meanflow improved-dtd
 
 toy: each (recipe, seed) run trains the toy MLP on fresh samples of toy_data's Gaussian mixture, as train.py trains a
-2-D toy (AdamW, betas (0.9, 0.95), EMA, meanflow.TOY_OVERRIDES, progress = step / steps), and evaluates the EMA
+2-D toy (AdamW, betas (0.9, 0.95), meanflow.TOY_OVERRIDES, progress = step / steps; the EMA with a warm-up that
+train.py does not have), and evaluates the EMA
 weights every --eval-every steps on one fixed evaluation set against the exact fields (v in closed form, u by RK4).
 images: each run trains a small class-conditional DiT (patch 8, depth 4, hidden 128: 16 tokens, ~1.3M parameters) on
 Fashion-MNIST's training split (60,000 images padded to 32 x 32), batch 64, and scores 1-NFE and 2-NFE samples of the
 EMA weights (100 per class, one fixed set of noises) with a small CNN classifier trained once on the same training
 split: class accuracy and Frechet distance on its 64-d features to the test split; 1000 real test images scored the
-same way are the floor. It needs the test split (t10k-*) next to the training files: apt-get install
-dataset-fashion-mnist, or the four official files in data/fashion-mnist.
+same way are the floor. The test split (t10k-*) comes from Debian's copy or data/fashion-mnist, downloaded there
+(md5-checked) when neither holds it; with --data-path, that folder must hold all four official files.
 One line of JSON per finished run is appended to --out; runs already there are skipped, so a killed study resumes.
 Every process uses one thread (small nets: threads cost more than they give).
 """
@@ -82,7 +83,8 @@ def evaluate(method, net, sets, data):
 
 def fit(method, net, args, seed, batch, evaluate, log_losses=False):
     """Train net from its initialisation as train.py trains (AdamW, betas (0.9, 0.95), lr with args.warmup steps of
-    warm-up, EMA with a warm-up: the init is not averaged in), on batch(generator) -> (x,) or (x, y); evaluate(ema)
+    warm-up), except the EMA, which here has a warm-up (decay min(ema, (1 + step) / (10 + step)): the init is not
+    averaged in; train.py's is constant), on batch(generator) -> (x,) or (x, y); evaluate(ema)
     every args.eval_every steps. Returns the curve (log_losses: with the mean v- and u-loss since the last point)
     and the seconds it took."""
     ema = copy.deepcopy(net).requires_grad_(False).eval()
@@ -166,7 +168,7 @@ def classifier(data, steps=1500):
 
 class ImageScores:
     """Scores of a (K * N_PER_CLASS, 1, 32, 32) sample set in class blocks: class accuracy, Frechet distance of the
-    classifier's features to the test split's. REAL, 100 test images per class, is scored as a sample set: the floor
+    classifier's features to the test split's. The real images, 100 test images per class, are scored as a sample set: the floor
     a perfect generator reaches with this many samples. The reference is the other 9000 test images."""
 
     def __init__(self, clf, test):
@@ -225,7 +227,7 @@ def worker(rank, args, jobs):
         run_one = lambda name, seed: run_images(name, seed, args, data, scores, noise)
     for name, seed in jobs[rank :: args.workers]:
         result = run_one(name, seed)
-        # One line per run (~12 KB) in one unbuffered write to a file opened for appending (O_APPEND): the workers'
+        # One line per run (~12 KB toy, ~5 KB images) in one unbuffered write to a file opened for appending (O_APPEND): the workers'
         # lines do not interleave.
         with open(args.out, "ab", buffering=0) as f:
             f.write((json.dumps(result) + "\n").encode())
@@ -234,7 +236,7 @@ def worker(rank, args, jobs):
         print(f"{name} seed {seed}: {result['seconds']:.0f} s, final 1-NFE score {score:.4f}", flush=True)
 
 
-def check_numbers(p, args):  # one argparse error line (exit 2) for a number no run can use
+def check_numbers(p, args):  # argparse's usage and one error line (exit 2) for a number no run can use
     for flag, ok in [("steps", args.steps >= 1), ("eval_every", args.eval_every >= 1), ("workers", args.workers >= 1),
                      ("batch_size", args.batch_size >= 1), ("classifier_steps", args.classifier_steps >= 1),
                      ("lr", 0 < args.lr < float("inf")), ("ema", 0 <= args.ema < 1)]:
