@@ -6,8 +6,8 @@
 
 toy: each (recipe, seed) run trains the toy MLP on fresh samples of toy_data's Gaussian mixture, as train.py trains a
 2-D toy (AdamW, betas (0.9, 0.95), meanflow.TOY_OVERRIDES, progress = step / steps; the EMA with a warm-up that
-train.py does not have), and evaluates the EMA
-weights every --eval-every steps on one fixed evaluation set against the exact fields (v in closed form, u by RK4).
+train.py does not have), and evaluates the EMA weights every --eval-every steps on one fixed evaluation set against
+the exact fields (v in closed form, u by RK4).
 images: each run trains a small class-conditional DiT (patch 8, depth 4, hidden 128: 16 tokens, ~1.3M parameters) on
 Fashion-MNIST's training split (60,000 images padded to 32 x 32), batch 64, and scores 1-NFE and 2-NFE samples of the
 EMA weights (100 per class, one fixed set of noises) with a small CNN classifier trained once on the same training
@@ -168,8 +168,8 @@ def classifier(data, steps=1500):
 
 class ImageScores:
     """Scores of a (K * N_PER_CLASS, 1, 32, 32) sample set in class blocks: class accuracy, Frechet distance of the
-    classifier's features to the test split's. The real images, 100 test images per class, are scored as a sample set: the floor
-    a perfect generator reaches with this many samples. The reference is the other 9000 test images."""
+    classifier's features to the test split's. The real images, 100 test images per class, are scored as a sample
+    set: the floor a perfect generator reaches with this many samples. The reference is the other 9000 test images."""
 
     def __init__(self, clf, test):
         self.features, self.head = clf[:-1], clf[-1]
@@ -227,8 +227,8 @@ def worker(rank, args, jobs):
         run_one = lambda name, seed: run_images(name, seed, args, data, scores, noise)
     for name, seed in jobs[rank :: args.workers]:
         result = run_one(name, seed)
-        # One line per run (~12 KB toy, ~5 KB images) in one unbuffered write to a file opened for appending (O_APPEND): the workers'
-        # lines do not interleave.
+        # One line per run (~12 KB toy, ~5 KB images) in one unbuffered write to a file opened for appending
+        # (O_APPEND): the workers' lines do not interleave.
         with open(args.out, "ab", buffering=0) as f:
             f.write((json.dumps(result) + "\n").encode())
         last = result["curve"][-1]
