@@ -15,8 +15,8 @@ torch.cuda.max_memory_allocated on GPU, the resident-set high-water mark on CPU 
 optimizer state included in both; big allocations forced to mmap, so that the high-water mark follows live
 memory). Times come from one process per network (with --pairwise: one per recipe, beside its flow-matching
 step), with the default allocator, in which the kinds take turns step by step, so that a busy machine slows them
-alike: the median wall-clock time of a step after warm-up, and the
-median CPU time of the process (on a shared CPU the steadier measure), each with its ratio to flow matching.
+alike: the median wall-clock time of a step after warm-up, and the median CPU time of the process (on a shared CPU
+the steadier measure), each with its ratio to flow matching.
 """
 import argparse
 import contextlib
@@ -199,7 +199,8 @@ def check_args(ap, args):
     if any(k.endswith("@base") for k in kinds) and not args.baseline:
         ap.error("a kind RECIPE@base needs --baseline PATH/meanflow.py")
     if args.baseline and not os.path.isfile(args.baseline):
-        ap.error(f"--baseline {args.baseline}: no such file; pass a meanflow.py (e.g. from git show COMMIT:meanflow.py)")
+        ap.error(f"--baseline {args.baseline}: no such file; pass a meanflow.py "
+                 "(e.g. from git show COMMIT:meanflow.py)")
     if args.batch < 1 or args.steps < 1:
         ap.error(f"--batch and --steps must be at least 1 (got {args.batch}, {args.steps})")
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):

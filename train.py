@@ -504,7 +504,8 @@ def get_batch(args, data, step, rank, world):
 # ----------------------------------------------------------------------------------------------------------
 # ImageNet -> SD-VAE latents, once. Center crop to 256 as ADM / DiT; we keep the posterior (mean, std) of each image
 # and of its mirror image, so that training draws a fresh latent of a random flip every time (the official JAX
-# loader keeps a use_flip flag but never applies it: no flips). Shard s of n encodes files s, s + n, ...: one job each, or torchrun.
+# loader keeps a use_flip flag but never applies it: no flips). Shard s of n encodes files s, s + n, ...: one job
+# each, or torchrun.
 
 
 def center_crop(img, size=256):
@@ -1237,8 +1238,9 @@ def train(args, job):
     # pass on dual tensors, the no-grad guidance one) and one backward (tested against one process on the global
     # batch). The buffers are constants (positions): no broadcast each forward (torch 2.13 renamed the flag).
     DDP = torch.nn.parallel.DistributedDataParallel
-    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
-    model = DDP(job.net, **{no_sync: False}) if job.world > 1 else job.net
+    new = "forward_sync_buffers" in inspect.signature(DDP).parameters
+    flag = "forward_sync_buffers" if new else "broadcast_buffers"
+    model = DDP(job.net, **{flag: False}) if job.world > 1 else job.net
 
     def loss_fn(x, y, progress):
         with job.autocast:  # the JVP too (an fp32 JVP measured no better; README); meanflow.py sums errors in fp32

@@ -135,19 +135,18 @@ def fashion_mnist(path=None):
     test_files = lambda folder: [os.path.join(folder, name) for name in train.FASHION_TEST_MD5]  # images, labels
     try:  # a failed download or a bad file: one line, as train.py
         x, y = train.load_fashion_mnist(path or default)
-        if not path and not any(all(map(os.path.exists, test_files(f))) for f in folders):
+        folder = next((f for f in folders if all(map(os.path.exists, test_files(f)))), None)
+        if folder is None and not path:
             print(f"downloading Fashion-MNIST's test split ({train.FASHION_URLS[0]}) into {default}", flush=True)
             train.download_fashion_mnist(default, train.FASHION_TEST_MD5)
-        for folder in folders:
-            files = test_files(folder)
-            if all(map(os.path.exists, files)):
-                tx, ty = map(train.read_idx, files)
-                return (x, y), (np.pad(tx, ((0, 0), (2, 2), (2, 2)))[:, None], ty)
+            folder = default
+        if folder is not None:
+            tx, ty = map(train.read_idx, test_files(folder))
+            return (x, y), (np.pad(tx, ((0, 0), (2, 2), (2, 2)))[:, None], ty)
     except train.Fail as err:
         raise SystemExit(f"convergence_study.py: error: {err}")
     raise SystemExit("no Fashion-MNIST test split (t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in "
-                     f"{path or train.FASHION_DEBIAN + ' or ' + train.DATA_PATHS['fashion-mnist']}: apt-get install "
-                     "dataset-fashion-mnist, or put the official files there")
+                     f"{path}: apt-get install dataset-fashion-mnist, or put the official files there")
 
 
 def classifier(data, steps=1500):
