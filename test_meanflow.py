@@ -919,6 +919,8 @@ def test_imagenet_latents_prepare_load_train_sample(tmp_path, capsys):
         assert os.listdir(tmp_path / "badlat") == []
         shutil.rmtree(tmp_path / "bad")
     code, _, err = run_main(["--prepare-imagenet", tmp_path / "nowhere", "--data-path", tmp_path / "nolat"], capsys)
+    default = train.get_args(["--prepare-imagenet", str(tmp_path / "train"), "--data-path", str(out)]).workers
+    assert default == min(4, len(os.sched_getaffinity(0)))  # no more loader processes than cores (a warning, no speed)
     assert_one_line_error(code, err, "nowhere is not a folder", "ImageNet's train folder")  # before loading a VAE
     assert not os.path.exists(tmp_path / "nolat")
     lat = np.load(out / "shard-00000-of-00002.npy", mmap_mode="r")
@@ -950,6 +952,10 @@ def test_imagenet_latents_prepare_load_train_sample(tmp_path, capsys):
     common = ["--data", "imagenet-latents", "--data-path", out, "--model", "Ti/4", "--batch-size", 4, "--out", run]
     code, _, err = run_main(common + ["--steps", 2, "--vae", tmp_path / "no-vae"], capsys)  # grids show latents
     assert code == 0 and "no VAE to decode latents" in err, err
+    code, _, err = run_main(common + ["--sample", 3, "--vae", tmp_path / "no-vae"], capsys)  # sampling needs it
+    assert_one_line_error(code, err, "could not load the VAE", "no-vae", "pass --vae with a local copy",
+                          "HF_HUB_OFFLINE=1")
+    assert not [f for f in os.listdir(run) if f.startswith("samples-")]
     code, out_text, err = run_main(common + ["--sample", 3, "--vae", tmp_path / "vae"], capsys)
     assert code == 0, err
     npz = np.load(run / "samples-3-nfe1.npz")

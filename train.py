@@ -186,7 +186,7 @@ def get_args(argv=None):
     a("--shard", type=int, help="--prepare-imagenet: the shard to encode (default RANK under torchrun, else 0)")
     a("--num-shards", type=int, help="--prepare-imagenet: number of shards (default WORLD_SIZE, else 1)")
     a("--vae", default="stabilityai/sd-vae-ft-mse", help="diffusers AutoencoderKL name or folder (default: paper's)")
-    a("--workers", type=int, help="--prepare-imagenet: image-decoding processes (default 4)")
+    a("--workers", type=int, help="--prepare-imagenet: image-decoding processes (default 4, at most the CPU cores)")
     args = p.parse_args(argv)
 
     toy = args.data in toy_data.DATASETS
@@ -251,7 +251,9 @@ def get_args(argv=None):
     for flag, given, mode, elsewhere in only:
         if given is not None and elsewhere:
             raise Fail(f"{flag} goes with {mode} only; leave it out")
-    args.sample_steps, args.workers = args.sample_steps or 1, 4 if args.workers is None else args.workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    args.sample_steps = args.sample_steps or 1
+    args.workers = min(4, cores) if args.workers is None else args.workers  # more than the cores: a warning, no speed
     return args
 
 
@@ -844,7 +846,8 @@ def load_vae(args, device):
     try:
         return AutoencoderKL.from_pretrained(args.vae).to(device).eval()
     except Exception as err:
-        raise Fail(f"could not load the VAE {args.vae!r} ({type(err).__name__}); pass --vae with a local copy")
+        raise Fail(f"could not load the VAE {args.vae!r} ({type(err).__name__}); pass --vae with a local copy "
+                   "(offline, HF_HUB_OFFLINE=1 reads the Hugging Face cache without the hub's retries)")
 
 
 @torch.no_grad()
