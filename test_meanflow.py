@@ -295,7 +295,12 @@ class PlainMLP(torch.nn.Module):
         return self.f(torch.cat([z, t[:, None], (t - r)[:, None]], 1))
 
 
-def test_loss_matches_reference_with_stop_gradient():
+@pytest.mark.parametrize("rules", ["appendix", "stock"])
+def test_loss_matches_reference_with_stop_gradient(rules, monkeypatch):
+    """Under PyTorch's own forward-mode rules the tangent du/dt is differentiable: only the loss's stop-gradient keeps
+    it out of the gradient (the APPENDIX's rules compute it under no_grad, so there both would hide a missing one)."""
+    if rules == "stock":
+        monkeypatch.setattr(mf, "JVP_RULES", mf.StockRules)
     torch.manual_seed(0)
     net, method = PlainMLP(), mf.MeanFlow("meanflow", p=1.0, c=0.01)
     x, e = torch.randn(32, 2), torch.randn(32, 2)
@@ -317,24 +322,32 @@ def test_loss_matches_reference_with_stop_gradient():
     assert (g_loss - g_no_sg).norm() > 1e-3 * g_loss.norm()
 
 
-def test_guidance_target_is_v_without_guidance_and_cfg_formula_otherwise():
+@pytest.mark.parametrize("omega,kappa,t_lo,t_hi", [(0.2, 0.92, 0.0, 0.75),  # XL/2's setting
+                                                  (1.0, 0.5, 0.0, 1.0),  # B/2, M/2: omega = 1, guidance from kappa
+                                                  (3.0, 0.0, 0.3, 0.8)])  # plain CFG on an interval
+def test_guidance_target_is_v_without_guidance_and_cfg_formula_otherwise(omega, kappa, t_lo, t_hi):
     net = randomize(mf.MLP(dim=2, hidden=32, num_classes=3))
+    with torch.no_grad():
+        net.y_embedder.weight.mul_(30)  # labels that matter: u_cond - u_null of order 0.1, not 1e-4
     g = torch.Generator().manual_seed(0)
     z, v, t = torch.randn(200, 2, generator=g), torch.randn(200, 2, generator=g), torch.rand(200, generator=g)
+    t[60:64] = torch.tensor([t_lo, t_hi, t_lo, t_hi])  # the interval is closed at both ends (official JAX code)
     y, n = torch.randint(0, 3, (200,), generator=g), 50  # rows [:50] play the r != t rows
     method = mf.MeanFlow("meanflow", omega=1.0, kappa=0.0)
     assert torch.equal(method.guided_velocity(net, z, t, v, y, method.drop_labels(y, n, 3)[1], n), v)
-    method = mf.MeanFlow("meanflow", omega=0.2, kappa=0.92, t_lo=0.0, t_hi=0.75, class_dropout=0.1)
+    method = mf.MeanFlow("meanflow", omega=omega, kappa=kappa, t_lo=t_lo, t_hi=t_hi, class_dropout=0.1)
     torch.manual_seed(3)
     y_in, dropped = method.drop_labels(y, n, 3)
+    dropped[60:64] = False
     assert 0 < dropped.sum() < 60 and torch.equal(y_in[~dropped], y[~dropped]) and (y_in[dropped] == 3).all()
     v_g = method.guided_velocity(net, z, t, v, y, dropped, n)
     # the r = t rows' own forward u(z, t, t | y_in) stands in for their kappa term: the same target
     v_g_reuse = method.guided_velocity(net, z, t, v, y, dropped, n, u_fm=net(z[n:], t[n:], t[n:], y_in[n:]))
-    inside = t <= 0.75
+    inside = (t >= t_lo) & (t <= t_hi)
     u_null, u_cond = net(z, t, t, torch.full_like(y, 3)), net(z, t, t, y)
-    expect = 0.2 * v + (1 - 0.2 - 0.92) * u_null + 0.92 * u_cond
+    expect = omega * v + (1 - omega - kappa) * u_null + kappa * u_cond
     keep = inside & ~dropped
+    assert keep[60:64].all() and (expect - v)[keep].abs().min() > 1e-3  # the ends, and every kept row, are guided
     assert torch.allclose(v_g[keep], expect[keep], atol=1e-6) and torch.allclose(v_g_reuse, v_g, atol=1e-6)
     assert torch.equal(v_g[~keep], v[~keep]) and torch.equal(v_g_reuse[~keep], v[~keep])  # outside or dropped: v
 
@@ -378,6 +391,9 @@ def test_minsnr_weight_normalised_and_only_on_r_equals_t_rows():
     fm = t == r
     assert abs(w[fm].mean().item() - 1.0) < 0.01
     assert torch.allclose(w[~fm], torch.ones_like(w[~fm]))
+    w0 = method.weights(t, r, progress=0.0)  # improved-minsnr keeps beta on the r != t rows (Kim et al.: both)
+    assert torch.allclose(w0[~fm], method.beta((t - r)[~fm], 0.0)) and torch.equal(w0[fm], w[fm])
+    assert w0[~fm].std() > 0.1  # beta at the start is far from 1
     tt = torch.tensor([0.05, 0.3, 0.9])
     expect = torch.minimum((1 - tt) ** 2, 5 * tt**2) / method.alpha_mean
     assert torch.allclose(method.weights(tt, tt, 1.0), expect)
@@ -391,6 +407,11 @@ def test_dtd_starts_at_high_noise_and_reaches_the_full_range():
     # stage 0: only the highest-noise 1/20 of the mass of the max-of-two law, whose CDF is u^2 in u-space
     edge = method.quantile(torch.tensor(0.95, dtype=torch.float64).sqrt()).item()  # = 0.826
     assert edge - 1e-6 <= t_fm.min() < edge + 0.01
+    # the r != t rows keep the base law of (t, r): the curriculum is on v only
+    t_mf, r_mf = t[t != r], r[t != r]
+    t_base, r_base = mf.MeanFlow("meanflow", ratio_r_neq_t=1.0).sample_t_r(20_000)
+    assert (t_mf > r_mf).all() and t_mf.min() < 0.2
+    assert abs(t_mf.median() - t_base.median()) < 0.02 and abs(r_mf.median() - r_base.median()) < 0.02
     stages = [method.dtd_stage]
     for step in range(100):  # a stage lasts at most dtd_patience steps
         method.dtd_step(torch.tensor(1.0 / (step + 1)))
@@ -450,16 +471,76 @@ def test_unknown_recipe_or_knob_is_a_clear_error():
         mf.MeanFlow("meanflow", data_proportion=0.75)
 
 
-def test_samplers_one_step_is_one_u_step_and_euler_uses_u_at_r_equals_t():
-    net = randomize(mf.MLP(dim=2, hidden=32))
+@pytest.mark.parametrize("labels", [False, True])
+def test_samplers_one_step_is_one_u_step_and_euler_uses_u_at_r_equals_t(labels):
+    net = randomize(mf.MLP(dim=2, hidden=32, num_classes=3 if labels else 0), std=0.3)
     method, e = mf.MeanFlow("meanflow"), torch.randn(10, 2)
+    y = torch.arange(10) % 3 if labels else None
+
+    def u(z, t, r):  # the samplers must pass the labels on
+        return net(z, t, r, y)
+
     ones = torch.ones(10)
-    assert torch.allclose(method.sample(net, e, steps=1), e - net(e, ones, 0 * ones), atol=1e-6)
+    assert torch.allclose(method.sample(net, e, y, steps=1), e - u(e, ones, 0 * ones), atol=1e-6)
     half = 0.5 * ones
-    z_half = e - 0.5 * net(e, ones, half)
-    assert torch.allclose(method.sample(net, e, steps=2), z_half - 0.5 * net(z_half, half, 0 * ones), atol=1e-6)
-    z_half = e - 0.5 * net(e, ones, ones)
-    assert torch.allclose(method.sample_euler(net, e, steps=2), z_half - 0.5 * net(z_half, half, half), atol=1e-6)
+    z_half = e - 0.5 * u(e, ones, half)
+    assert torch.allclose(method.sample(net, e, y, steps=2), z_half - 0.5 * u(z_half, half, 0 * ones), atol=1e-6)
+    z_half = e - 0.5 * u(e, ones, ones)
+    assert torch.allclose(method.sample_euler(net, e, y, steps=2), z_half - 0.5 * u(z_half, half, half), atol=1e-6)
+    if labels:  # the labels change the samples: the check above cannot pass by ignoring them
+        assert (method.sample(net, e, y) - method.sample(net, e)).abs().max() > 1e-3
+
+
+def test_mlp_label_shifts_the_first_hidden_layer_and_none_is_the_null_class():
+    net = randomize(mf.MLP(dim=2, hidden=16, depth=2, num_classes=3), std=0.3)
+    z, t, r = torch.randn(6, 2), torch.rand(6), torch.zeros(6)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    lin1, act, lin2 = net.body[0], net.body[1], net.body[2]
+    h = act(lin1(torch.cat([z, torch.stack([t, t - r], 1)], 1)) + net.y_embedder(y))
+    assert torch.allclose(net(z, t, r, y), net.out(act(lin2(h))), atol=1e-6)
+    assert torch.equal(net(z, t, r), net(z, t, r, torch.full_like(y, 3)))  # y = None: the null class
+    assert (net(z, t, r, y) - net(z, t, r)).abs().max() > 1e-3
+
+
+def test_in_context_dit_reads_each_patch_back_at_its_place():
+    """Without attention (gates 0) every token is processed alone: a change to one input patch changes that output
+    patch only, the first and the last. Dropping the wrong tokens after the blocks (the condition prefix kept, the
+    last patches lost) would move it."""
+    net = randomize(tiny_dit(num_classes=3, in_context=True), std=0.2)
+    with torch.no_grad():
+        for block in net.blocks:
+            block.gate_attn.zero_()
+    z, t, r, y = torch.randn(1, 2, 8, 8), torch.tensor([0.7]), torch.tensor([0.2]), torch.tensor([1])
+    for rows, cols in ((slice(0, 2), slice(0, 2)), (slice(6, 8), slice(6, 8))):  # patches 0 and 15 of the 4 x 4 grid
+        z2 = z.clone()
+        z2[..., rows, cols] += 1.0
+        diff = (net(z2, t, r, y) - net(z, t, r, y)).abs()
+        assert diff[..., rows, cols].min() > 1e-4
+        diff[..., rows, cols] = 0
+        assert diff.max() < 1e-6
+
+
+def test_dit_block_is_the_adaln_zero_block_of_dit():
+    """A DiT block against DiT's equations written out from its parameters: c -> (shift, scale, gate) x 2,
+    x + gate1 * attn(LN(x) (1 + scale1) + shift1), then the same with the MLP (LayerNorm without affine, eps 1e-6)."""
+    torch.manual_seed(0)
+    block = randomize(mf.DiTBlock(16, num_heads=2), std=0.2)
+    x, c = torch.randn(3, 5, 16), torch.randn(3, 16)
+    F = torch.nn.functional
+    mod = block.adaLN_modulation[1](F.silu(c))
+    shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)
+
+    def attn(a):
+        q, k, v = block.attn.qkv(a).view(3, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        o = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, -1) @ v  # (3, 2, 5, 8)
+        return block.attn.proj(o.transpose(1, 2).reshape(3, 5, 16))
+
+    def ln(a):
+        return F.layer_norm(a, (16,), eps=1e-6)
+
+    h = x + gate1[:, None] * attn(ln(x) * (1 + scale1[:, None]) + shift1[:, None])
+    expect = h + gate2[:, None] * block.mlp(ln(h) * (1 + scale2[:, None]) + shift2[:, None])
+    assert torch.allclose(block(x, c), expect, atol=1e-5)
 
 
 def test_imf_guidance_conditions_and_sampling_at_any_omega():
@@ -2243,6 +2324,16 @@ def test_dtd_plain_training_loop_gets_the_curriculum():
     assert method.dtd_stage == 19 and not hasattr(method, "dtd_update")  # nothing to call by hand
 
 
+def test_dtd_reads_the_v_loss_of_the_r_equals_t_rows(monkeypatch):
+    """The curriculum is on v: loss() hands dtd_step the mean error of the rows it draws (r = t), not the u-loss."""
+    method, seen = mf.MeanFlow("improved-dtd"), []
+    monkeypatch.setattr(method, "dtd_step", lambda v_loss, progress: seen.append((v_loss, progress)))
+    net = randomize(mf.MLP(dim=2, hidden=16))
+    _, logs = method.loss(net, td.sample("checkerboard", 64), progress=0.3)
+    assert len(seen) == 1 and seen[0][0] is logs["v_loss"] and seen[0][1] == 0.3
+    assert abs(logs["v_loss"] - logs["u_loss"]) > 1e-3 * logs["v_loss"]  # the two differ: the check can fail
+
+
 def test_dtd_state_resumes_bitwise(tmp_path):
     g = torch.Generator().manual_seed(2)
     losses = 1 + 0.1 * torch.randn(600, generator=g) + torch.linspace(1, 0, 600)
@@ -2526,6 +2617,24 @@ def test_loss_and_gradients_match_whole_batch_reference_fp64(recipe, labels):
     if labels:  # the test has teeth: other label drops give other gradients
         g_other = torch.autograd.grad(reference_loss(method, ref_net, x, y, t, r, e, 0.5, seed=3), list(ref_net.parameters()))
         assert sum((a - b).norm() for a, b in zip(g_other, g_ref)) > 1e-3 * sum(b.norm() for b in g_ref)
+
+
+@pytest.mark.parametrize("recipe,B", [("meanflow", 6), ("meanflow", 10), ("meanflow", 14), ("imf", 5), ("imf", 7)])
+def test_sampled_and_given_t_r_give_the_same_loss(recipe, B):
+    """loss() takes the r != t rows as the first round(ratio * B) rows that sample_t_r put there; the same (t, r, e)
+    given explicitly (rows counted from the data) must give the same loss, also where ratio * B is fractional."""
+    method = mf.MeanFlow(recipe, p=0.0)  # the plain squared error: with p = 1 every row's loss is ~1, whatever its target
+    net = randomize(mf.MLP(dim=2, hidden=16, num_classes=3, **method.net_kwargs))
+    x, y = torch.randn(B, 2), torch.randint(0, 3, (B,))
+    torch.manual_seed(0)
+    logs_a = method.loss(net, x, y, 0.3)[1]
+    torch.manual_seed(0)
+    t, r = method.sample_t_r(B)
+    e = torch.randn_like(x)
+    assert (t != r).sum() == round(method.ratio_r_neq_t * B)
+    logs_b = method.loss(net, x, y, 0.3, t, r, e)[1]
+    for key in ("loss", "v_loss", "u_loss"):
+        assert torch.allclose(logs_a[key], logs_b[key], rtol=1e-6, atol=0), key
 
 
 def test_rows_in_any_order_give_the_same_loss():
@@ -3081,8 +3190,8 @@ def test_imf_warms_up_for_its_ten_official_epochs(tmp_path):
     """iMF's 10 warm-up epochs (official configs/train_config.yml) in steps of the data set and batch; --warmup
     overrides them; MeanFlow and the toys do not warm up unless asked."""
     make_fashion(str(tmp_path))  # 40 images
-    common = ["--data", "fashion-mnist", "--data-path", str(tmp_path), "--model", "Ti/4", "--batch-size", "16"]
-    for argv, expected in ((common + ["--recipe", "imf"], math.ceil(10 * 40 / 16)),
+    common = ["--data", "fashion-mnist", "--data-path", str(tmp_path), "--model", "Ti/4", "--batch-size", "12"]
+    for argv, expected in ((common + ["--recipe", "imf"], 34),  # 10 x 40 / 12 = 33.3: a started step counts, as --epochs
                            (common + ["--recipe", "imf", "--warmup", "3"], 3), (common + ["--recipe", "meanflow"], 0),
                            (common, 0), (["--recipe", "imf"], 0)):  # the last: the 2-D toy
         args = train.get_args(argv)
@@ -3596,6 +3705,19 @@ def test_save_atomic_syncs_the_temporary_before_the_rename(tmp_path, monkeypatch
     monkeypatch.setattr(train.os, "replace", lambda a, b: calls.append("replace") or replace(a, b))
     train.save_atomic(str(tmp_path / "f.bin"), lambda f: f.write(b"x" * 10))
     assert calls == ["fsync", "replace"] and (tmp_path / "f.bin").read_bytes() == b"x" * 10
+
+
+def test_save_atomic_writes_past_a_temporary_left_by_a_killed_writer(tmp_path):
+    """Every write has a temporary of its own (process id and a random part): neither a leftover of a kill -9 nor a
+    second writer of the same file at the same time can make it fail or mix two files."""
+    path = str(tmp_path / "ckpt.pt")
+    for stale in (".tmp", f".tmp-{os.getpid()}", ".part"):
+        (tmp_path / f"ckpt.pt{stale}").write_bytes(b"stale")
+    names = []
+    for data in (b"first", b"second"):
+        train.save_atomic(path, lambda f: names.append(f.name) or f.write(data))
+    assert open(path, "rb").read() == b"second" and len(set(names)) == 2
+    assert all(n.startswith(path + ".tmp-") and not os.path.exists(n) for n in names)
 
 
 def test_claim_out_keeps_a_live_sample_temporary(tmp_path):  # P2
