@@ -275,7 +275,7 @@ class MeanFlow:
             u, dudt = jvp(lambda z, t, r: net(z, t, r, _rows(y_in, 0, n)), (z_t[:n], t[:n], r[:n]),
                           (v_g[:n], torch.ones_like(t[:n]), torch.zeros_like(r[:n])))
             # Stop-gradient on the target: it depends on the network itself; differentiating through it
-            # would chase a moving target (and costs a second-order pass).
+            # would chase a moving target (and costs a second-order pass). t - r clipped to [0, 1] as the official code.
             parts.insert(0, (u, (v_g[:n] - (t_ - r_)[:n].clamp(0, 1) * dudt).detach()))
         # Sum (not mean) over data dimensions, as the official code: the papers' c and p are set for this sum.
         l = torch.cat([sq_err(u, u_tgt) for u, u_tgt in parts])  # (B,), rows in the order of t, r

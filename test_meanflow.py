@@ -467,6 +467,12 @@ def test_every_recipe_runs_loss_backward_sample(recipe, net_kind, labels):
 def test_unknown_recipe_or_knob_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown recipe"):
         mf.MeanFlow("meanflw")
+    for knob in (dict(dtd_stages=20), dict(beta_k=1.0), dict(minsnr_gamma=5.0)):  # iMF's loss has its own weights
+        with pytest.raises(ValueError, match="iMF has its own loss"):
+            mf.MeanFlow("imf", **knob)
+    for knob in (dict(dtd_share=1.5), dict(dtd_share=-0.1), dict(dtd_patience=0), dict(dtd_window=0)):
+        with pytest.raises(ValueError, match="DTD needs"):
+            mf.MeanFlow("improved-dtd", **knob)
     with pytest.raises(ValueError, match="data_proportion"):
         mf.MeanFlow("meanflow", data_proportion=0.75)
 
@@ -500,6 +506,22 @@ def test_mlp_label_shifts_the_first_hidden_layer_and_none_is_the_null_class():
     assert torch.allclose(net(z, t, r, y), net.out(act(lin2(h))), atol=1e-6)
     assert torch.equal(net(z, t, r), net(z, t, r, torch.full_like(y, 3)))  # y = None: the null class
     assert (net(z, t, r, y) - net(z, t, r)).abs().max() > 1e-3
+
+
+def test_imf_swiglu_final_layer_and_time_features_are_the_official_formulas():
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8)
+    mlp = randomize(mf.SwiGLU(8, 12), std=0.3)
+    assert torch.allclose(mlp(x), mlp.w2(F.silu(mlp.w1(x)) * mlp.w3(x)), atol=1e-6)  # SiLU-gated, no biases
+    assert all(m.bias is None for m in (mlp.w1, mlp.w2, mlp.w3))
+    final = randomize(mf.iMFFinalLayer(8, 4), std=0.3)
+    rms = x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * final.norm.weight
+    assert torch.allclose(final(x), final.linear(rms), atol=1e-5)  # RMSNorm, then the linear map
+    t = torch.tensor([0.0, 0.3, 1.0])
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(4) / 4)
+    expect = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], 1)  # DiT's order: cos, sin
+    assert torch.allclose(mf.timestep_embedding(t, dim=8), expect, atol=1e-6)
 
 
 def test_in_context_dit_reads_each_patch_back_at_its_place():
@@ -905,6 +927,17 @@ def test_fashion_mnist_loader_reads_idx(tmp_path):
         assert torch.equal(data.labels, torch.from_numpy(y))
         xb, yb = data.get(torch.arange(5), torch.Generator().manual_seed(0))
         assert xb.min() >= -1 and xb.max() <= 1 and torch.equal(xb[:, :, 0], -torch.ones(5, 1, 32))
+
+
+def test_read_idx_takes_uint8_idx_only(tmp_path):
+    x = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(str(tmp_path / "ok"), x)
+    assert np.array_equal(train.read_idx(str(tmp_path / "ok")), x)
+    raw = (tmp_path / "ok").read_bytes()
+    for name, bad in (("float", raw[:2] + b"\x0d" + raw[3:]), ("magic", b"\x01" + raw[1:]), ("short", raw[:-1])):
+        (tmp_path / name).write_bytes(bad)
+        with pytest.raises(train.Fail, match="not a valid IDX file"):
+            train.read_idx(str(tmp_path / name))
 
 
 def test_real_fashion_mnist_header():
@@ -2123,8 +2156,13 @@ def test_checkpoint_contents_are_checked_before_use(tmp_path, capsys):
         assert_one_line_error(*run_main(common + ["--sample", 5], capsys)[::2], "not a train.py checkpoint")
     os.remove(out / "ckpt.pt")
     assert run_main(common, capsys)[0] == 0
+    saved = (out / "ckpt.pt").read_bytes()
+    for flag, value in (("--recipe", "improved-dtd"), ("--data", "moons")):  # another run's checkpoint
+        for mode in (["--resume", "--steps", 8], ["--sample", 5]):
+            assert_one_line_error(*run_main(common + [flag, value] + mode, capsys)[::2], f"was trained with {flag}")
+    assert (out / "ckpt.pt").read_bytes() == saved
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    for key, value in (("ema", torch.zeros(3)), ("step", -5), ("time", "noon")):  # fields of the wrong kind
+    for key, value in (("ema", torch.zeros(3)), ("step", -1), ("time", "noon")):  # fields of the wrong kind
         torch.save({**ckpt, key: value}, out / "ckpt.pt")
         for mode in (["--resume", "--steps", 8], ["--sample", 5]):
             assert_one_line_error(*run_main(common + mode, capsys)[::2], "not a train.py checkpoint")
@@ -2146,6 +2184,11 @@ def test_a_folder_with_a_runs_pictures_is_a_used_folder(tmp_path, capsys):
     assert_one_line_error(code, err, "already holds a run", "step-0000002.png")
     assert sorted(os.listdir(tmp_path / "run")) == ["notes.tmp", "step-0000002.png"]
     assert (tmp_path / "run" / "step-0000002.png").read_bytes() == b"a picture"
+    os.makedirs(tmp_path / "images")  # an image run's loss curves alone
+    (tmp_path / "images" / "loss.png").write_bytes(b"curves")
+    code, _, err = run_main(["--steps", 2, *TOY_RUN, "--out", tmp_path / "images"], capsys)
+    assert_one_line_error(code, err, "already holds a run", "loss.png")
+    assert os.listdir(tmp_path / "images") == ["loss.png"]
 
 
 def test_a_diverged_run_names_the_fix_that_works(tmp_path, capsys):
