@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pickle
+import random
 import re
 import shlex
 import shutil
@@ -522,6 +523,35 @@ def test_imf_swiglu_final_layer_and_time_features_are_the_official_formulas():
     freqs = torch.exp(-math.log(10000.0) * torch.arange(4) / 4)
     expect = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], 1)  # DiT's order: cos, sin
     assert torch.allclose(mf.timestep_embedding(t, dim=8), expect, atol=1e-6)
+
+
+def test_imf_condition_tokens_and_dit_positions_are_the_official_layouts():
+    # official models/imfDiT.py: 8 class, 4 time, 4 cfg (omega) tokens, 2 for each end of the interval
+    net = tiny_imf(num_classes=3)
+    assert {k: p.shape[0] for k, p in net.tokens.items()} == dict(cls=8, omega=4, t_min=2, t_max=2, time=4)
+    # MAE / DiT's 2-D sin-cos table: the first half of the channels encodes the column, the second the row, each
+    # [sin(p w), cos(p w)] with w = 1 / 10000^(i / (dim / 4))
+    grid, dim = 4, 8
+    w = 1 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+
+    def f(p):
+        return torch.cat([torch.sin(p * w), torch.cos(p * w)])
+
+    expect = torch.stack([torch.cat([f(n % grid), f(n // grid)]) for n in range(grid * grid)]).float()
+    assert torch.allclose(mf.sincos_pos_embed_2d(dim, grid), expect, atol=1e-6)
+
+
+def test_rng_state_round_trips_every_generator_mid_stream():
+    np.random.seed(0)
+    np.random.rand(5)  # mid-stream: numpy's position in its key matters
+    random.random()
+    torch.rand(3)
+    state = train.rng_state()
+    first = (np.random.rand(3), random.random(), torch.rand(3))
+    np.random.rand(7)
+    train.set_rng_state(state)
+    again = (np.random.rand(3), random.random(), torch.rand(3))
+    assert np.array_equal(first[0], again[0]) and first[1] == again[1] and torch.equal(first[2], again[2])
 
 
 def test_in_context_dit_reads_each_patch_back_at_its_place():
