@@ -541,6 +541,25 @@ def test_imf_condition_tokens_and_dit_positions_are_the_official_layouts():
     assert torch.allclose(mf.sincos_pos_embed_2d(dim, grid), expect, atol=1e-6)
 
 
+def test_attention_tangent_never_ignores_a_mask_or_scale():
+    """The networks call SDPA plainly; with is_causal or scale the tangent rule steps aside: jvp() then raises
+    (PyTorch has no forward-mode SDPA) or matches central differences, never a tangent of unmasked attention."""
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dq, dk, dv = (torch.randn(1, 2, 4, 8, generator=g, dtype=torch.float64) for _ in range(6))
+    for kw in (dict(is_causal=True), dict(scale=0.5)):
+        def f(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, **kw)
+
+        try:
+            _, tangent = mf.jvp(f, (q, k, v), (dq, dk, dv))
+        except (NotImplementedError, TypeError):
+            continue
+        eps = 1e-6
+        fd = (f(q + eps * dq, k + eps * dk, v + eps * dv) - f(q - eps * dq, k - eps * dk, v - eps * dv)) / (2 * eps)
+        assert torch.allclose(tangent, fd, atol=1e-7), kw
+
+
 def test_rng_state_round_trips_every_generator_mid_stream():
     np.random.seed(0)
     np.random.rand(5)  # mid-stream: numpy's position in its key matters
