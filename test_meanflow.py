@@ -743,13 +743,15 @@ def test_unknown_dataset_raises():
 
 
 # ---------------------------------------------------------------------------------------------------- v
+FIELDS = dict(mixture=GaussianMixture.default, checkerboard=td.Checkerboard)  # the two exact fields of toy_data
 
 
+@pytest.mark.parametrize("field", FIELDS)
 @pytest.mark.parametrize("t", [0.3, 0.6, 0.9])
-def test_v_matches_monte_carlo(t):
+def test_v_matches_monte_carlo(t, field):
     # E[e - x | z_t = z] by self-normalised importance sampling over data x_j: given x, e = (z - (1-t) x) / t,
     # with weight p(z | x) = N(z; (1 - t) x, t^2 I). Independent of the closed form's algebra.
-    gm = GaussianMixture.default()
+    gm = FIELDS[field]()
     z, _ = _z_t(gm, 16, t, seed=1)
     x = gm.sample(400_000, torch.Generator().manual_seed(2)).double()  # (N, 2)
     logw = -((z[:, None] - (1 - t) * x) ** 2).sum(-1) / (2 * t**2)  # (16, N)
@@ -795,8 +797,9 @@ def test_log_prob_is_a_density():
 # ---------------------------------------------------------------------------------------------------- u
 
 
-def test_u_at_r_equals_t_is_exactly_v():
-    gm = GaussianMixture.default()
+@pytest.mark.parametrize("field", FIELDS)
+def test_u_at_r_equals_t_is_exactly_v(field):
+    gm = FIELDS[field]()
     t = torch.rand(64, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     z, _ = _z_t(gm, 64, t, seed=6)
     r = torch.where(torch.arange(64) % 2 == 0, t, 0.5 * t)  # half the rows have r = t
@@ -817,10 +820,11 @@ def test_u_converges_with_steps():
     assert (gm.u(e, 1.0, 0.0, steps=16) - u_4S).norm(dim=1).max() > 1e-4  # coarse grids are visibly off
 
 
-def test_meanflow_identity_on_exact_fields():
+@pytest.mark.parametrize("field", FIELDS)
+def test_meanflow_identity_on_exact_fields(field):
     # u = v - (t - r) du/dt, du/dt = v . d_z u + d_t u: the derivative of u along (dz, dt) = (v, 1) with
     # r fixed, here by central differences. Dropping d_t u (the tangent (v, 0)) must break it.
-    gm = GaussianMixture.default()
+    gm = FIELDS[field]()
     B = 64
     g = torch.Generator().manual_seed(10)
     t = 0.2 + 0.7 * torch.rand(B, generator=g, dtype=torch.float64)
@@ -849,9 +853,10 @@ def test_z_r_is_the_ode_endpoint_and_flows_back():
     assert (gm.ode_solve(z_r, r, t) - z).norm(dim=1).max() < 1e-5  # the flow is invertible
 
 
-def test_one_step_with_exact_u_samples_the_data():
-    # x = e - u(e, 0, 1) is an exact 1-NFE sampler; one Euler step with v instead lands every e on E[x] = 0.
-    gm = GaussianMixture.default()
+@pytest.mark.parametrize("field", FIELDS)
+def test_one_step_with_exact_u_samples_the_data(field):
+    # x = e - u(e, 1, 0) is an exact 1-NFE sampler; one Euler step with v instead lands every e on E[x] = 0.
+    gm = FIELDS[field]()
     e = torch.randn(2000, 2, generator=torch.Generator().manual_seed(13))
     data = gm.sample(2000, torch.Generator().manual_seed(14))
     x_u = e - gm.u(e, 1.0, 0.0, steps=64)
@@ -859,6 +864,45 @@ def test_one_step_with_exact_u_samples_the_data():
     baseline = energy_distance(gm.sample(2000, torch.Generator().manual_seed(15)), data)
     assert energy_distance(x_u, data) < 2 * baseline + 1e-3
     assert energy_distance(x_v, data) > 50 * baseline
+    if field == "checkerboard":  # and every endpoint on a square
+        assert td.on_squares(x_u) == 1.0
+
+
+def test_checkerboard_posterior_mean_against_quadrature():
+    # E[x | z_t] by Gauss-Legendre quadrature of x p(z | x) over each square (a smooth integrand for t >= 0.5, where
+    # 60 nodes per side are exact to rounding): another route than the truncated normals' closed form, and through
+    # the range near t = 1 where that form is scaled to E[x] = 0 instead.
+    cb = td.Checkerboard()
+    nodes, weights = (torch.from_numpy(a) for a in np.polynomial.legendre.leggauss(60))
+    z = torch.randn(20, 2, generator=torch.Generator().manual_seed(19), dtype=torch.float64) * 1.5
+    for t in (0.5, 0.9, 0.999, 1 - 1e-4, 1 - 1e-5, 1.0):
+        num, den = torch.zeros(20, 2, dtype=torch.float64), torch.zeros(20, 1, dtype=torch.float64)
+        for lo, hi in zip(cb.lo, cb.hi):
+            xs = [(lo[i] + hi[i]) / 2 + (hi[i] - lo[i]) / 2 * nodes for i in (0, 1)]
+            X = torch.stack(torch.meshgrid(*xs, indexing="ij"), -1).reshape(-1, 2)  # (3600, 2)
+            w = (weights[:, None] * weights[None]).reshape(-1) * torch.exp(
+                -((z[:, None] - (1 - t) * X) ** 2).sum(-1) / (2 * t * t))  # (20, 3600)
+            num, den = num + w @ X, den + w.sum(1, keepdim=True)
+        err = (cb.posterior_mean(z, torch.full((20, 1), t, dtype=torch.float64)) - num / den).abs().max()
+        assert err < 1e-6, (t, err.item())
+    torch.testing.assert_close(cb.v(z, 1.0), z, rtol=0, atol=1e-12)  # t = 1: z is the noise, E[x] = 0
+    far = torch.tensor([[40.0, -30.0], [0.1, 0.2]], dtype=torch.float64)  # far off the board, and near t = 0
+    assert torch.isfinite(cb.v(far, torch.tensor([1e-4, 1e-4], dtype=torch.float64))).all()
+
+
+def test_checkerboard_ode_converges():
+    # The 1-NFE endpoints (t = 1 -> 0) against 4x the default steps: 4th order (doubling the steps shrinks the error
+    # ~16x), the default within 1e-5 for 99% of the points.
+    cb = td.Checkerboard()
+    e = torch.randn(1000, 2, generator=torch.Generator().manual_seed(20), dtype=torch.float64)
+    S = td.CHECKERBOARD_ODE_STEPS
+    ref = cb.ode_solve(e, 1.0, 0.0, steps=4 * S)
+    err = [(cb.ode_solve(e, 1.0, 0.0, steps=s) - ref).norm(dim=1).quantile(0.99) for s in (S // 4, S // 2, S)]
+    assert err[2] < 1e-5 and err[0] > 8 * err[1] > 64 * err[2]
+    # a path ending at r = 0 jumps to E[x | z] at t = CHECKERBOARD_T_END: points off the board shortly before the
+    # end (t = 0.05) still land inside a square, not 1e-4 / 0.05 of their distance short of it
+    z = torch.tensor([[2.5, -1.0], [-0.1, 3.0], [-2.5, 0.2], [0.3, -2.4]], dtype=torch.float64)  # off the board
+    assert td.on_squares(cb.ode_solve(z, 0.05, 0.0)) == 1.0
 
 
 # ---------------------------------------------------------------------------------------------------- distances
@@ -943,19 +987,23 @@ def make_fashion(folder, n=40, gz=True):
     return x, y
 
 
-def make_cifar_tarball(folder, per_batch=6, batches=2):
-    """cifar-10-python.tar.gz as the official one: Python pickles {b'data': uint8 (N, 3072), b'labels': [..]}."""
+def make_cifar_tarball(folder, per_batch=6, batches=2, members_reversed=False):
+    """cifar-10-python.tar.gz as the official one: Python pickles {b'data': uint8 (N, 3072), b'labels': [..]}.
+    Returns the training batches in name order (data_batch_1 first), whatever the order of the members."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(1)
     xs, ys = [], []
+    names = [f"data_batch_{i + 1}" for i in range(batches)] + ["test_batch", "batches.meta"]
     with tarfile.open(os.path.join(folder, "cifar-10-python.tar.gz"), "w:gz") as tar:
-        for name in [f"data_batch_{i + 1}" for i in range(batches)] + ["test_batch", "batches.meta"]:
+        for name in names[::-1] if members_reversed else names:
             d = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
                  b"labels": [int(v) for v in rng.integers(0, 10, per_batch)], b"batch_label": name.encode()}
             if name.startswith("data_batch"):
                 xs.append(d[b"data"])
                 ys.append(d[b"labels"])
             add_pickle(tar, f"cifar-10-batches-py/{name}", d)
+    if members_reversed:
+        xs, ys = xs[::-1], ys[::-1]
     return np.concatenate(xs).reshape(-1, 3, 32, 32), np.concatenate(ys)
 
 
@@ -1004,6 +1052,12 @@ def test_cifar10_loader_reads_the_python_tarball(tmp_path):
     ref = torch.from_numpy(x).float() / 127.5 - 1
     flipped = (xb == ref.flip(3)).flatten(1).all(1)
     assert ((xb == ref).flatten(1).all(1) | flipped).all() and 0 < flipped.sum() < 12  # random flips, both seen
+    # the batches in name order (data_batch_1 .. 5) even where the tarball holds them in another order: every
+    # image keeps its index, so a run's batches do not depend on how the tarball was packed
+    x, y = make_cifar_tarball(str(tmp_path / "rev"), batches=3, members_reversed=True)
+    data = train.load_data(train.get_args(["--data", "cifar10", "--data-path", str(tmp_path / "rev"), "--model",
+                                           "Ti/4"]), 0)
+    assert torch.equal(data.x, torch.from_numpy(x)) and torch.equal(data.labels, torch.from_numpy(y))
 
 
 def test_batches_are_a_function_of_the_step_and_split_over_processes(tmp_path):

@@ -6,9 +6,9 @@ What this file holds, top to bottom:
      per-coordinate variance of 1 (the noise e ~ N(0, I) has the same scale; each coordinate has variance 1
      except moons, 1.51 / 0.49, kept round, and spirals, 1.03 / 0.97). `DATASETS`, `sample`;
      `on_squares`: the share of points on the checkerboard's squares, a score for its samples.
-  2. `GaussianMixture`: data whose marginal velocity v(z, t) is known in closed form, and whose average
-     velocity u(z, t, r) we get by accurate ODE integration. These are the exact fields that a MeanFlow
-     network should learn; tests check the MeanFlow identity on them, notebooks draw their trajectories.
+  2. `GaussianMixture` and `Checkerboard`: data whose marginal velocity v(z, t) is known in closed form, and
+     whose average velocity u(z, t, r) we get by accurate ODE integration. These are the exact fields that a
+     MeanFlow network should learn; tests check the MeanFlow identity on them, notebooks draw their trajectories.
   3. Distances between two sample sets, to score 1-NFE samples: `energy_distance`, `sliced_wasserstein`.
 
 Conventions (as in meanflow.py): data x, noise e ~ N(0, I), t = 1 is noise, t = 0 is data.
@@ -136,7 +136,26 @@ def sample(name, n, generator=None):
 DEFAULT_ODE_STEPS = 128
 
 
-class GaussianMixture:
+class ExactFlow:
+    """What both exact fields share: u from the ODE endpoint. A subclass gives v(z, t) and ode_solve(z, t, r, steps)."""
+
+    def _time(self, t, z):
+        # t: python float, 0-d or (B,) tensor -> (B, 1) float64 on z's device.
+        t = torch.as_tensor(t, dtype=torch.float64, device=z.device)
+        return t.expand(z.shape[0]).reshape(-1, 1)
+
+    def u(self, z, t, r, steps=None):
+        """Average velocity over [r, t] = (z - z_r) / (t - r); exactly v(z, t) where r == t.
+        Same argument order as the networks, net(z, t, r)."""
+        z64 = z.to(torch.float64)
+        t, r = self._time(t, z64), self._time(r, z64)  # (B, 1)
+        z_r = self.ode_solve(z64, t[:, 0], r[:, 0], **({} if steps is None else dict(steps=steps)))
+        dt = t - r
+        u = (z64 - z_r) / torch.where(dt == 0, 1.0, dt)  # in float64: (z - z_r) cancels badly in float32
+        return torch.where(dt == 0, self.v(z64, t[:, 0]), u).to(z.dtype)
+
+
+class GaussianMixture(ExactFlow):
     """x ~ sum_k pi_k N(mu_k, sigma_k^2 I) with means (K, D), stds shared (scalar) or (K,), weights (K,)."""
 
     def __init__(self, means, stds, weights=None):
@@ -171,11 +190,6 @@ class GaussianMixture:
         k = torch.multinomial(self.pi, n, replacement=True, generator=generator)
         x = self.mu[k] + self.sigma[k, None] * _randn(n, generator, self.mu.shape[1])
         return x.float()  # (n, D)
-
-    def _time(self, t, z):
-        # t: python float, 0-d or (B,) tensor -> (B, 1) float64 on z's device.
-        t = torch.as_tensor(t, dtype=torch.float64, device=z.device)
-        return t.expand(z.shape[0]).reshape(-1, 1)
 
     def _components(self, z, t):
         # z (B, D) float64, t (B, 1) -> the per-component pieces at time t.
@@ -224,15 +238,77 @@ class GaussianMixture:
             path.append(z_j)
         return (torch.stack(path) if trajectory else z_j).to(z.dtype)
 
-    def u(self, z, t, r, steps=DEFAULT_ODE_STEPS):
-        """Average velocity over [r, t] = (z - z_r) / (t - r); exactly v(z, t) where r == t.
-        Same argument order as the networks, net(z, t, r)."""
+
+# ----------------------------------------------------------------------------------------------------
+# 2b. The checkerboard with its exact marginal velocity
+# x uniform on the 8 squares. Given x, z_t ~ N((1 - t) x, t^2 I); so, given z and a square, each coordinate of x is
+# N(z / (1 - t), (t / (1 - t))^2) cut to the square's side: a truncated normal, whose mass and mean have closed
+# forms (the normal CDF). E[x | z_t = z] mixes the squares' means by their masses, and v = (z - E[x | z_t]) / t.
+# Off the squares v grows like 1/t as t -> 0 (such a point must reach a square in no time): the ODE steps evenly
+# in s = sqrt(t), finer near the data, and a path to r = 0 stops at t = CHECKERBOARD_T_END and jumps to
+# E[x | z_t] there, where the flow ends within O(t). In s, RK4 keeps its 4th order: 1-NFE endpoints from noise
+# (t = 1 -> 0), 2000 points, against a 512-step solve: median distance 1.0e-5 / 6.0e-7 / 3.7e-8 and 99th percentile
+# 2.2e-4 / 1.9e-5 / 1.1e-6 at 16 / 32 / 64 steps.
+CHECKERBOARD_ODE_STEPS = 64
+CHECKERBOARD_T_END = 1e-4
+
+
+class Checkerboard(ExactFlow):
+    """The data of `checkerboard` with its exact fields: v(z, t) in closed form for t in (0, 1], u by RK4."""
+
+    def __init__(self):
+        sq = torch.tensor(checkerboard_squares(), dtype=torch.float64)  # (8, 3): lower-left x, y and side
+        self.lo, self.hi = sq[:, :2], sq[:, :2] + sq[:, 2:]  # (8, 2) corners
+
+    def sample(self, n, generator=None):
+        return checkerboard(n, generator)
+
+    def posterior_mean(self, z, t):
+        """E[x | z_t = z]: z (B, 2), t (B, 1) float64 in (0, 1]."""
+        # Near t = 1 the closed form cancels (m = z / (1 - t) and s = t / (1 - t) grow without bound: 8e-8 off at
+        # 1 - 1e-4, 0.14 at 1 - 1e-7): above 1 - 1e-4 it is scaled linearly in 1 - t to E[x] = 0 at t = 1 (the
+        # board is symmetric about 0), which is E[x | z_t] to first order in 1 - t.
+        tc = t.clamp(max=1 - 1e-4)
+        return self._posterior_mean(z, tc) * ((1 - t) / (1 - tc))
+
+    def _posterior_mean(self, z, t):
+        t = t[:, :, None]  # (B, 1, 1)
+        m, s = z[:, None, :] / (1 - t), t / (1 - t)  # x given z, before the cut: N(m, s^2) per coordinate
+        a, b = (self.lo.to(z.device) - m) / s, (self.hi.to(z.device) - m) / s  # (B, 8, 2) standardised ends
+        # log(Phi(b) - Phi(a)), computed in the tail away from the mass (Phi(-x) = 1 - Phi(x)) so it never cancels
+        flip = a + b > 0
+        lo, hi = torch.where(flip, -b, a), torch.where(flip, -a, b)
+        log_hi = torch.special.log_ndtr(hi)
+        log_mass = log_hi + torch.log1p(-torch.exp(torch.special.log_ndtr(lo) - log_hi))  # (B, 8, 2)
+        # mean of the truncated normal: m + s (phi(a) - phi(b)) / (Phi(b) - Phi(a))
+        log_phi = lambda x: -0.5 * x * x - 0.5 * math.log(2 * math.pi)
+        mean = m + s * (torch.exp(log_phi(a) - log_mass) - torch.exp(log_phi(b) - log_mass))
+        w = torch.softmax(log_mass.sum(2), dim=1)  # (B, 8) p(square | z): the squares have equal areas
+        return (w[:, :, None] * mean).sum(1)
+
+    def v(self, z, t):
+        """Exact marginal velocity E[e - x | z_t = z] = (z - E[x | z_t = z]) / t; z (B, 2), t scalar or (B,) > 0."""
         z64 = z.to(torch.float64)
-        t, r = self._time(t, z64), self._time(r, z64)  # (B, 1)
-        z_r = self.ode_solve(z64, t[:, 0], r[:, 0], steps)
-        dt = t - r
-        u = (z64 - z_r) / torch.where(dt == 0, 1.0, dt)  # in float64: (z - z_r) cancels badly in float32
-        return torch.where(dt == 0, self.v(z64, t[:, 0]), u).to(z.dtype)
+        t = self._time(t, z64)
+        return ((z64 - self.posterior_mean(z64, t)) / t).to(z.dtype)
+
+    def ode_solve(self, z, t, r, steps=CHECKERBOARD_ODE_STEPS):
+        """z_r from z_t along dz/dtau = v(z, tau): RK4 in s = sqrt(tau), dz/ds = 2 s v; rows with r = t stay."""
+        z_j = z.to(torch.float64)
+        t, r = self._time(t, z_j), self._time(r, z_j)  # (B, 1)
+        jump = (r < CHECKERBOARD_T_END) & (r < t)  # these rows end on E[x | z] at t = CHECKERBOARD_T_END
+        s0, s1 = t.sqrt(), torch.where(jump, CHECKERBOARD_T_END, r).sqrt()
+        h = (s1 - s0) / steps
+        f = lambda z, s: 2 * s * self.v(z, (s * s)[:, 0])
+        for j in range(steps):
+            s = s0 + (s1 - s0) * (j / steps)
+            k1 = f(z_j, s)
+            k2 = f(z_j + 0.5 * h * k1, s + 0.5 * h)
+            k3 = f(z_j + 0.5 * h * k2, s + 0.5 * h)
+            k4 = f(z_j + h * k3, s + h)
+            z_j = z_j + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        end = self.posterior_mean(z_j, torch.full_like(t, CHECKERBOARD_T_END))
+        return torch.where(jump, end, z_j).to(z.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
