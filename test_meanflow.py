@@ -890,7 +890,7 @@ def test_checkerboard_posterior_mean_against_quadrature():
     assert torch.isfinite(cb.v(far, torch.tensor([1e-4, 1e-4], dtype=torch.float64))).all()
 
 
-def test_checkerboard_ode_converges():
+def test_checkerboard_ode_converges(monkeypatch):
     # The 1-NFE endpoints (t = 1 -> 0) against 4x the default steps: 4th order (doubling the steps shrinks the error
     # ~16x), the default within 1e-5 for 99% of the points.
     cb = td.Checkerboard()
@@ -903,6 +903,13 @@ def test_checkerboard_ode_converges():
     # end (t = 0.05) still land inside a square, not 1e-4 / 0.05 of their distance short of it
     z = torch.tensor([[2.5, -1.0], [-0.1, 3.0], [-2.5, 0.2], [0.3, -2.4]], dtype=torch.float64)  # off the board
     assert td.on_squares(cb.ode_solve(z, 0.05, 0.0)) == 1.0
+    # ... and that jump costs under 1e-4 in the 1-NFE u against a path run on to t = 1e-6
+    monkeypatch.setattr(td, "CHECKERBOARD_T_END", 1e-6)
+    finer = cb.u(e[:200], 1.0, 0.0, steps=2 * S)
+    monkeypatch.undo()
+    assert (cb.u(e[:200], 1.0, 0.0) - finer).norm(dim=1).max() < 1e-4
+    # rows with r = t stay where they are, also below CHECKERBOARD_T_END
+    assert torch.equal(cb.ode_solve(z, torch.full((4,), 5e-5), torch.full((4,), 5e-5)), z)
 
 
 # ---------------------------------------------------------------------------------------------------- distances
@@ -1810,6 +1817,12 @@ def test_fid_uses_the_reference_mu_sigma_when_the_file_has_them(tmp_path, monkey
     np.savez(tmp_path / "dims.npz", mu=np.zeros(5), sigma=np.eye(5))  # statistics of other features
     with pytest.raises(train.Fail, match="6-d pool features"):
         train.fid_reference(str(tmp_path / "dims.npz"))
+    np.savez(tmp_path / "mu.npz", mu=np.zeros(5), sigma=np.eye(6))  # mu alone of another length
+    with pytest.raises(train.Fail, match="6-d pool features"):
+        train.fid_reference(str(tmp_path / "mu.npz"))
+    np.savez(tmp_path / "grey.npz", arr_0=b[..., :1])  # one channel: not the evaluator's RGB images
+    with pytest.raises(train.Fail, match="uint8 N x H x W x 3"):
+        train.fid_reference(str(tmp_path / "grey.npz"))
     # end to end: --sample --fid-ref says what it compared against and which number to compare with papers
     make_fashion(str(tmp_path / "fm"))
     common = ["--data", "fashion-mnist", "--data-path", tmp_path / "fm", "--model", "Ti/4", "--batch-size", 4,
@@ -1841,6 +1854,25 @@ def test_center_crop_converts_to_rgb_before_resizing():
     # as if it had been RGB from the start (PIL resizes a palette image by nearest neighbour: converting after
     # the resize gave another image)
     assert np.array_equal(crop, train.center_crop(pal.convert("RGB")))
+
+
+def test_center_crop_follows_adm():
+    # ADM's center_crop_arr (guided-diffusion image_datasets.py), step by step: box-filter halvings while the short
+    # side is at least twice the size, a bicubic resize of the short side to the size (long side rounded), then the
+    # central square, the odd pixel left of and above it. Shapes with no, one and two halvings, wide and tall.
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for w, h in [(300, 260), (260, 300), (600, 520), (700, 1100), (1100, 1030)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ref, halvings = img, 0
+        while min(ref.size) >= 512:
+            ref, halvings = ref.resize((ref.size[0] // 2, ref.size[1] // 2), resample=Image.BOX), halvings + 1
+        assert halvings == (0 if max(w, h) <= 300 else 1 if min(w, h) < 1024 else 2)
+        short = min(ref.size)
+        ref = ref.resize((round(ref.size[0] * 256 / short), round(ref.size[1] * 256 / short)), resample=Image.BICUBIC)
+        left, top = (ref.size[0] - 256) // 2, (ref.size[1] - 256) // 2
+        assert np.array_equal(train.center_crop(img), np.asarray(ref.crop((left, top, left + 256, top + 256))))
 
 
 def test_imf_network_under_bf16_autocast_is_close_to_fp32(recwarn):
@@ -2624,19 +2656,23 @@ def test_study_runner_appends_and_resumes(tmp_path, capsys):
     (["--lr", "1e-3"], "holds runs with other settings"), (["--steps", "6"], "holds runs with other settings"),
     (["--part", "images"], "holds runs with other settings"), (["--garbage"], "line 2 is not a run of this study"),
     (["--steps", "0"], "--steps 0: must be at least 1"), (["--eval-every", "0"], "--eval-every 0: must be at least 1"),
-    (["--ema", "1"], "--ema 1.0: must be in [0, 1)"), (["--lr", "nan"], "--lr nan: must be a positive number")])
+    (["--ema", "1"], "--ema 1.0: must be in [0, 1)"), (["--lr", "nan"], "--lr nan: must be a positive number"),
+    (["--lr", "inf"], "--lr inf: must be a positive number"), (["--ema", "0.9"], "holds runs with other settings"),
+    (["--image-run"], "holds runs with other settings")])
 def test_study_runner_refuses_bad_numbers_and_another_studys_file(tmp_path, capsys, flags, named):
     """A study file resumes only at the settings it was made with (a run there at another lr, length or part would
     count as done, and the notebooks would mix them); bad numbers and a file that is not a study's: one line, exit 2,
     the file unchanged."""
     study = load_study()
     out = tmp_path / "study.jsonl"
-    out.write_text(json.dumps(dict(recipe="meanflow", seed=0, steps=4, lr=2e-3, batch_size=256, ema=0.995)) + "\n"
+    run = dict(recipe="meanflow", seed=0, steps=4, lr=2e-3, batch_size=256, ema=0.995)
+    image_run = dict(run, floor={})  # an image study's run (it has a floor) at the toy's numbers
+    out.write_text(json.dumps(image_run if flags == ["--image-run"] else run) + "\n"
                    + ("{not json\n" if flags == ["--garbage"] else ""))
     before = out.read_text()
     argv = ["--out", str(out), "--steps", "4", "--eval-every", "2", "--recipes", "meanflow", "--seeds", "0", "1"]
     with pytest.raises(SystemExit) as exit_:
-        study.main(argv + ([] if flags == ["--garbage"] else flags))
+        study.main(argv + ([] if flags in (["--garbage"], ["--image-run"]) else flags))
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert exit_.value.code == 2 and len(errors) == 1 and named in errors[0] and out.read_text() == before
 
@@ -3422,6 +3458,11 @@ def test_study_eval_points_are_distributed_as_z_t():
         z, t = sets[name][0], sets[name][1]
         fresh = (1 - t[:, None]) * gm.sample(len(t), g) + t[:, None] * torch.randn(len(t), 2, generator=g)
         assert abs(gm.log_prob(z, t).double().mean().item() - gm.log_prob(fresh, t).double().mean().item()) < 0.2, name
+        if name != "v":
+            r = sets[name][2]
+            assert abs((r / (1 - (t - r))).mean().item() - 0.5) < 0.03, name  # r ~ U[0, 1 - dt]: t reaches 1
+            # drawn at t, not at r: mean log p_t(z) - log p_r(z) is KL(p_t || p_r) > 0 for z ~ p_t (< 0 for z ~ p_r)
+            assert (t - r).min() < 0.3 or (gm.log_prob(z, t) - gm.log_prob(z, r)).double().mean() > 0.5, name
 
 
 def test_study_evaluate_scores_1_and_2_nfe_samples():
@@ -3467,6 +3508,37 @@ def test_study_fit_scores_the_ema_with_its_warm_up_and_passes_progress():
         ema = d * ema + (1 - d) * params[step + 1]
         assert not seen[step + 1][0]
         torch.testing.assert_close(seen[step + 1][1], ema)
+
+
+def test_study_fit_warms_up_the_lr_and_scores_at_its_grid_and_the_end():
+    # train.get_lr's warm-up at each step (lr (step + 1) / warmup), evaluations every eval_every steps and at the last
+    # step, and each point's logged loss the mean since the point before. With loss = sum(w), AdamW's first steps move
+    # each weight by the lr itself (a constant gradient: m / sqrt(v) = 1), so the moves give the lr of each step.
+    study = load_study()
+    net = torch.nn.Linear(1, 1, bias=False)
+    weights, step = [], iter(range(100))
+
+    def loss(net, x, progress):
+        weights.append(net.weight.item())
+        return net.weight.sum(), dict(v_loss=torch.tensor(float(next(step))), u_loss=torch.tensor(0.0))
+
+    args = SimpleNamespace(lr=0.1, warmup=4, steps=5, eval_every=2, ema=0.9)
+    curve, _ = study.fit(SimpleNamespace(loss=loss, dtd_stage=0), net, args, 0, lambda g: (torch.zeros(1),),
+                         lambda m: {}, log_losses=True)
+    moves = -np.diff(weights + [net.weight.item()])
+    np.testing.assert_allclose(moves, [0.025, 0.05, 0.075, 0.1, 0.1], rtol=1e-5)
+    assert [c["step"] for c in curve] == [0, 2, 4, 5] and [c["v_loss"] for c in curve[1:]] == [0.5, 2.5, 4.0]
+
+
+def test_study_runs_the_first_three_recipes_seeds_first(tmp_path, monkeypatch):
+    # The job order: every seed of the three full recipes before the ablations, so that a study cut short has them.
+    study = load_study()
+    jobs = []
+    monkeypatch.setattr(study, "worker", lambda rank, args, todo: jobs.extend(todo))
+    study.main(["--out", str(tmp_path / "s.jsonl"), "--recipes", "meanflow", "improved-dtd", "improved-minsnr",
+                "beta only", "--seeds", "0", "1"])
+    assert jobs == [("meanflow", 0), ("improved-dtd", 0), ("improved-minsnr", 0), ("meanflow", 1), ("improved-dtd", 1),
+                    ("improved-minsnr", 1), ("beta only", 0), ("beta only", 1)]
 
 
 def test_study_fit_data_stream_is_a_function_of_the_seed():
@@ -3737,6 +3809,11 @@ def test_sampling_noise_depends_on_the_seed():  # H1: --seed was ignored by gene
     run = lambda seed: train.generate(SimpleNamespace(data="checkerboard", seed=seed, sample_guidance={}), method,
                                       net, range(8), 1, "cpu")[0]
     assert np.array_equal(run(0), run(0)) and not np.array_equal(run(0), run(1))
+    # and no seed reuses another's noise: with the zero-start network the samples are the noise itself
+    noise = lambda seed: train.generate(SimpleNamespace(data="checkerboard", seed=seed, sample_guidance={}), method,
+                                        mf.MLP(dim=2), range(100), 1, "cpu")[0]
+    rows = [set(map(tuple, noise(seed).tolist())) for seed in (0, 1, 2)]
+    assert all(len(r) == 100 for r in rows) and not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])
 
 
 def test_the_ema_and_the_sampling_network_are_in_eval_mode(tmp_path, capsys, monkeypatch):  # H15, H16
@@ -3891,6 +3968,33 @@ def _agree_worker(rank, world, port, out):
             torch.save(s.agreed("cpu"), os.path.join(out, f"{rank}.pt"))
 
 
+def test_grids_place_each_image_in_its_tile(tmp_path):
+    # save_grids: each set 8 images wide, row by row, 32 x 32 images enlarged 2x (nearest), sets side by side with
+    # an 8-pixel white gap. Image i of set k is filled with the value 10 k + i.
+    from PIL import Image
+
+    sets = [np.broadcast_to((10 * k + np.arange(16, dtype=np.uint8))[:, None, None, None], (16, 32, 32, 3)).copy()
+            for k in (0, 1)]
+    train.save_grids(str(tmp_path / "g.png"), sets)
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    assert grid.shape == (2 * 64, 2 * 8 * 64 + 8, 3)
+    for k in (0, 1):
+        for i in range(16):
+            row, col = divmod(i, 8)
+            x0 = k * (8 * 64 + 8) + col * 64
+            assert (grid[row * 64: row * 64 + 64, x0: x0 + 64] == 10 * k + i).all(), (k, i)
+    assert (grid[:, 8 * 64: 8 * 64 + 8] == 255).all()
+
+
+def test_the_first_signal_is_the_one_reported():
+    # Ctrl-C, then the SIGTERM of a scheduler: the run reports the SIGINT it got first (and exits with 130)
+    with train.StopSignals() as s:
+        assert s.agreed("cpu") == 0
+        s.note(signal.SIGINT, None)
+        s.note(signal.SIGTERM, None)
+        assert s.agreed("cpu") == signal.SIGINT
+
+
 def test_signals_of_several_processes_agree_on_one_signal(tmp_path):  # Q1: a sum made SIGINT + SIGINT SIGILL
     mp.spawn(_agree_worker, args=(3, free_port(), str(tmp_path)), nprocs=3)
     assert [torch.load(tmp_path / f"{r}.pt") for r in range(3)] == [signal.SIGINT] * 3
@@ -4037,13 +4141,14 @@ def test_checkerboard_squares_are_exactly_the_on_squares_region():
     # The drawn squares (train.py's figure) and on_squares agree point by point on the whole board, and cover half of
     # it. Kills: a square side of 1 instead of BOARD_SCALE (the squares overlap the empty ones).
     g = torch.Generator().manual_seed(0)
-    pts = (torch.rand(20_000, 2, generator=g, dtype=torch.float64) * 4 - 2) * td.BOARD_SCALE
+    pts = (torch.rand(20_000, 2, generator=g, dtype=torch.float64) * 6 - 3) * td.BOARD_SCALE  # and around the board
     squares = td.checkerboard_squares()
     drawn = torch.zeros(len(pts), dtype=torch.bool)
     for x0, y0, s in squares:
         drawn |= (pts[:, 0] >= x0) & (pts[:, 0] < x0 + s) & (pts[:, 1] >= y0) & (pts[:, 1] < y0 + s)
     scored = torch.tensor([td.on_squares(p[None]) == 1.0 for p in pts])
-    assert torch.equal(drawn, scored)
+    assert torch.equal(drawn, scored) and (pts.abs() > 2 * td.BOARD_SCALE).any(1).sum() > 5000
+    assert td.on_squares(torch.tensor([[2.2, 2.2], [-2.2, -2.2]]) * td.BOARD_SCALE) == 0.0  # where a square would be
     assert abs(sum(s * s for *_, s in squares) - 8 * td.BOARD_SCALE**2) < 1e-12
 
 
