@@ -3986,6 +3986,21 @@ def test_grids_place_each_image_in_its_tile(tmp_path):
     assert (grid[:, 8 * 64: 8 * 64 + 8] == 255).all()
 
 
+def test_figure_draws_the_samples_over_the_squares_and_the_three_loss_curves(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    closed = []
+    monkeypatch.setattr(plt, "close", closed.append)  # keep the figure to look at
+    history = [dict(step=100, v_loss=1.0, u_loss=2.0, loss=3.0), dict(step=200, v_loss=0.5, u_loss=1.5, loss=2.5)]
+    pts = np.array([[0.1, 0.2], [-1.0, 0.5]])
+    train.save_figure(str(tmp_path / "f.png"), [("1-NFE", pts)], history, td.checkerboard_squares())
+    samples, losses = closed[0].axes
+    assert len(samples.patches) == 8 and np.array_equal(samples.collections[0].get_offsets(), pts)
+    assert [(c.get_label(), list(c.get_xdata()), list(c.get_ydata())) for c in losses.get_lines()] == [
+        ("v_loss", [100, 200], [1.0, 0.5]), ("u_loss", [100, 200], [2.0, 1.5]), ("loss", [100, 200], [3.0, 2.5])]
+    assert (tmp_path / "f.png").stat().st_size > 0
+
+
 def test_the_first_signal_is_the_one_reported():
     # Ctrl-C, then the SIGTERM of a scheduler: the run reports the SIGINT it got first (and exits with 130)
     with train.StopSignals() as s:
