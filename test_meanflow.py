@@ -908,8 +908,10 @@ def test_checkerboard_ode_converges(monkeypatch):
     finer = cb.u(e[:200], 1.0, 0.0, steps=2 * S)
     monkeypatch.undo()
     assert (cb.u(e[:200], 1.0, 0.0) - finer).norm(dim=1).max() < 1e-4
-    # rows with r = t stay where they are, also below CHECKERBOARD_T_END
-    assert torch.equal(cb.ode_solve(z, torch.full((4,), 5e-5), torch.full((4,), 5e-5)), z)
+    # rows with r = t stay where they are, also below CHECKERBOARD_T_END; a path that starts there jumps at once
+    tiny = torch.full((4,), 5e-5, dtype=torch.float64)
+    assert torch.equal(cb.ode_solve(z, tiny, tiny), z)
+    assert torch.equal(cb.ode_solve(z, tiny, 0 * tiny), cb.posterior_mean(z, tiny[:, None]))
 
 
 # ---------------------------------------------------------------------------------------------------- distances

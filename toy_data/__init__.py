@@ -296,8 +296,9 @@ class Checkerboard(ExactFlow):
         """z_r from z_t along dz/dtau = v(z, tau): RK4 in s = sqrt(tau), dz/ds = 2 s v; rows with r = t stay."""
         z_j = z.to(torch.float64)
         t, r = self._time(t, z_j), self._time(r, z_j)  # (B, 1)
-        jump = (r < CHECKERBOARD_T_END) & (r < t)  # these rows end on E[x | z] at t = CHECKERBOARD_T_END
-        s0, s1 = t.sqrt(), torch.where(jump, CHECKERBOARD_T_END, r).sqrt()
+        jump = (r < CHECKERBOARD_T_END) & (r < t)  # these rows end on E[x | z] at t = CHECKERBOARD_T_END (or at t)
+        t_end = torch.where(jump, t.clamp(max=CHECKERBOARD_T_END), r)
+        s0, s1 = t.sqrt(), t_end.sqrt()
         h = (s1 - s0) / steps
         f = lambda z, s: 2 * s * self.v(z, (s * s)[:, 0])
         for j in range(steps):
@@ -307,7 +308,7 @@ class Checkerboard(ExactFlow):
             k3 = f(z_j + 0.5 * h * k2, s + 0.5 * h)
             k4 = f(z_j + h * k3, s + h)
             z_j = z_j + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-        end = self.posterior_mean(z_j, torch.full_like(t, CHECKERBOARD_T_END))
+        end = self.posterior_mean(z_j, torch.where(jump, t_end, 1.0))
         return torch.where(jump, end, z_j).to(z.dtype)
 
 
