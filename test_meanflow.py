@@ -3808,13 +3808,13 @@ def test_sampling_noise_depends_on_the_seed():  # H1: --seed was ignored by gene
     net = mf.MLP(dim=2)
     torch.nn.init.normal_(net.out.weight)  # not the zero start, whose samples are the noise itself
     method = mf.MeanFlow("meanflow")
-    run = lambda seed: train.generate(SimpleNamespace(data="checkerboard", seed=seed, sample_guidance={}), method,
-                                      net, range(8), 1, "cpu")[0]
+    def run(seed, net=net, n=8):
+        return train.generate(SimpleNamespace(data="checkerboard", seed=seed, sample_guidance={}), method, net,
+                              range(n), 1, "cpu")[0]
+
     assert np.array_equal(run(0), run(0)) and not np.array_equal(run(0), run(1))
     # and no seed reuses another's noise: with the zero-start network the samples are the noise itself
-    noise = lambda seed: train.generate(SimpleNamespace(data="checkerboard", seed=seed, sample_guidance={}), method,
-                                        mf.MLP(dim=2), range(100), 1, "cpu")[0]
-    rows = [set(map(tuple, noise(seed).tolist())) for seed in (0, 1, 2)]
+    rows = [set(map(tuple, run(seed, mf.MLP(dim=2), 100).tolist())) for seed in (0, 1, 2)]
     assert all(len(r) == 100 for r in rows) and not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])
 
 
