@@ -5,6 +5,7 @@ Run: python -m pytest -q test_meanflow.py      (CPU; a few minutes on 2 cores)
 import argparse
 import contextlib
 import copy
+import errno
 import gzip
 import hashlib
 import importlib.util
@@ -2434,7 +2435,7 @@ def test_sample_refuses_a_checkpoint_of_the_other_class_conditioning(tmp_path, c
     args = train.get_args(["--data", "cifar10", "--model", "Ti/4", "--out", str(tmp_path), "--sample", "4"])
     assert args.class_cond is False
     with pytest.raises(train.Fail, match="--class-cond"):
-        train.load_checkpoint(str(tmp_path / "ckpt.pt"), args)
+        train.load_checkpoint(str(tmp_path / "ckpt.pt"), args, train.make_method(args))
 
 # ---------------------------------------------------------------------------------------------
 # --- DTD pacing: the curriculum advances inside loss(), bounded, the same stage in every process ---
@@ -2998,7 +2999,7 @@ def test_meanflow_without_appendix_computes_the_same(tmp_path):
 
 
 # README's lecture cut, exactly: whole definitions (with the comment lines right above them), a few statements, and
-# five replacements. The README lists the same names; test_readme_lecture_cut_names_what_the_test_cuts checks that.
+# four replacements. The README lists the same names; test_readme_lecture_cut_names_what_the_test_cuts checks that.
 LECTURE_DELETE = ["drop_labels", "guided_velocity",  # guidance
                   "_expect", "beta", "_alpha_raw", "weights", "dtd_step", "_dtd_reset", "state_dict",
                   "load_state_dict",  # improved training
@@ -3885,7 +3886,8 @@ def test_logged_lr_is_that_of_the_last_step_logged():  # J2: the log showed the 
     job, _ = _step_job([])
     args = SimpleNamespace(lr=1.0, warmup=4, batch_size=8)
     job.step = 2  # steps 0 and 1 done: the last one ran at lr 2/4
-    line = train.log_window(args, job, [[1.0, 1.0, 1.0, 1.0, 0.0]] * 2, 1.0)
+    job.acc = [[1.0, 1.0, 1.0, 1.0, 0.0]] * 2
+    line = train.log_window(args, job, 1.0)
     assert line["lr"] == 0.5
 
 
@@ -4044,8 +4046,8 @@ def test_ema_follows_the_weights_after_the_step():  # T3: the EMA was updated be
 def test_log_window_skips_non_finite_steps():  # U1: one step without r != t rows (u_loss NaN) made the window NaN
     job, _ = _step_job([])
     job.step = 2
-    acc = [[1.0, 1.0, float("nan"), 1.0, 0.0], [3.0, 1.0, 3.0, 1.0, 0.0]]
-    line = train.log_window(SimpleNamespace(lr=1.0, warmup=0, batch_size=8), job, acc, 1.0)
+    job.acc = [[1.0, 1.0, float("nan"), 1.0, 0.0], [3.0, 1.0, 3.0, 1.0, 0.0]]
+    line = train.log_window(SimpleNamespace(lr=1.0, warmup=0, batch_size=8), job, 1.0)
     assert line["u_loss"] == 3.0 and line["loss"] == 2.0
 
 
@@ -4062,6 +4064,184 @@ def test_sample_with_a_batch_below_the_number_of_processes(tmp_path, monkeypatch
     for rank in (1, 0):
         train.sample_to_npz(args, method, net, None, rank, 2, "cpu")
     assert np.load(tmp_path / "samples-3-nfe1.npz")["arr_0"].shape == (3, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train.py: tests for what a robustness review (a user trying to break train.py) found
+
+
+def test_resume_refuses_changed_knobs_and_dropout(tmp_path, capsys):
+    """--resume without the run's --set (or with another value, or another --dropout) would silently train another
+    run (a DTD stage past the new dtd_stages even ended in a NaN blamed on --lr): one line naming the knob."""
+    common = ["--steps", 4, *TOY_RUN, "--recipe", "improved-dtd", "--out", tmp_path]
+    assert run_main(common + ["--set", "dtd_window=3", "--stop-at", 2], capsys)[0] == 0
+    saved = (tmp_path / "ckpt.pt").read_bytes()
+    for extra in ([], ["--set", "dtd_window=4"], ["--set", "dtd_window=3", "--set", "dtd_stages=2"]):
+        code, _, err = run_main(common + extra + ["--resume"], capsys)
+        assert_one_line_error(code, err, "was trained with dtd_", "pass the run's own --set")
+    assert "dtd_stages=20, not dtd_stages=2" in err
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["args"]["dropout"] = 0.5  # a DiT's dropout: another network in training
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    assert_one_line_error(*run_main(common + ["--set", "dtd_window=3", "--resume"], capsys)[::2], "--dropout 0.5")
+    (tmp_path / "ckpt.pt").write_bytes(saved)
+    assert run_main(common + ["--set", "dtd_window=3", "--resume"], capsys)[0] == 0 and ckpt_step(tmp_path) == 4
+
+
+def test_resume_checks_the_checkpoint_before_reading_data(tmp_path, capsys, monkeypatch):
+    """Another run's checkpoint is refused before any data is read (CIFAR-10 would first be downloaded)."""
+    assert run_main(["--steps", 2, *TOY_RUN, "--out", tmp_path], capsys)[0] == 0
+    monkeypatch.setattr(train, "load_data", lambda *a: pytest.fail("data read before the checkpoint was checked"))
+    for mode in (["--resume"], ["--sample", 4]):
+        code, _, err = run_main(["--data", "cifar10", "--model", "Ti/4", "--out", tmp_path] + mode, capsys)
+        assert_one_line_error(code, err, "was trained with --data checkerboard")
+
+
+@pytest.mark.parametrize("stop", [3, 5])
+def test_log_lines_after_resume_equal_the_uninterrupted_run(tmp_path, capsys, stop):
+    """A stop inside a --log-every window: the steps before it still count in that window's means."""
+    common = ["--steps", 8, "--batch-size", 16, "--recipe", "improved-dtd", "--log-every", 4]
+    assert run_main(common + ["--out", tmp_path / "a"], capsys)[0] == 0
+    assert run_main(common + ["--out", tmp_path / "b", "--stop-at", stop], capsys)[0] == 0
+    assert run_main(common + ["--out", tmp_path / "b", "--resume"], capsys)[0] == 0
+    logs = [[strict_json(s) for s in open(tmp_path / d / "log.jsonl")] for d in "ab"]
+    assert [h["step"] for h in logs[1]] == [h["step"] for h in logs[0]] == [4, 8]
+    for a, b in zip(*logs):
+        assert {k: v for k, v in a.items() if k not in ("time", "img_per_s")} == \
+               {k: v for k, v in b.items() if k not in ("time", "img_per_s")}
+    assert all(0 < h["img_per_s"] < 1e9 for h in logs[1])
+
+
+def test_resume_of_a_finished_run_draws_its_last_pictures(tmp_path, capsys):
+    """The final pictures failed (a full disk): the error says --resume, and --resume draws them."""
+    common = ["--steps", 2, "--batch-size", 16, "--out", tmp_path]
+    assert run_main(common, capsys)[0] == 0
+    os.remove(tmp_path / "step-0000002.png")
+    code, out, err = run_main(common + ["--resume"], capsys)
+    assert code == 0 and "1-NFE energy distance" in out and "on the squares" in out, err
+    assert os.path.exists(tmp_path / "step-0000002.png") and ckpt_step(tmp_path) == 2
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--set", "dtd_stages=99999999999999999999999"], ["dtd_stages", "below 2^31"]),
+    (["--set", "omega_max=5"], ["--set omega_max does nothing", "iMF only"]),
+    (["--set", "dtd_patience=5"], ["--set dtd_patience does nothing", "dtd_stages is 0"]),
+    (["--prepare-imagenet", "imgs", "--steps", 3], ["--steps goes with training (and --sample"]),
+    (["--prepare-imagenet", "imgs", "--out", "x"], ["--out goes with training or --sample"]),
+])
+def test_options_and_knobs_that_would_do_nothing_are_refused(tmp_path, capsys, argv, words):
+    code, _, err = run_main(argv + (["--out", tmp_path / "run"] if "--out" not in argv else []), capsys)
+    assert_one_line_error(code, err, *words)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_knobs_a_recipe_reads_are_accepted():
+    args = train.get_args(["--recipe", "improved-dtd", "--set", "dtd_patience=5", "--set", "dtd_stages=2147483647"])
+    assert train.make_method(args).dtd_patience == 5
+    args = train.get_args(["--recipe", "meanflow", "--set", "dtd_stages=4", "--set", "dtd_window=5"])
+    assert train.make_method(args).dtd_window == 5  # DTD switched on by --set: its knobs count
+    args = train.get_args(["--recipe", "imf", "--set", "omega_max=5"])
+    assert train.make_method(args).omega_max == 5.0
+
+
+def test_world_size_without_rank_is_one_process(tmp_path, capsys, monkeypatch):
+    """WORLD_SIZE alone (no torchrun: no RANK) used to train, then fail at the checkpoint's all-gather."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    code, _, err = run_main(["--steps", 2, *TOY_RUN, "--out", tmp_path], capsys)
+    assert code == 0 and ckpt_step(tmp_path) == 2, err
+    assert len(torch.load(tmp_path / "ckpt.pt", weights_only=True)["rng"]) == 1
+
+
+def test_an_odd_log_does_not_crash_resume(tmp_path, capsys):
+    common = ["--steps", 4, *TOY_RUN, "--out", tmp_path]
+    assert run_main(common + ["--stop-at", 2], capsys)[0] == 0
+    (tmp_path / "log.jsonl").write_text('{"step": 1}\n{"step": 2}\n')  # lines without `time`: the checkpoint has it
+    assert run_main(common + ["--resume", "--stop-at", 3], capsys)[0] == 0 and ckpt_step(tmp_path) == 3
+    os.remove(tmp_path / "log.jsonl")
+    os.mkdir(tmp_path / "log.jsonl")
+    assert_one_line_error(*run_main(common + ["--resume"], capsys)[::2], "cannot read", "log.jsonl")
+    assert ckpt_step(tmp_path) == 3
+
+
+def test_the_nan_message_names_more_than_the_lr(tmp_path, capsys):
+    code, _, err = run_main(["--steps", 3, *TOY_RUN, "--set", "p=1e300", "--out", tmp_path], capsys)
+    assert_one_line_error(code, err, "the loss is", "--lr", "check the data and the --set values")
+
+
+def test_sample_never_replaces_an_earlier_npz(tmp_path, capsys):
+    common = ["--batch-size", 16, "--out", tmp_path]
+    assert run_main(common + ["--steps", 2], capsys)[0] == 0
+    assert run_main(common + ["--sample", 20], capsys)[0] == 0
+    saved = (tmp_path / "samples-20-nfe1.npz").read_bytes()
+    code, _, err = run_main(common + ["--sample", 20, "--seed", 3], capsys)
+    assert_one_line_error(code, err, "samples-20-nfe1.npz exists", "move it away")
+    assert (tmp_path / "samples-20-nfe1.npz").read_bytes() == saved
+    assert run_main(common + ["--sample", 20, "--sample-steps", 2], capsys)[0] == 0  # another file
+
+
+def test_cifar10_batches_are_checked(tmp_path, capsys):
+    """Labels of another count, float or wide-integer images: one line (they were cut or wrapped silently)."""
+    run = ["--data", "cifar10", "--model", "Ti/4", "--batch-size", 4, "--steps", 1, "--out", tmp_path / "run"]
+    rng = np.random.default_rng(0)
+    for name, data, labels in (("n", rng.integers(0, 256, (6, 3072), dtype=np.uint8), [0] * 5),
+                               ("f", rng.random((6, 3072), dtype=np.float32), [0] * 6),
+                               ("i", rng.integers(0, 70000, (6, 3072)), [0] * 6)):
+        os.makedirs(tmp_path / name)
+        with tarfile.open(tmp_path / name / "cifar-10-python.tar.gz", "w:gz") as tar:
+            add_pickle(tar, "cifar-10-batches-py/data_batch_1", {b"data": data, b"labels": labels})
+        code, _, err = run_main(run[:2] + ["--data-path", tmp_path / name] + run[2:], capsys)
+        assert_one_line_error(code, err, "not the CIFAR-10 python tarball", "data_batch_1")
+    (tmp_path / "afile").write_text("")
+    code, _, err = run_main(run[:2] + ["--data-path", tmp_path / "afile"] + run[2:], capsys)
+    assert_one_line_error(code, err, "is a file, not a folder")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_imagenet_latents_labels_and_dtype_are_checked(tmp_path, capsys):
+    run = ["--data", "imagenet-latents", "--model", "Ti/4", "--batch-size", 4, "--steps", 1, "--out", tmp_path / "run"]
+    for name, dtype, labels in (("l1", np.float16, np.zeros((2, 1), np.int64)), ("l2", np.int8, np.zeros(2, np.int64))):
+        os.makedirs(tmp_path / name)
+        np.save(tmp_path / name / "shard-00000-of-00001.npy", np.zeros((2, 2, 2, 4, 32, 32), dtype))
+        np.save(tmp_path / name / "labels-00000-of-00001.npy", labels)
+        code, _, err = run_main(run[:2] + ["--data-path", tmp_path / name] + run[2:], capsys)
+        assert_one_line_error(code, err, "integer labels (N,)", "--prepare-imagenet")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_prepare_imagenet_checks_its_folder_first_and_reserves_the_shard(tmp_path, capsys, monkeypatch):
+    """--data-path that is a file: one line before the VAE loads. A disk too small for the shard: one line and no
+    partial shard (the shard is a sparse memory map: a write on a full disk ended the process with SIGBUS)."""
+    from PIL import Image
+
+    os.makedirs(tmp_path / "train" / "n00")
+    Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(tmp_path / "train" / "n00" / "a.JPEG")
+    (tmp_path / "afile").write_text("")
+    prep = ["--prepare-imagenet", tmp_path / "train", "--workers", 0, "--vae", tmp_path / "no-vae"]
+    code, _, err = run_main(prep + ["--data-path", tmp_path / "afile"], capsys)
+    assert_one_line_error(code, err, "cannot write to --data-path", "pass a writable folder")
+    if not HAVE_DIFFUSERS or not hasattr(os, "posix_fallocate"):
+        return
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    tiny_vae(str(tmp_path / "vae"))
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    code, _, err = run_main(prep[:-1] + [tmp_path / "vae", "--data-path", tmp_path / "lat"], capsys)
+    assert_one_line_error(code, err, "could not write", "No space left on device", "run --prepare-imagenet again")
+    assert os.listdir(tmp_path / "lat") == []
+
+
+def test_a_failed_claim_of_out_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """A full disk while the output folder is claimed: the folders it made and the empty lock file go again."""
+    def full(fd, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "ftruncate", full)
+    code, _, err = run_main(["--steps", 2, *TOY_RUN, "--out", tmp_path / "new" / "run"], capsys)
+    assert_one_line_error(code, err, "cannot write to --out", "No space left on device", "writable")
+    assert os.listdir(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------------

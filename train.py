@@ -125,6 +125,9 @@ class Parser(argparse.ArgumentParser):
 
 # MeanFlow's numeric knobs (--set KEY=VALUE), checked like the flags. A new knob gets its line (tested).
 ANY = (lambda v: True, "")
+# Flags that only a training run reads: refused with --prepare-imagenet. --sample accepts them (and ignores them), as
+# --resume does: both take the run's own command.
+TRAINING_ONLY = ("steps", "stop_at", "lr", "warmup", "weight_decay", "ema", "log_every", "eval_every", "ckpt_every")
 KNOBS = dict(P_mean=ANY, P_std=POSITIVE, ratio_r_neq_t=UNIT, p=NONNEG, c=POSITIVE, omega=POSITIVE, kappa=FRACTION,
              t_lo=UNIT, t_hi=UNIT, class_dropout=UNIT, beta_k=POSITIVE, minsnr_gamma=POSITIVE, dtd_stages=NONNEG,
              dtd_patience=COUNT, dtd_share=UNIT, dtd_window=COUNT, omega_max=(lambda v: v >= 1, "1 or more"),
@@ -146,7 +149,7 @@ def get_args(argv=None):
       "cifar10 1024); with --sample, the samples drawn at once by all processes together")
     a("--lr", type=float, help="AdamW learning rate, constant after warmup (default 1e-4, paper; cifar10 6e-4; toy 2e-3)")
     a("--warmup", type=int, help="linear learning-rate warmup steps (default 0, paper; iMF 10 epochs, official)")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0, paper); betas (0.9, 0.95)")
+    a("--weight-decay", type=float, help="AdamW weight decay (default 0, paper); betas (0.9, 0.95)")
     a("--ema", type=float, help="EMA decay of the weights that make samples (default 0.9999, paper; toy 0.995)")
     paper = ("(default: per size, meanflow.paper_guidance (the paper's; B/4 the official config's), on "
              "class-conditional ImageNet latents; else none)")
@@ -158,7 +161,8 @@ def get_args(argv=None):
       "MeanFlow's CIFAR-10 result)")
     a("--dropout", type=float, help="dropout on the MLP branch of each DiT block (default 0; cifar10 0.2, py-meanflow)")
     a("--set", action="append", default=[], metavar="KEY=VALUE", help="override a MeanFlow knob of the recipe, any "
-      "key of meanflow.RECIPES (e.g. --set P_mean=-2.0 --set ratio_r_neq_t=0.75); repeatable, applied last")
+      "key of meanflow.RECIPES but imf (that is --recipe imf; e.g. --set P_mean=-2.0 --set ratio_r_neq_t=0.75); "
+      "repeatable, applied last")
     a("--seed", type=int, default=0, help="seed; process k of n draws its noise from seed * n + k (default 0)")
     a("--out", help="output folder (default runs/<data>-<model>-<recipe>, the model without its '/')")
     a("--log-every", type=int, help="steps between log lines (default 100)")
@@ -202,6 +206,8 @@ def get_args(argv=None):
     if args.recipe not in mf.RECIPES:
         raise Fail(f"unknown --recipe {args.recipe!r}; choose one of: {', '.join(mf.RECIPES)}")
     imf = mf.RECIPES[args.recipe]["imf"]
+    given = {k for k in TRAINING_ONLY if getattr(args, k) is not None}  # before the defaults fill them in
+    args.weight_decay = 0.0 if args.weight_decay is None else args.weight_decay
     defaults = {**(TOY if toy else PAPER), **(IMF_TRAINING if imf and not toy else {}),
                 **{k: v for k, v in own.items() if k not in ("knobs", "dropout")}}
     for k, v in defaults.items():
@@ -218,6 +224,7 @@ def get_args(argv=None):
         raise Fail(f"--dropout is an option of the MeanFlow DiT, not of the {'iMF network' if imf else 'toy MLP'}")
     args.knobs, args.set_knobs = own.get("knobs", {}), parse_sets(args.set, args.recipe)
     args.data_path = args.data_path or DATA_PATHS.get("imagenet-latents" if args.prepare_imagenet else args.data)
+    out_given = args.out
     if args.out == "":
         raise Fail("--out is empty; pass a folder (or leave --out out for runs/<data>-<model>-<recipe>)")
     args.out = args.out or os.path.join("runs", f"{args.data}-{args.model.replace('/', '')}-{args.recipe}")
@@ -247,7 +254,11 @@ def get_args(argv=None):
     only = [("--sample-steps", args.sample_steps, "--sample", args.sample is None),  # options of another mode
             ("--fid-ref", args.fid_ref, "--sample on image data", args.sample is None or toy),
             *[(f"--{k.replace('_', '-')}", getattr(args, k), "--prepare-imagenet", not args.prepare_imagenet)
-              for k in ("shard", "num_shards", "workers")]]
+              for k in ("shard", "num_shards", "workers")],
+            *[(f"--{k.replace('_', '-')}", k in given or None, "training (and --sample, which takes the run's own "
+               "command)", args.prepare_imagenet) for k in TRAINING_ONLY],
+            ("--out", out_given, "training or --sample (--prepare-imagenet writes to --data-path)",
+             args.prepare_imagenet)]
     for flag, given, mode, elsewhere in only:
         if given is not None and elsewhere:
             raise Fail(f"{flag} goes with {mode} only; leave it out")
@@ -273,6 +284,8 @@ def parse_sets(items, recipe):
                 value = {"true": True, "1": True, "false": False, "0": False}[low]
             elif isinstance(default, int):
                 value = int(text)
+                if abs(value) >= 2**31:  # a float of it would overflow in the method
+                    raise Fail(f"--set {key}={text}: out of range; pass a value below 2^31")
             elif isinstance(default, str):
                 value = {"logit_normal": text, "uniform": text}[text]  # time_sampler, the one text knob
             else:  # float, or None for a component that can be off
@@ -369,6 +382,9 @@ def load_fashion_mnist(path, rank=0):
 
 def load_cifar10(path, rank):
     """The official python tarball; process 0 downloads it when absent (and checks its md5)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise Fail(f"--data-path {path} is a file, not a folder; pass the folder that holds (or will hold) "
+                   "cifar-10-python.tar.gz")
     tar_path = os.path.join(path, "cifar-10-python.tar.gz")
     if rank == 0 and not os.path.exists(tar_path):
         print(f"downloading {CIFAR_URL} to {path}")
@@ -385,11 +401,16 @@ def load_cifar10(path, rank):
             for m in sorted(tar.getmembers(), key=lambda m: m.name):
                 if os.path.basename(m.name).startswith("data_batch_"):
                     d = pickle.load(tar.extractfile(m), encoding="bytes")
-                    xs.append(np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32))
-                    ys.append(np.asarray(d[b"labels"], np.int64))
+                    x, y = np.asarray(d[b"data"]), np.asarray(d[b"labels"])
+                    if x.dtype != np.uint8 or y.ndim != 1 or len(x) != len(y) \
+                            or (len(y) and not np.issubdtype(y.dtype, np.integer)):
+                        raise ValueError(f"{m.name}: {x.dtype} data of {len(x)} rows, {len(y)} labels")
+                    xs.append(x.reshape(-1, 3, 32, 32))
+                    ys.append(y.astype(np.int64))
     except (OSError, tarfile.TarError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError,
             AttributeError) as err:  # TypeError: a member that is not a file, or a pickle of something else
-        raise Fail(f"{tar_path} is not the CIFAR-10 python tarball ({type(err).__name__}); delete it to re-download")
+        what = f"{type(err).__name__}: {err}" if isinstance(err, ValueError) and ": " in str(err) else type(err).__name__
+        raise Fail(f"{tar_path} is not the CIFAR-10 python tarball ({what}); delete it to re-download")
     if not xs:
         raise Fail(f"{tar_path} holds no data_batch_* files; delete it to re-download")
     return np.concatenate(xs), np.concatenate(ys)
@@ -441,8 +462,9 @@ class ImageNetLatents:
         self.start = np.cumsum([0] + [len(a) for a in self.lat])
         C, H, _ = IMAGE_DATA["imagenet-latents"]  # each row: 2 flips x (mean, std) x (C, H, H)
         if self.start[-1] != len(self.labels) or any(a.shape[1:] != (2, 2, C, H, H) for a in self.lat) \
+                or any(a.dtype not in (np.float16, np.float32) for a in self.lat) or self.labels.ndim != 1 \
                 or not np.issubdtype(self.labels.dtype, np.integer):
-            raise Fail(f"latents in {path} are not (N, 2, 2, {C}, {H}, {H}) with N integer labels; "
+            raise Fail(f"latents in {path} are not float16/32 (N, 2, 2, {C}, {H}, {H}) with N integer labels (N,); "
                        f"re-run --prepare-imagenet")
 
     def __len__(self):
@@ -564,16 +586,23 @@ def prepare_imagenet(args):
     if other:  # a set of another shard count would mix with this one
         raise Fail(f"--data-path {args.data_path} holds shards of another preparation ({os.path.basename(other[0])}); "
                    "delete them (and their labels-*) or pass another --data-path")
+    try:  # before the VAE loads
+        os.makedirs(args.data_path, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.data_path).close()
+    except OSError as err:
+        raise Fail(f"cannot write to --data-path {args.data_path} ({err.strerror}); pass a writable folder")
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     vae = load_vae(args, device)
     loader = torch.utils.data.DataLoader([f for f, _ in files], batch_size=32, num_workers=args.workers,
                                          collate_fn=load_images)
-    os.makedirs(args.data_path, exist_ok=True)
     try:
         encode_shard(vae, loader, name + ".tmp", len(files), device, desc=f"shard {s} of {n}")
-    except BaseException:  # a bad image, a full disk, Ctrl-C: no partial shard stays behind
+    except BaseException as err:  # a bad image, a full disk, Ctrl-C: no partial shard stays behind
         if os.path.exists(name + ".tmp"):
             os.remove(name + ".tmp")
+        if isinstance(err, OSError):
+            raise Fail(f"could not write {name} ({err.strerror}); nothing of it was kept; make room in "
+                       f"{args.data_path} and run --prepare-imagenet again (finished shards are kept)") from None
         raise
     save_atomic(name.replace("shard-", "labels-"), lambda f: np.save(f, labels))
     os.replace(name + ".tmp", name)  # the latents last: a shard is there once both files are complete
@@ -592,6 +621,9 @@ def encode_shard(vae, loader, path, n, device, desc):
             both = torch.stack([post.mean, post.std], 1).unflatten(0, (2, len(x))).transpose(0, 1)  # (B, 2, 2, C, h, w)
             if lat is None:  # float16: half the disk (42 GB for ImageNet), rounding 5e-4 relative
                 lat = np.lib.format.open_memmap(path, "w+", np.float16, (n, *both.shape[1:]))
+                if hasattr(os, "posix_fallocate"):  # the file is sparse: a write into it on a full disk would end
+                    with open(path, "r+b") as f:  # the process (SIGBUS); reserving its blocks fails here instead
+                        os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
             lat[i: i + len(x)] = both.cpu().numpy()
             i += len(x)
     lat.flush()
@@ -622,13 +654,18 @@ def set_rng_state(s):
     random.setstate((3, tuple(s["python"]), None))
 
 
-CKPT_KINDS = dict(args=dict, model=dict, ema=dict, opt=dict, method=dict, step=int, time=(int, float))
+CKPT_KINDS = dict(args=dict, model=dict, ema=dict, opt=dict, method=dict, step=int, time=(int, float), knobs=dict,
+                  log_window=dict)
 LOAD_ERRORS = (RuntimeError, ValueError, KeyError, TypeError, IndexError)  # load_state_dict of another network's
 
 
-def load_checkpoint(path, args):
+def knobs(method):  # the method's settings as plain numbers: what a checkpoint records and --resume compares
+    return {k: getattr(method, k) for k in mf.RECIPES[method.recipe]}
+
+
+def load_checkpoint(path, args, method):
     """<out>/ckpt.pt, checked before use: a train.py checkpoint, with what --resume (or --sample) needs, of this
-    --data, --model and --recipe."""
+    --data, --model and --recipe; for --resume also of this batch, seed, dropout and method knobs."""
     if not os.path.exists(path):
         raise Fail(f"no checkpoint at {path}; train first, or pass the --out of the run"
                    + ("" if args.sample is not None else " (or --overwrite to start over there)"))
@@ -652,12 +689,19 @@ def load_checkpoint(path, args):
         raise Fail(f"{path} was trained with {flag}: pass {flag} or another --out")
     # Resuming: the step places each batch in the data order (step * batch) and seeds its noise, and the schedule
     # counts steps of this batch: another global batch or seed would silently make another run.
-    for k in ("batch_size", "seed") if args.sample is None else ():
+    for k in ("batch_size", "seed", "dropout") if args.sample is None else ():
         if ckpt["args"].get(k, getattr(args, k)) != getattr(args, k):
             flag = "--" + k.replace("_", "-")
             raise Fail(f"{path} was trained with {flag} {ckpt['args'][k]}, not {getattr(args, k)}: pass {flag} "
                        f"{ckpt['args'][k]} to resume it (the global batch, split over any number of processes), or "
                        "another --out")
+    # ... and the method: --set, --omega, --kappa, --t-lo, --t-hi left out or changed would make another run
+    old, new = ckpt.get("knobs"), knobs(method)  # older checkpoints: not recorded
+    changed = [k for k in new if isinstance(old, dict) and k in old and old[k] != new[k]] if args.sample is None else []
+    if changed:
+        raise Fail(f"{path} was trained with {', '.join(f'{k}={old[k]}' for k in changed)}, not "
+                   f"{', '.join(f'{k}={new[k]}' for k in changed)}: pass the run's own --set (and guidance flags) "
+                   "to resume it, or another --out")
     return ckpt
 
 
@@ -719,8 +763,11 @@ def read_log(path, step):
     line without its newline was cut off by a kill or a full disk: it is dropped."""
     if not os.path.exists(path):
         return []
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")[:-1]  # the last piece is empty, or the cut-off line
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")[:-1]  # the last piece is empty, or the cut-off line
+    except OSError as err:
+        raise Fail(f"cannot read {path} ({err.strerror}); move it away (the run goes on without its old log lines)")
     history = []
     for i, s in enumerate(lines):
         try:
@@ -747,12 +794,15 @@ def claim_out(args):
     new, d = [], os.path.abspath(out)  # the folders this run creates, deepest first: removed again if left empty
     while not os.path.exists(d):
         new, d = new + [d], os.path.dirname(d)
+    lock, path = None, os.path.join(out, "train.lock")
     try:
         os.makedirs(out, exist_ok=True)
         if args.sample is not None:  # sampling only adds its .npz; check now that it will be able to
             tempfile.TemporaryFile(dir=out).close()
+            npz = sample_path(args)
+            if os.path.exists(npz):
+                raise Fail(f"{npz} exists (an earlier --sample); move it away first, or pass another --out")
             return (lambda: None), []
-        lock, path = None, os.path.join(out, "train.lock")
         while lock is None:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
@@ -770,8 +820,17 @@ def claim_out(args):
                 os.close(fd)
         os.ftruncate(lock, 0)
         os.write(lock, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-    except OSError as err:
-        raise Fail(f"cannot write to --out {out} ({err.strerror}); pass a writable folder")
+    except OSError as err:  # (a full disk, no permission): leave nothing behind
+        if lock is not None:
+            os.close(lock)
+        if (lock is not None or new) and os.path.isfile(path) and os.path.getsize(path) == 0:  # ours, left empty
+            os.remove(path)
+        for d in new:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+        raise Fail(f"cannot write to --out {out} ({err.strerror}); pass a writable folder (or make room there)")
 
     def release():
         try:  # removed before the unlock: a run that opened it meanwhile sees it gone, retries
@@ -999,6 +1058,10 @@ def fid_reference(path):
     return ref, f"the {len(ref)} images arr_0 of {path}"
 
 
+def sample_path(args):
+    return os.path.join(args.out, f"samples-{args.sample}-nfe{args.sample_steps}.npz")
+
+
 def sample_to_npz(args, method, net, data, rank, world, device):
     """--sample N: the EMA model's samples as the ADM evaluator reads them (arr_0 images, arr_1 labels)."""
     N, k, vae = args.sample, args.sample_steps, None
@@ -1007,7 +1070,7 @@ def sample_to_npz(args, method, net, data, rank, world, device):
         vae = load_vae(args, device)
     x, y = generate(args, method, net, range(rank * N // world, (rank + 1) * N // world), k, device, vae,
                     batch=-(-args.batch_size // world))
-    path = os.path.join(args.out, f"samples-{N}-nfe{k}.npz")
+    path = sample_path(args)
     if world > 1:  # every process leaves its part, process 0 joins them in order
         save_atomic(f"{path}.part{rank}", lambda f: np.savez(f, x=x, y=np.zeros(0) if y is None else y))
         dist.barrier()
@@ -1056,6 +1119,11 @@ def make_method(args):
                                                     **args.set_knobs})
     except ValueError as err:
         raise Fail(f"{err} (from --recipe {args.recipe} and --set)")
+    inert = {} if method.imf else dict(omega_max="iMF only", omega_beta="iMF only")  # --set knobs never read here
+    if not method.dtd_stages:
+        inert.update(dict.fromkeys(("dtd_patience", "dtd_share", "dtd_window"), "DTD only, and dtd_stages is 0"))
+    for k in args.set_knobs.keys() & inert.keys():
+        raise Fail(f"--set {k} does nothing with --recipe {args.recipe} and these knobs ({inert[k]}); leave it out")
     if method.t_lo > method.t_hi:  # with --set or the size's paper guidance mixed in (the flags alone: get_args)
         raise Fail(f"--t-lo {method.t_lo} is above --t-hi {method.t_hi}: the guidance interval [{method.t_lo}, "
                    f"{method.t_hi}] needs t_lo <= t_hi (--t-lo/--t-hi, or --set t_lo=/t_hi=)")
@@ -1071,7 +1139,7 @@ def get_lr(step, args):  # a pure function of the step, so that resuming needs n
 def set_up(args):
     """Processes, device, precision, the method, the data, the networks and the optimizer."""
     # Distributed only under torchrun (RANK set), as in nanoGPT; nccl on GPUs, gloo on CPUs.
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -1085,6 +1153,8 @@ def set_up(args):
 
     method = make_method(args)  # bad knobs fail here, before any data is read
     args.sample_guidance = sample_guidance(args, method)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")  # --resume, --sample: checked before any data is read
+    ckpt = load_checkpoint(ckpt_path, args, method) if args.resume or args.sample is not None else None
     # --sample of latents needs the checkpoint and the VAE, not the 42 GB of training latents
     data = None if args.sample is not None and args.data == "imagenet-latents" else load_data(args, rank)
     check_data(data, args)
@@ -1110,11 +1180,10 @@ def set_up(args):
         opt = torch.optim.AdamW(net.parameters(), **adamw, fused=True)
     except RuntimeError:  # no fused kernel for this device
         opt = torch.optim.AdamW(net.parameters(), **adamw)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
     return SimpleNamespace(rank=rank, world=world, device=device, autocast=autocast, method=method, data=data,
                            net=net, ema=ema, opt=opt, ckpt_path=ckpt_path, log_path=os.path.join(args.out, "log.jsonl"),
                            fits=f"{ckpt_path} does not fit --model {args.model} (other shapes); pass the run's own settings",
-                           step=0, history=[], elapsed=0.0, vae=None)
+                           step=0, history=[], elapsed=0.0, vae=None, ckpt=ckpt, acc=[], window_seconds=0.0)
 
 
 def resume(args, job):
@@ -1125,7 +1194,7 @@ def resume(args, job):
     np.random.seed(args.seed * job.world + job.rank)
     random.seed(args.seed * job.world + job.rank)
     if args.resume:  # job.elapsed: seconds of the run before this process (`time` in the log goes on)
-        ckpt = load_checkpoint(job.ckpt_path, args)
+        ckpt, job.ckpt = job.ckpt, None  # loaded and checked in set_up; freed once in the networks
         job.step = step = ckpt["step"]
         if step > args.steps or (args.stop_at is not None and args.stop_at <= step):
             bad = f"--stop-at {args.stop_at}" if step <= args.steps else f"--steps {args.steps}"
@@ -1146,7 +1215,9 @@ def resume(args, job):
         except LOAD_ERRORS:
             raise Fail(job.fits)
         job.history = history = read_log(job.log_path, step)
-        job.elapsed = ckpt.get("time", history[-1]["time"] if history else 0.0)
+        job.elapsed = ckpt["time"] if "time" in ckpt else history[-1].get("time", 0.0) if history else 0.0
+        window = ckpt.get("log_window", {})  # the steps since the last log line: their means go on (older: none)
+        job.acc, job.window_seconds = [list(a) for a in window.get("acc", [])], float(window.get("seconds", 0.0))
         if job.rank == 0:  # drop the lines logged after the checkpoint
             save_atomic(job.log_path, lambda f: f.write("".join(map(log_line, history)).encode()))
     if args.data == "imagenet-latents" and job.rank == 0:
@@ -1172,6 +1243,7 @@ def train_step(args, job, loss_fn, x, y):
     if not math.isfinite(stats[0]):
         fix = (f"{job.ckpt_path} is the last good checkpoint; lower --lr and --resume" if os.path.exists(job.ckpt_path)
                else "no checkpoint yet; run again with a lower --lr and --overwrite")
+        fix += " (or, if the lr is not the cause, check the data and the --set values)"
         raise Fail(f"the loss is {stats[0]} at step {job.step + 1}; stopped, {fix}")
     job.opt.zero_grad(set_to_none=True)
     loss.backward()  # under DDP: gradients averaged over the processes here
@@ -1181,11 +1253,12 @@ def train_step(args, job, loss_fn, x, y):
     return stats
 
 
-def log_window(args, job, acc, seconds):
-    """One log line: the means of the steps since the last one (acc), img/s over their training time."""
-    means = [np.mean([a for a in col if math.isfinite(a)] or [math.nan]) for col in zip(*acc)]
+def log_window(args, job, seconds):
+    """One log line: the means of the steps since the last one (job.acc, carried across a resume by the
+    checkpoint), img/s over their training time."""
+    means = [np.mean([a for a in col if math.isfinite(a)] or [math.nan]) for col in zip(*job.acc)]
     line = dict(step=job.step, **dict(zip(LOG_KEYS, means)), lr=get_lr(job.step - 1, args),
-                img_per_s=len(acc) * args.batch_size / seconds, time=time.time() - job.t_start)
+                img_per_s=len(job.acc) * args.batch_size / seconds, time=time.time() - job.t_start)
     job.history.append(line)
     if job.rank == 0:
         append_log(job.log_path, line)
@@ -1227,8 +1300,8 @@ def checkpoint(args, job):
             raise Fail(f"the processes' weights differ at step {job.step}: their gradients were not synchronised")
     if job.rank == 0:
         state = dict(model=job.net.state_dict(), ema=job.ema.state_dict(), opt=job.opt.state_dict(), step=job.step,
-                     rng=rngs, method=method, dtd_acc=accs, recipe=args.recipe, args=vars(args),
-                     time=time.time() - job.t_start)
+                     rng=rngs, method=method, dtd_acc=accs, recipe=args.recipe, args=vars(args), knobs=knobs(job.method),
+                     log_window=dict(acc=job.acc, seconds=job.window_seconds), time=time.time() - job.t_start)
         save_atomic(job.ckpt_path, lambda f: torch.save(state, f))
     if job.world > 1:
         dist.barrier()
@@ -1251,26 +1324,28 @@ def train(args, job):
 
     if args.compile:
         loss_fn = torch.compile(loss_fn)
-    acc, t_log, paused, figure = [], time.time(), 0.0, None
+    t_log, paused, figure, first = time.time(), 0.0, None, job.step
     job.t_start = time.time() - job.elapsed
+    window = lambda now: now - t_log - paused + job.window_seconds  # training seconds of the steps in job.acc
     with StopSignals() as signals, tqdm(total=args.steps, initial=job.step, disable=job.rank != 0,
                                         dynamic_ncols=True) as bar:
         while job.step < args.steps:
             x, y = get_batch(args, job.data, job.step, job.rank, job.world)
             x, y = x.to(job.device, non_blocking=True), None if y is None else y.to(job.device, non_blocking=True)
-            acc.append(train_step(args, job, loss_fn, x, y))
+            job.acc.append(train_step(args, job, loss_fn, x, y))
             bar.update()
             step = job.step
             if step % args.log_every == 0 or step == args.steps:
-                line = log_window(args, job, acc, time.time() - t_log - paused)
+                line = log_window(args, job, window(time.time()))
                 bar.set_postfix(loss=f"{line['loss']:.4f}", v_loss=f"{line['v_loss']:.3f}",
                                 u_loss=f"{line['u_loss']:.3f}", beta=f"{line['beta']:.3f}", dtd=int(line["dtd_stage"]),
                                 img_s=f"{line['img_per_s']:.0f}")
-                acc, t_log, paused = [], time.time(), 0.0
+                job.acc, t_log, paused, job.window_seconds = [], time.time(), 0.0, 0.0
             t_pause = time.time()
             last = step in (args.steps, args.stop_at)  # the run ends here anyway
             stop = signals.agreed(job.device) if not last else 0  # SIGINT, SIGTERM
             if step % args.ckpt_every == 0 or last or stop:  # before the pictures: a failure there loses no step
+                job.window_seconds, t_log, paused = window(t_pause), t_pause, 0.0  # (the same window, restartable)
                 checkpoint(args, job)
                 if not stop and not last:  # a signal during a long write: stop on this step's checkpoint, not one
                     stop = signals.agreed(job.device)  # step and a second write later
@@ -1282,6 +1357,8 @@ def train(args, job):
             if stop:
                 raise Stopped(f"stopped by {signal.Signals(stop).name} after step {step} of {args.steps}; "
                               f"checkpoint {job.ckpt_path}", stop)
+    if job.rank == 0 and first == args.steps:  # --resume of a finished run (its last pictures failed): draw them
+        figure = evaluate(args, job)
     if job.rank == 0:
         print(f"{job.step} steps in {time.time() - job.t_start:.0f} s; checkpoint {job.ckpt_path}"
               + (f"; samples and loss curves {figure}" if figure else ""))
@@ -1293,7 +1370,8 @@ def run(args, replaced=()):
         os.remove(os.path.join(args.out, f))
     if args.sample is not None:  # --sample: the EMA weights of the checkpoint draw samples into an .npz
         try:
-            job.net.load_state_dict(load_checkpoint(job.ckpt_path, args)["ema"])
+            job.net.load_state_dict(job.ckpt["ema"])
+            job.ckpt = None
         except LOAD_ERRORS:
             raise Fail(job.fits)
         return sample_to_npz(args, job.method, job.net.eval(), job.data, job.rank, job.world, job.device)
