@@ -178,8 +178,10 @@ def child(args, *cmd):
     flags = ["--batch", str(args.batch), "--steps", str(args.steps)] + ["--bf16"] * args.bf16 + ["--compile"] * args.compile
     flags += ["--baseline", args.baseline] if args.baseline else []
     out = subprocess.run([sys.executable, __file__, *cmd, *flags], env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-3000:])
+    if out.returncode != 0:  # one line: the measuring process's last error line
+        last = ([s for s in out.stderr.splitlines() if s.strip()] or ["no message"])[-1]
+        raise SystemExit(f"benchmark.py: error: measuring {cmd[1]} ({cmd[2]}) failed: {last.strip()}"
+                         + (f"; the rows before it are in {args.out}" if args.out else ""))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -201,10 +203,18 @@ def check_args(ap, args):
     if args.baseline and not os.path.isfile(args.baseline):
         ap.error(f"--baseline {args.baseline}: no such file; pass a meanflow.py "
                  "(e.g. from git show COMMIT:meanflow.py)")
+    if args.baseline:
+        try:
+            with open(args.baseline) as f:
+                compile(f.read(), args.baseline, "exec")
+        except (SyntaxError, ValueError, UnicodeDecodeError) as err:
+            ap.error(f"--baseline {args.baseline} is not Python ({type(err).__name__}); pass a meanflow.py")
     if args.batch < 1 or args.steps < 1:
         ap.error(f"--batch and --steps must be at least 1 (got {args.batch}, {args.steps})")
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         ap.error(f"--out {args.out}: its folder does not exist; create it or pass another path")
+    if args.out and os.path.isdir(args.out):
+        ap.error(f"--out {args.out} is a folder; pass a file to append the JSON lines to")
 
 
 def main():

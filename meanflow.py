@@ -138,6 +138,12 @@ _meanflow = dict(
     dtd_stages=0, dtd_patience=200, dtd_share=0.25, dtd_window=25,
     imf=False, omega_max=8.0, omega_beta=1.0,  # iMF: omega ~ p(omega) ~ omega^-beta on [1, omega_max]
 )
+# What each numeric knob may be: MeanFlow() refuses anything else, naming the knob (train.py's --set checks the same).
+_pos, _unit, _count = (lambda v: v > 0, "> 0"), (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: v >= 1, "1 or more")
+KNOB_RANGES = dict(P_mean=(lambda v: True, ""), P_std=_pos, ratio_r_neq_t=_unit, p=(lambda v: v >= 0, "0 or more"),
+                   c=_pos, omega=_pos, kappa=(lambda v: 0 <= v < 1, "in [0, 1)"), t_lo=_unit, t_hi=_unit,
+                   class_dropout=_unit, beta_k=_pos, minsnr_gamma=_pos, dtd_stages=(lambda v: v >= 0, "0 or more"),
+                   dtd_patience=_count, dtd_share=_unit, dtd_window=_count, omega_max=_count, omega_beta=(lambda v: True, ""))
 RECIPES = {
     "meanflow": _meanflow,
     "improved-dtd": {**_meanflow, "beta_k": 1.0, "dtd_stages": 20},  # Kim et al.: best on L/2, XL/2
@@ -179,14 +185,27 @@ class MeanFlow:
             raise ValueError(f"unknown MeanFlow option(s) {sorted(unknown)}; the knobs are {sorted(RECIPES[recipe])}")
         self.recipe = recipe
         self.__dict__.update({**RECIPES[recipe], **overrides})
+        for k, (ok, must) in KNOB_RANGES.items():  # None turns beta and MinSNR off; counts are integers
+            v, whole = getattr(self, k), k.startswith("dtd_") and k != "dtd_share"
+            if not (v is None and RECIPES["meanflow"][k] is None or isinstance(v, (int, float)) and not isinstance(
+                    v, bool) and math.isfinite(v) and ok(v) and (not whole or v == int(v))):
+                raise ValueError(f"MeanFlow option {k}={v!r}: pass a finite {'integer' if whole else 'number'} {must}"
+                                 .rstrip())
+        if self.t_lo > self.t_hi:
+            raise ValueError(f"the guidance interval [t_lo, t_hi] = [{self.t_lo}, {self.t_hi}] needs t_lo <= t_hi")
+        if self.time_sampler not in ("logit_normal", "uniform"):
+            raise ValueError(f"time_sampler={self.time_sampler!r}: pass 'logit_normal' or 'uniform'")
         if self.imf and (self.beta_k or self.minsnr_gamma or self.dtd_stages):
             raise ValueError("iMF has its own loss; beta, MinSNR and DTD weight the MeanFlow loss only")
+        wrong = overrides.keys() & ({"omega", "kappa", "t_lo", "t_hi"} if self.imf else {"omega_max", "omega_beta"})
+        if wrong:  # accepted, then never read: refused
+            raise ValueError(f"{sorted(wrong)} are not options of recipe {recipe!r}: " + (
+                "iMF takes guidance at sampling (sample(omega=..., t_min=..., t_max=...))" if self.imf else
+                "omega_max and omega_beta are iMF's (recipe 'imf')"))
         # lambda normalises beta to mean 1 at the start: lambda = 1 / E[1 - dt] over the r != t rows.
         self.lam = 1.0 / (1.0 - self._expect(lambda t: t, lambda u: 4 * u - 2))  # E[max - min]
         # MinSNR alpha(t) is normalised to mean 1 under the t of the r = t rows (the max of two draws).
         self.alpha_mean = self._expect(self._alpha_raw, lambda u: 2 * u) if self.minsnr_gamma else 1.0
-        if self.dtd_stages and not (self.dtd_patience >= 1 and self.dtd_window >= 1 and 0 <= self.dtd_share <= 1):
-            raise ValueError("DTD needs dtd_patience >= 1, dtd_window >= 1 and dtd_share in [0, 1] (0: no deadline)")
         self.dtd_stage = 0
         self._dtd_reset()
 
@@ -194,6 +213,15 @@ class MeanFlow:
     def net_kwargs(self):
         """Network options this recipe needs: iMF conditions on omega and its interval, in context."""
         return dict(in_context=True, guidance_cond=True, v_head=True) if self.imf else {}
+
+    @staticmethod
+    def _check_inputs(net, x, y, progress=0.0):  # one clear line, not a shape error deep inside the network
+        K = getattr(_module(net), "num_classes", None)
+        if y is not None and (K == 0 or y.shape != x.shape[:1]):
+            raise ValueError(f"labels y of shape {tuple(y.shape)} for x of {tuple(x.shape)}: one per row, and a network "
+                             f"with classes" + (" (this one has num_classes=0)" if K == 0 else ""))
+        if not 0 <= progress <= 1:
+            raise ValueError(f"progress={progress}: pass step / total_steps, in [0, 1]")
 
     def _check_net(self, net):  # iMF's loss and samplers feed the guidance conditions and read the v-head
         m = _module(net)  # a network that does not say (a user's own) is taken at its word
@@ -247,6 +275,11 @@ class MeanFlow:
         1 + 0.25/3 flow-matching steps instead of 4/3; the measured costs are in the README)."""
         self._check_net(net)
         B = x.shape[0]
+        self._check_inputs(net, x, y, progress)
+        if (t is None) != (r is None) or e is not None and e.shape != x.shape:
+            raise ValueError("give t and r together (or neither), and e of x's shape")
+        if t is not None and not (t.shape == r.shape == (B,) and bool(((0 <= r) & (r <= t) & (t <= 1)).all())):
+            raise ValueError(f"given t, r must be ({B},) each with 0 <= r <= t <= 1 (x has {B} rows)")
         if t is None:
             t, r = self.sample_t_r(B, x.device)
             n = round(self.ratio_r_neq_t * B)  # sample_t_r puts the r != t rows first: no host sync
@@ -406,6 +439,10 @@ class MeanFlow:
                     dtd_prev=None if self._dtd_prev is None else list(self._dtd_prev))
 
     def load_state_dict(self, d):
+        if not (isinstance(d, dict) and {"dtd_stage", "dtd_steps", "dtd_acc", "dtd_prev"} <= d.keys()
+                and 0 <= d["dtd_stage"] < max(self.dtd_stages, 1)):
+            raise ValueError(f"not a curriculum state of this method (dtd_stages={self.dtd_stages}): "
+                             f"{d if not isinstance(d, dict) else {k: d.get(k) for k in ('dtd_stage', 'dtd_steps')}}")
         self.dtd_stage, self._dtd_steps = int(d["dtd_stage"]), int(d["dtd_steps"])
         self._dtd_acc = torch.tensor(d["dtd_acc"], dtype=torch.float32)  # float32 -> float -> float32: exact
         self._dtd_prev = None if d["dtd_prev"] is None else tuple(d["dtd_prev"])
@@ -467,6 +504,9 @@ class MeanFlow:
 
     # ---- samplers: z_r = z_t - (t - r) u(z_t, t, r) (MeanFlow Eq. 12, Alg. 2), one step or a few ----------
     def _conditions(self, e, omega, t_min, t_max):
+        if not (omega >= 1 and 0 <= t_min <= t_max <= 1):
+            raise ValueError(f"omega={omega}, [t_min, t_max]=[{t_min}, {t_max}]: pass omega >= 1 (1: no guidance) and "
+                             "0 <= t_min <= t_max <= 1")
         if not self.imf:
             if (omega, t_min, t_max) != (1.0, 0.0, 1.0):
                 raise ValueError("omega and the guidance interval are sampling conditions of iMF only; MeanFlow "
@@ -480,6 +520,7 @@ class MeanFlow:
         """k-NFE MeanFlow sampling on a uniform grid 1 -> 0: z_r = z_t - (t - r) u(z_t, t, r).
         Guidance needs no extra pass: MeanFlow bakes it into u, iMF takes omega as a condition."""
         self._check_net(net)
+        self._check_inputs(net, e, y)
         cond = self._conditions(e, omega, t_min, t_max)
         return self._walk(e, steps, lambda z, t, r: net(z, t, r, y, **cond))
 
@@ -488,6 +529,7 @@ class MeanFlow:
         """Many-step Euler with the instantaneous velocity read out of the network: u(z, t, t)
         (iMF: its v-head). The improved-training paper's probe of how well v is learned."""
         self._check_net(net)
+        self._check_inputs(net, e, y)
         cond = self._conditions(e, omega, t_min, t_max)
         if self.imf:
             return self._walk(e, steps, lambda z, t, r: net(z, t, t, y, **cond, return_v="only"))
@@ -496,6 +538,8 @@ class MeanFlow:
     @staticmethod
     def _walk(e, steps, velocity):
         """z_r = z_t - (t - r) * velocity(z_t, t, r) over a uniform grid from t = 1 (noise) to 0 (data)."""
+        if not (isinstance(steps, int) and steps >= 1):
+            raise ValueError(f"steps={steps!r}: pass an integer number of network evaluations, 1 or more")
         z, grid = e, torch.linspace(1.0, 0.0, steps + 1, device=e.device)
         for t, r in zip(grid[:-1], grid[1:]):
             z = z - (t - r) * velocity(z, t.expand(e.shape[0]), r.expand(e.shape[0])).to(z.dtype)
@@ -525,7 +569,8 @@ def gated_residual(x, gate, a):  # x + gate * a, gate (B, D) from adaLN or (D,) 
 
 def set_attention(net, backend):
     """Every attention layer of net (DiT or iMFDiT) to one of ATTENTION_BACKENDS; returns net."""
-    assert backend in ATTENTION_BACKENDS, f"unknown attention backend {backend!r}"
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
     for m in net.modules():
         if hasattr(m, "backend"):
             m.backend = backend
@@ -556,6 +601,12 @@ def timestep_embedding(t, dim=256, max_period=10000.0):
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
     args = t.to(dtype)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _check_sizes(input_size, patch_size, hidden_size, num_heads, width_multiple):
+    if input_size % patch_size or hidden_size % num_heads or hidden_size % width_multiple:
+        raise ValueError(f"input_size {input_size} must be a multiple of patch_size {patch_size}, and hidden_size "
+                         f"{hidden_size} of num_heads {num_heads} and of {width_multiple}")
 
 
 class TimestepEmbedder(nn.Module):
@@ -640,8 +691,9 @@ class DiT(nn.Module):
                  mlp_ratio=4.0, num_classes=1000, in_context=False, guidance_cond=False, v_head=False,
                  attention="sdpa", cond_tokens=4, dropout=0.0):
         super().__init__()
+        _check_sizes(input_size, patch_size, hidden_size, num_heads, 4)  # sin-cos positions: 4 parts of the width
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
-        self.in_context, self.guidance_cond, self.v_head = in_context, guidance_cond, v_head
+        self.input_size, self.in_context, self.guidance_cond, self.v_head = input_size, in_context, guidance_cond, v_head
         # Patch embedding: a p x p, stride-p convolution is a linear map of each flattened patch.
         self.x_embedder = nn.Linear(in_channels * patch_size * patch_size, hidden_size)
         grid = input_size // patch_size
@@ -687,6 +739,9 @@ class DiT(nn.Module):
         return set_attention(self, backend)
 
     def patchify(self, z):  # (B, C, H, W) -> (B, N, C*p*p), N = (H/p)*(W/p)
+        if z.shape[1:] != (self.in_channels, self.input_size, self.input_size):
+            raise ValueError(f"z of shape {tuple(z.shape)}: this network takes (B, {self.in_channels}, "
+                             f"{self.input_size}, {self.input_size})")
         B, C, H, W = z.shape
         p = self.patch_size
         z = z.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
@@ -711,6 +766,8 @@ class DiT(nn.Module):
         return conds
 
     def forward(self, z, t, r, y=None, omega=None, t_min=None, t_max=None, return_v=False):
+        if return_v and not self.v_head:
+            raise ValueError("return_v asks for the v-head: build the network with v_head=True")
         x = self.x_embedder(self.patchify(z)) + self.pos_embed  # (B, N, D)
         conds = self.conditions(t, r, y, omega, t_min, t_max)
         if self.in_context:
@@ -833,11 +890,15 @@ class iMFDiT(nn.Module):
     patchify, unpatchify = DiT.patchify, DiT.unpatchify  # the DiT's patch layout
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=768, depth=12, num_heads=12,
-                 head_depth=8, mlp_ratio=8 / 3, num_classes=1000, attention="sdpa"):
+                 head_depth=8, mlp_ratio=8 / 3, num_classes=1000, attention="sdpa", in_context=True, guidance_cond=True,
+                 v_head=True):  # the last three: accepted from MeanFlow("imf").net_kwargs; always so in this network
         super().__init__()
-        assert 0 < head_depth <= depth, "the v-head branches off inside the network"
+        if not (0 < head_depth <= depth and in_context and guidance_cond and v_head):
+            raise ValueError("the iMF network has its v-head inside (0 < head_depth <= depth) and always conditions in "
+                             "context on guidance")
+        _check_sizes(input_size, patch_size, hidden_size, num_heads, 2 * num_heads)  # RoPE: channel pairs per head
         D, p = hidden_size, patch_size
-        self.in_channels, self.patch_size, self.num_classes = in_channels, p, num_classes
+        self.in_channels, self.patch_size, self.num_classes, self.input_size = in_channels, p, num_classes, input_size
         self.guidance_cond = self.v_head = True  # iMF's conditions and its v-head are part of this network
         self.x_embedder = nn.Linear(in_channels * p * p, D)  # a p x p, stride-p convolution
         # h, 1 - 1/omega, t_min, t_max: sinusoids of the raw scalar and a 2-layer MLP each (as the DiT's)

@@ -473,7 +473,7 @@ def test_unknown_recipe_or_knob_is_a_clear_error():
         with pytest.raises(ValueError, match="iMF has its own loss"):
             mf.MeanFlow("imf", **knob)
     for knob in (dict(dtd_share=1.5), dict(dtd_share=-0.1), dict(dtd_patience=0), dict(dtd_window=0)):
-        with pytest.raises(ValueError, match="DTD needs"):
+        with pytest.raises(ValueError, match="MeanFlow option dtd_"):
             mf.MeanFlow("improved-dtd", **knob)
     with pytest.raises(ValueError, match="data_proportion"):
         mf.MeanFlow("meanflow", data_proportion=0.75)
@@ -4124,7 +4124,7 @@ def test_resume_of_a_finished_run_draws_its_last_pictures(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, words", [
     (["--set", "dtd_stages=99999999999999999999999"], ["dtd_stages", "below 2^31"]),
-    (["--set", "omega_max=5"], ["--set omega_max does nothing", "iMF only"]),
+    (["--set", "omega_max=5"], ["['omega_max'] are not options of recipe 'meanflow'", "iMF's"]),
     (["--set", "dtd_patience=5"], ["--set dtd_patience does nothing", "dtd_stages is 0"]),
     (["--prepare-imagenet", "imgs", "--steps", 3], ["--steps goes with training (and --sample"]),
     (["--prepare-imagenet", "imgs", "--out", "x"], ["--out goes with training or --sample"]),
@@ -4242,6 +4242,136 @@ def test_a_failed_claim_of_out_leaves_nothing(tmp_path, capsys, monkeypatch):
     code, _, err = run_main(["--steps", 2, *TOY_RUN, "--out", tmp_path / "new" / "run"], capsys)
     assert_one_line_error(code, err, "cannot write to --out", "No space left on device", "writable")
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The Python API, benchmark.py and the study runner: what a robustness review (a user trying to break them) found
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("knobs, words", [
+    (dict(c=-1), "c=-1"), (dict(c=math.nan), "c=nan"), (dict(P_mean=math.nan), "P_mean=nan"),
+    (dict(P_std=0), "P_std=0"), (dict(omega=math.nan), "omega=nan"), (dict(minsnr_gamma=-5), "minsnr_gamma=-5"),
+    (dict(dtd_stages=-3), "dtd_stages=-3"), (dict(dtd_stages=2.5), "integer"), (dict(ratio_r_neq_t=1.5), "in [0, 1]"),
+    (dict(ratio_r_neq_t=-0.1), "ratio_r_neq_t"), (dict(class_dropout=2.0), "class_dropout"), (dict(p=-1), "p=-1"),
+    (dict(omega_max=0.5), "omega_max"), (dict(kappa=1.0), "in [0, 1)"), (dict(t_lo=0.9, t_hi=0.1), "t_lo <= t_hi"),
+    (dict(time_sampler="Uniform"), "'logit_normal' or 'uniform'"), (dict(time_sampler="logit-normal"), "logit_normal"),
+    (dict(omega_max=2.0), "iMF's"), (dict(dtd_share=1.5), "dtd_share"), (dict(dtd_patience=0), "dtd_patience"),
+])
+def test_meanflow_refuses_bad_knob_values(knobs, words):
+    """Every knob is checked when the method is made (they used to give NaN, a negative loss, or a shape error
+    steps later; a misspelt time sampler silently drew logit-normal times)."""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        mf.MeanFlow("improved-dtd" if "dtd_share" in knobs or "dtd_patience" in knobs else "meanflow", **knobs)
+
+
+def test_meanflow_knob_ranges_accept_the_recipes_and_their_edges():
+    for recipe in mf.RECIPES:
+        mf.MeanFlow(recipe)
+    mf.MeanFlow("meanflow", beta_k=None, minsnr_gamma=None, ratio_r_neq_t=1.0, class_dropout=0.0, p=0.0, t_lo=0.5,
+                t_hi=0.5, time_sampler="uniform")
+    mf.MeanFlow("imf", omega_max=1.0, omega_beta=-2.0)
+    with pytest.raises(ValueError, match=r"\['kappa', 'omega'\] are not options of recipe 'imf'.*at sampling"):
+        mf.MeanFlow("imf", omega=3.0, kappa=0.5)  # iMF's loss never reads them: it takes guidance at sampling
+
+
+def test_loss_and_samplers_check_their_inputs():
+    torch.manual_seed(0)
+    net, cnet, m = mf.MLP(dim=2), mf.MLP(dim=2, num_classes=3), mf.MeanFlow("meanflow")
+    x, y, t, r = torch.randn(16, 2), torch.randint(0, 3, (16,)), torch.full((16,), 0.6), torch.full((16,), 0.2)
+    bad = [(dict(net=net, y=y), "num_classes=0"),  # labels silently ignored by a network without classes
+           (dict(net=cnet, y=y[:10]), "one per row"), (dict(net=cnet, y=torch.randint(0, 3, (20,))), "one per row"),
+           (dict(r=r), "t and r together"), (dict(t=t), "t and r together"), (dict(e=torch.randn(8, 2), t=t, r=r), "e of x"),
+           (dict(t=t[:8], r=r[:8]), "(16,) each"), (dict(t=r, r=t), "0 <= r <= t <= 1"), (dict(t=t + 1, r=r), "<= 1"),
+           (dict(progress=1.5), "progress=1.5"), (dict(progress=math.nan), "progress=nan")]
+    for kwargs, words in bad:
+        kwargs = {"net": net, **kwargs}
+        with pytest.raises(ValueError, match=re.escape(words)):
+            m.loss(kwargs.pop("net"), x, **kwargs)
+    assert torch.isfinite(m.loss(cnet, x, y, t=t, r=r)[0])  # given t, r that are fine
+    e = torch.randn(16, 2)
+    for steps in (0, -1, 2.5):
+        for sampler in (m.sample, m.sample_euler):
+            with pytest.raises(ValueError, match="1 or more"):
+                sampler(net, e, steps=steps)
+    with pytest.raises(ValueError, match="num_classes=0"):
+        m.sample(net, e, y)
+    imf, inet = mf.MeanFlow("imf"), mf.MLP(dim=2, **mf.MeanFlow("imf").net_kwargs)
+    for cond in (dict(omega=0.0), dict(omega=math.nan), dict(omega=-1.0), dict(t_min=0.9, t_max=0.1)):
+        with pytest.raises(ValueError, match="omega >= 1"):
+            imf.sample(inet, e, **cond)
+    assert torch.isfinite(imf.sample(inet, e, omega=2.0, t_min=0.2, t_max=0.8)).all()
+
+
+def test_curriculum_state_of_another_method_is_refused():
+    a = mf.MeanFlow("improved-dtd", dtd_stages=40)
+    a.dtd_stage = 30
+    for state in (a.state_dict(), {**mf.MeanFlow("improved-dtd").state_dict(), "dtd_stage": -5}, {}, [1]):
+        with pytest.raises(ValueError, match="not a curriculum state of this method"):
+            mf.MeanFlow("improved-dtd").load_state_dict(state)
+    b = mf.MeanFlow("improved-dtd", dtd_stages=40)
+    b.load_state_dict(a.state_dict())
+    assert b.dtd_stage == 30
+
+
+def test_networks_check_their_sizes_and_inputs():
+    for make, words in ((lambda: mf.DiT(input_size=30, patch_size=4), "multiple of patch_size"),
+                        (lambda: mf.DiT(input_size=8, patch_size=2, hidden_size=30, num_heads=4), "num_heads 4"),
+                        (lambda: mf.DiT(input_size=8, patch_size=2, hidden_size=34, num_heads=2), "of 4"),
+                        (lambda: mf.iMFDiT(input_size=8, patch_size=2, hidden_size=32, num_heads=3), "num_heads 3"),
+                        (lambda: mf.iMFDiT(input_size=8, patch_size=2, hidden_size=12, num_heads=4, depth=2,
+                                           head_depth=1), "of 8"),  # RoPE: an even width per head
+                        (lambda: mf.iMFDiT(depth=2, head_depth=3), "head_depth")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            make()
+    kw = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, num_heads=2, depth=2, num_classes=2)
+    net = mf.iMF_models["Ti/2"](input_size=8, in_channels=1, num_classes=2, **mf.MeanFlow("imf").net_kwargs)
+    dit, t = mf.DiT(**kw), torch.rand(2)
+    for n in (net, dit):  # a z of the same number of tokens but another shape came back in the network's shape
+        with pytest.raises(ValueError, match=re.escape("takes (B, 1, 8, 8)")):
+            n(torch.randn(2, 1, 4, 16), t, t)
+    with pytest.raises(ValueError, match="v_head=True"):
+        dit(torch.randn(2, 1, 8, 8), t, t, return_v=True)
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        mf.set_attention(dit, "flash")
+
+
+def test_on_squares_takes_n_by_2_points():
+    pts = td.sample("checkerboard", 100, torch.Generator().manual_seed(0))
+    assert td.on_squares(pts) == 1.0
+    for bad in (pts.T, torch.zeros(4, 3), torch.zeros(0, 2), torch.zeros(2)):
+        with pytest.raises(ValueError, match="pass \\(n, 2\\)"):
+            td.on_squares(bad)
+
+
+def test_benchmark_refuses_an_out_folder_and_a_broken_baseline_before_measuring(tmp_path):
+    (tmp_path / "bad.py").write_text("not python(\n")
+    for extra, words in ((["--out", tmp_path], "is a folder; pass a file"),
+                         (["--recipes", "meanflow@base", "--baseline", tmp_path / "bad.py"], "is not Python")):
+        out = subprocess.run([sys.executable, os.path.join(HERE, "benchmark.py"), "--models", "mlp", *map(str, extra)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and words in out.stderr.strip().splitlines()[-1], out.stderr
+        assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_benchmark_reports_a_failed_measurement_in_one_line(tmp_path, monkeypatch):
+    bench = importlib.util.module_from_spec(spec := importlib.util.spec_from_file_location(
+        "bench", os.path.join(HERE, "benchmark.py")))
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: SimpleNamespace(
+        returncode=1, stderr="Traceback (most recent call last):\n  ...\nAttributeError: no DiT_models\n", stdout=""))
+    with pytest.raises(SystemExit, match="measuring Ti/4 .*failed: AttributeError: no DiT_models; the rows before it"):
+        bench.child(SimpleNamespace(batch=2, steps=1, bf16=False, compile=False, baseline=None, out="x.jsonl"),
+                    "--child", "Ti/4", "fm")
+
+
+def test_study_runner_refuses_an_out_folder_and_runs_each_job_once(tmp_path, capsys):
+    study = load_study()
+    with pytest.raises(SystemExit) as exc:
+        study.main(["--out", str(tmp_path)])
+    assert exc.value.code == 2 and "is a folder" in capsys.readouterr().err
+    out = str(tmp_path / "s.jsonl")
+    argv = ["--out", out, "--steps", "2", "--eval-every", "2", "--seeds", "0", "0", "--recipes", "meanflow", "meanflow"]
+    assert study.main(argv) == 0
+    assert "1 runs to do" in capsys.readouterr().out and len(open(out).readlines()) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -248,6 +248,8 @@ def finished_runs(p, args):
     """The (recipe, seed) runs already in args.out, which must all be this study's at these settings: a run made at
     another lr or length would otherwise count as done, and the notebooks would mix them."""
     done = set()
+    if os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a folder; pass a file (e.g. {os.path.join(args.out, 'study.jsonl')})")
     if not os.path.exists(args.out):
         return done
     settings = dict(part=args.part, steps=args.steps, lr=args.lr, batch_size=args.batch_size, ema=args.ema)
@@ -285,8 +287,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     toy = args.part == "toy"
     args.out = args.out or f"runs/study-{args.part}.jsonl"
-    args.recipes = args.recipes or (TOY_RECIPES if toy else IMAGE_RECIPES)
-    args.seeds = args.seeds if args.seeds is not None else [0, 1, 2, 3, 4] if toy else [0, 1, 2]
+    args.recipes = list(dict.fromkeys(args.recipes or (TOY_RECIPES if toy else IMAGE_RECIPES)))  # each once
+    args.seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else [0, 1, 2, 3, 4] if toy else [0, 1, 2]))
     args.steps = args.steps if args.steps is not None else 3000 if toy else 2000
     args.batch_size = args.batch_size if args.batch_size is not None else 256 if toy else 64
     args.ema = args.ema if args.ema is not None else 0.995 if toy else 0.99
@@ -300,6 +302,8 @@ def main(argv=None):
     if not jobs:
         return 0
     args.workers = max(1, min(args.workers, len(jobs)))
+    if not toy and args.workers > 1:
+        fashion_mnist(args.data_path)  # missing or bad data: one line here, not once per worker and a traceback
     if args.workers == 1:
         worker(0, args, jobs)
     else:

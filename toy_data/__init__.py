@@ -57,6 +57,8 @@ def on_squares(points):
     """Share of points (n, 2) on the checkerboard's squares: 1.0 for its data, 0.5 for points spread uniformly
     over the board. Sharper than a distance for this set: a blurred sample leaks into the empty squares."""
     p = torch.as_tensor(points, dtype=torch.float64) / BOARD_SCALE  # board units, the board is [-2, 2]^2
+    if p.dim() != 2 or p.shape[1] != 2 or len(p) == 0:
+        raise ValueError(f"points of shape {tuple(p.shape)}: pass (n, 2) with n >= 1")
     inside = (p.abs() <= 2).all(1)
     black = (torch.floor(p[:, 0]) + torch.floor(p[:, 1])) % 2 == 0  # as the sampler: floor(x1) + floor(x2) even
     return (inside & black).double().mean().item()
