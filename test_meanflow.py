@@ -4342,6 +4342,18 @@ def test_on_squares_takes_n_by_2_points():
             td.on_squares(bad)
 
 
+def test_exact_fields_check_their_arguments():
+    z = torch.randn(4, 2, dtype=torch.float64)
+    for field in (td.GaussianMixture.default(), td.Checkerboard()):
+        for steps in (0, -3, 2.5):
+            with pytest.raises(ValueError, match="1 or more"):
+                field.u(z, 1.0, 0.0, steps=steps)
+    with pytest.raises(ValueError, match="t > 0"):
+        td.Checkerboard().v(z, 0.0)  # was NaN
+    for stds, weights in ((math.nan, None), (0.1, [0.0, 0.0]), (0.1, [1.0, math.nan]), (0.1, [1.0, -1.0])):
+        with pytest.raises(ValueError, match="stds must be|weights must be"):
+            td.GaussianMixture([[0.0, 0.0], [1.0, 1.0]], stds, weights)
+
 def test_benchmark_refuses_an_out_folder_and_a_broken_baseline_before_measuring(tmp_path):
     (tmp_path / "bad.py").write_text("not python(\n")
     for extra, words in ((["--out", tmp_path], "is a folder; pass a file"),

@@ -146,6 +146,11 @@ class ExactFlow:
         t = torch.as_tensor(t, dtype=torch.float64, device=z.device)
         return t.expand(z.shape[0]).reshape(-1, 1)
 
+    @staticmethod
+    def _check_steps(steps):
+        if not (isinstance(steps, int) and steps >= 1):
+            raise ValueError(f"steps={steps!r}: pass an integer number of ODE steps, 1 or more")
+
     def u(self, z, t, r, steps=None):
         """Average velocity over [r, t] = (z - z_r) / (t - r); exactly v(z, t) where r == t.
         Same argument order as the networks, net(z, t, r)."""
@@ -164,9 +169,11 @@ class GaussianMixture(ExactFlow):
         self.mu = torch.as_tensor(means, dtype=torch.float64)  # (K, D)
         K = self.mu.shape[0]
         self.sigma = torch.as_tensor(stds, dtype=torch.float64).expand(K).clone()  # (K,) shared or per-component
-        if (self.sigma <= 0).any():
-            raise ValueError("component stds must be positive (v is singular at t = 0 otherwise)")
+        if not (torch.isfinite(self.sigma) & (self.sigma > 0)).all():
+            raise ValueError("component stds must be finite and positive (v is singular at t = 0 otherwise)")
         pi = torch.ones(K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if not (torch.isfinite(pi).all() and (pi >= 0).all() and pi.sum() > 0):
+            raise ValueError(f"mixture weights must be finite, non-negative and not all 0: {pi.tolist()}")
         self.pi = pi / pi.sum()  # (K,)
 
     @classmethod
@@ -226,6 +233,7 @@ class GaussianMixture(ExactFlow):
         different (t, r) is solved in one vectorised loop; rows with r = t do not move. Returns z_r in
         z's dtype, or with `trajectory=True` the whole path, shape (steps + 1, B, D).
         """
+        self._check_steps(steps)
         z_j = z.to(torch.float64)
         t, r = self._time(t, z_j), self._time(r, z_j)  # (B, 1)
         h = (r - t) / steps  # (B, 1), negative when going towards the data
@@ -292,10 +300,13 @@ class Checkerboard(ExactFlow):
         """Exact marginal velocity E[e - x | z_t = z] = (z - E[x | z_t = z]) / t; z (B, 2), t scalar or (B,) > 0."""
         z64 = z.to(torch.float64)
         t = self._time(t, z64)
+        if not (t > 0).all():  # at t = 0, z is x: (z - E[x | z]) / t is 0 / 0 (and off the squares undefined)
+            raise ValueError("the checkerboard's v needs t > 0 (at t = 0 it is 0 / 0); sample t in (0, 1]")
         return ((z64 - self.posterior_mean(z64, t)) / t).to(z.dtype)
 
     def ode_solve(self, z, t, r, steps=CHECKERBOARD_ODE_STEPS):
         """z_r from z_t along dz/dtau = v(z, tau): RK4 in s = sqrt(tau), dz/ds = 2 s v; rows with r = t stay."""
+        self._check_steps(steps)
         z_j = z.to(torch.float64)
         t, r = self._time(t, z_j), self._time(r, z_j)  # (B, 1)
         jump = (r < CHECKERBOARD_T_END) & (r < t)  # these rows end on E[x | z] at t = CHECKERBOARD_T_END (or at t)
