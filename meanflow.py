@@ -185,10 +185,12 @@ class MeanFlow:
             raise ValueError(f"unknown MeanFlow option(s) {sorted(unknown)}; the knobs are {sorted(RECIPES[recipe])}")
         self.recipe = recipe
         self.__dict__.update({**RECIPES[recipe], **overrides})
-        for k, (ok, must) in KNOB_RANGES.items():  # None turns beta and MinSNR off; counts are integers
-            v, whole = getattr(self, k), k.startswith("dtd_") and k != "dtd_share"
-            if not (v is None and RECIPES["meanflow"][k] is None or isinstance(v, (int, float)) and not isinstance(
-                    v, bool) and math.isfinite(v) and ok(v) and (not whole or v == int(v))):
+        for k, (ok, must) in KNOB_RANGES.items():
+            v, whole = getattr(self, k), k in ("dtd_stages", "dtd_patience", "dtd_window")  # counts: integers
+            if v is None and k in ("beta_k", "minsnr_gamma"):  # None turns the component off
+                continue
+            number = isinstance(v, int if whole else (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not (number and ok(v)):
                 raise ValueError(f"MeanFlow option {k}={v!r}: pass a finite {'integer' if whole else 'number'} {must}"
                                  .rstrip())
         if self.t_lo > self.t_hi:
