@@ -218,10 +218,10 @@ class MeanFlow:
 
     @staticmethod
     def _check_inputs(net, x, y, progress=0.0):  # one clear line, not a shape error deep inside the network
-        K = getattr(_module(net), "num_classes", None)
+        K = getattr(_module(net), "num_classes", 0)  # labels need it: num_classes is also the null label
         if y is not None and (K == 0 or y.shape != x.shape[:1]):
             raise ValueError(f"labels y of shape {tuple(y.shape)} for x of {tuple(x.shape)}: one per row, and a network "
-                             f"with classes" + (" (this one has num_classes=0)" if K == 0 else ""))
+                             f"with classes" + (" (this one has num_classes=0 or none)" if K == 0 else ""))
         if not 0 <= progress <= 1:
             raise ValueError(f"progress={progress}: pass step / total_steps, in [0, 1]")
 

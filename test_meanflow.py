@@ -4354,6 +4354,27 @@ def test_exact_fields_check_their_arguments():
         with pytest.raises(ValueError, match="stds must be|weights must be"):
             td.GaussianMixture([[0.0, 0.0], [1.0, 1.0]], stds, weights)
 
+def test_toy_samples_and_distances_check_their_arguments():
+    for name in td.DATASETS:  # n = 0 failed in three sets with torch's message and gave (0, 2) in the others
+        with pytest.raises(ValueError, match="1 or more"):
+            td.sample(name, 0)
+    a = td.sample("moons", 50, torch.Generator().manual_seed(0))
+    for b in (a[:0], a[:, :1], a[0]):
+        for distance in (td.energy_distance, td.sliced_wasserstein):
+            with pytest.raises(ValueError, match="two non-empty"):
+                distance(a, b)
+    with pytest.raises(ValueError, match="n_proj=0"):
+        td.sliced_wasserstein(a, a, n_proj=0)  # was NaN
+
+
+def test_labels_need_a_network_that_says_how_many_classes():
+    class Own(torch.nn.Module):  # a user's own network without num_classes: guidance fell over an AttributeError
+        def forward(self, z, t, r, y=None):
+            return z
+
+    with pytest.raises(ValueError, match="num_classes=0 or none"):
+        mf.MeanFlow("meanflow", omega=2.0).loss(Own(), torch.randn(4, 2), torch.zeros(4, dtype=torch.long))
+
 def test_benchmark_refuses_an_out_folder_and_a_broken_baseline_before_measuring(tmp_path):
     (tmp_path / "bad.py").write_text("not python(\n")
     for extra, words in ((["--out", tmp_path], "is a folder; pass a file"),

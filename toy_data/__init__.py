@@ -119,6 +119,8 @@ DATASETS = {
 def sample(name, n, generator=None):
     if name not in DATASETS:
         raise ValueError(f"unknown toy dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"n={n!r}: pass a number of points, 1 or more")
     return DATASETS[name](n, generator)
 
 
@@ -349,8 +351,14 @@ def energy_distance(a, b):
     0.001, 0.0004-0.0053 in all). It is zero only if the two distributions are equal, and grows like |shift|^2 for
     a small shift, |shift| for a large one.
     """
-    a, b = a.to(torch.float64), b.to(torch.float64)
+    a, b = _two_sets(a, b)
     return 2 * _mean_dist(a, b) - _mean_dist(a, a) - _mean_dist(b, b)
+
+
+def _two_sets(a, b):  # both distances: two non-empty (n, D) sets of the same D, in float64
+    if a.dim() != 2 or b.dim() != 2 or not len(a) or not len(b) or a.shape[1] != b.shape[1]:
+        raise ValueError(f"sets of shapes {tuple(a.shape)}, {tuple(b.shape)}: pass two non-empty (n, D) sets")
+    return a.to(torch.float64), b.to(torch.float64)
 
 
 def _quantiles(s, n_q):
@@ -371,7 +379,9 @@ def sliced_wasserstein(a, b, n_proj=256, generator=None):
     two sets always get the same score. Same units as the data: a shift by delta gives about
     |delta| / sqrt(D).
     """
-    a, b = a.to(torch.float64), b.to(torch.float64)
+    a, b = _two_sets(a, b)
+    if n_proj < 1:
+        raise ValueError(f"n_proj={n_proj}: pass 1 or more directions")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     w = torch.randn(n_proj, a.shape[1], generator=g, dtype=torch.float64)
     w = (w / w.norm(dim=1, keepdim=True)).to(a.device)  # (P, D) unit directions
