@@ -140,10 +140,11 @@ _meanflow = dict(
 )
 # What each numeric knob may be: MeanFlow() refuses anything else, naming the knob (train.py's --set checks the same).
 _pos, _unit, _count = (lambda v: v > 0, "> 0"), (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: v >= 1, "1 or more")
+_steps = lambda lo: (lambda v: lo <= v < 2**31, f"{lo} or more, below 2^31")  # counts of steps (floats of them stay exact)
 KNOB_RANGES = dict(P_mean=(lambda v: True, ""), P_std=_pos, ratio_r_neq_t=_unit, p=(lambda v: v >= 0, "0 or more"),
                    c=_pos, omega=_pos, kappa=(lambda v: 0 <= v < 1, "in [0, 1)"), t_lo=_unit, t_hi=_unit,
-                   class_dropout=_unit, beta_k=_pos, minsnr_gamma=_pos, dtd_stages=(lambda v: v >= 0, "0 or more"),
-                   dtd_patience=_count, dtd_share=_unit, dtd_window=_count, omega_max=_count, omega_beta=(lambda v: True, ""))
+                   class_dropout=_unit, beta_k=_pos, minsnr_gamma=_pos, dtd_stages=_steps(0), dtd_patience=_steps(1),
+                   dtd_share=_unit, dtd_window=_steps(1), omega_max=_count, omega_beta=(lambda v: True, ""))
 RECIPES = {
     "meanflow": _meanflow,
     "improved-dtd": {**_meanflow, "beta_k": 1.0, "dtd_stages": 20},  # Kim et al.: best on L/2, XL/2

@@ -282,8 +282,6 @@ def parse_sets(items, recipe):
                 value = {"true": True, "1": True, "false": False, "0": False}[low]
             elif isinstance(default, int):
                 value = int(text)
-                if abs(value) >= 2**31:  # a float of it would overflow in the method
-                    raise Fail(f"--set {key}={text}: out of range; pass a value below 2^31")
             elif isinstance(default, str):
                 value = {"logit_normal": text, "uniform": text}[text]  # time_sampler, the one text knob
             else:  # float, or None for a component that can be off
@@ -779,6 +777,14 @@ def read_log(path, step):
     return history
 
 
+def remove_empty(folders):  # the folders a run created, deepest first, as long as they are empty
+    for d in folders:
+        try:
+            os.rmdir(d)
+        except OSError:  # not empty: the run wrote something
+            break
+
+
 def claim_out(args):
     """--out checked before any work, by process 0. Training: it must be a writable folder not in use by a live
     run (a lock file, which the system releases when a process dies, even by kill -9), and hold no run (a
@@ -823,11 +829,7 @@ def claim_out(args):
             os.close(lock)
         if (lock is not None or new) and os.path.isfile(path) and os.path.getsize(path) == 0:  # ours, left empty
             os.remove(path)
-        for d in new:
-            try:
-                os.rmdir(d)
-            except OSError:
-                break
+        remove_empty(new)
         raise Fail(f"cannot write to --out {out} ({err.strerror}); pass a writable folder (or make room there)")
 
     def release():
@@ -836,11 +838,7 @@ def claim_out(args):
         except OSError:  # gone, or the folder became read-only: closing the file still releases the lock
             pass
         os.close(lock)
-        for d in new:
-            try:
-                os.rmdir(d)
-            except OSError:  # not empty: the run wrote something
-                break
+        remove_empty(new)
 
     pictures = sorted(os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(out), "step-*.png")))
     held = [f for f in ("ckpt.pt", "log.jsonl", "loss.png") if os.path.exists(os.path.join(out, f))] + pictures
@@ -1321,34 +1319,32 @@ def train(args, job):
 
     if args.compile:
         loss_fn = torch.compile(loss_fn)
-    t_log, paused, figure, first = time.time(), 0.0, None, job.step
+    figure, first = None, job.step
     job.t_start = time.time() - job.elapsed
-    window = lambda now: now - t_log - paused + job.window_seconds  # training seconds of the steps in job.acc
     with StopSignals() as signals, tqdm(total=args.steps, initial=job.step, disable=job.rank != 0,
                                         dynamic_ncols=True) as bar:
         while job.step < args.steps:
+            t_step = time.time()
             x, y = get_batch(args, job.data, job.step, job.rank, job.world)
             x, y = x.to(job.device, non_blocking=True), None if y is None else y.to(job.device, non_blocking=True)
             job.acc.append(train_step(args, job, loss_fn, x, y))
             bar.update()
+            job.window_seconds += time.time() - t_step  # img/s counts training alone, not checkpoints or pictures
             step = job.step
             if step % args.log_every == 0 or step == args.steps:
-                line = log_window(args, job, window(time.time()))
+                line = log_window(args, job, job.window_seconds)
                 bar.set_postfix(loss=f"{line['loss']:.4f}", v_loss=f"{line['v_loss']:.3f}",
                                 u_loss=f"{line['u_loss']:.3f}", beta=f"{line['beta']:.3f}", dtd=int(line["dtd_stage"]),
                                 img_s=f"{line['img_per_s']:.0f}")
-                job.acc, t_log, paused, job.window_seconds = [], time.time(), 0.0, 0.0
-            t_pause = time.time()
+                job.acc, job.window_seconds = [], 0.0
             last = step in (args.steps, args.stop_at)  # the run ends here anyway
             stop = signals.agreed(job.device) if not last else 0  # SIGINT, SIGTERM
             if step % args.ckpt_every == 0 or last or stop:  # before the pictures: a failure there loses no step
-                job.window_seconds, t_log, paused = window(t_pause), t_pause, 0.0  # (the same window, restartable)
                 checkpoint(args, job)
                 if not stop and not last:  # a signal during a long write: stop on this step's checkpoint, not one
                     stop = signals.agreed(job.device)  # step and a second write later
             if job.rank == 0 and not stop and (step % args.eval_every == 0 or step == args.steps):
                 figure = evaluate(args, job)
-            paused += time.time() - t_pause  # img/s counts training alone
             if step == args.stop_at:
                 break
             if stop:
