@@ -14,7 +14,7 @@ Papers implemented here
 Conventions (fixed once; every function below uses them)
 - data x, noise e ~ N(0, I), time t in [0, 1]: t = 1 is noise, t = 0 is data.
 - path z_t = (1 - t) x + t e, conditional velocity v = e - x (constant along the path).
-- average velocity u(z_t, t, r) = 1/(t - r) * integral_r^t v(z_s, s) ds for r <= t (MeanFlow Eq. 3), so
+- average velocity u(z_t, t, r) = 1/(t - r) * integral_r^t v(z_tau, tau) dtau for r <= t (MeanFlow Eq. 3), so
   z_r = z_t - (t - r) u and u(z, t, t) = v(z, t). Arguments in the code's call order net(z, t, r) everywhere
   here (the papers write u(z_t, r, t): same function, r and t swapped in the argument list).
 - MeanFlow identity (Eq. 6): u = v - (t - r) du/dt, with du/dt = v . d_z u + d_t u (r held fixed; Eq. 8),
@@ -27,6 +27,9 @@ Map: helpers and jvp() -> recipes -> MeanFlow: (t, r) sampling -> the loss (JVP 
 guidance in the target -> improved training (beta, MinSNR, DTD) -> iMF -> samplers -> networks: DiT (+ in-context
 variant), the iMF network, the toy MLP, size and guidance tables -> APPENDIX (speed only: tangent rules for jvp();
 delete it and everything computes the same, slower).
+
+Run: python train.py (2-D toy, CPU, about a minute) · jupyter notebook notebooks/01_mean_velocity.ipynb ·
+     torchrun --nproc_per_node=8 train.py --data imagenet-latents --model XL/2 --recipe improved-dtd
 """
 import math
 from functools import partial
@@ -120,7 +123,7 @@ JVP_RULES = StockRules  # what jvp() runs under; the APPENDIX sets its TangentRu
 
 
 # ==============================================================================================
-# The method. Recipes: every knob at its paper's value; MeanFlow(recipe=..., **overrides).
+# The method. Recipes: every knob at its paper's value (or ours, marked [ours]); MeanFlow(recipe=..., **overrides).
 # ==============================================================================================
 _meanflow = dict(
     time_sampler="logit_normal",  # or "uniform"
@@ -130,21 +133,12 @@ _meanflow = dict(
     p=1.0, c=0.01,  # adaptive weight l / sg((l + c)^p)  (ImageNet; CIFAR code: p=0.75, c=1e-3)
     omega=1.0, kappa=0.0, t_lo=0.0, t_hi=1.0,  # guidance in the target; per size see paper_guidance
     class_dropout=0.1,  # labels replaced by the null class, target v instead of v_g
-    beta_k=None,  # improved training: progressive u-weight beta(dt, s), s = 1 - progress^k (None: off)
+    beta_k=None,  # improved training: progressive u-weight beta(delta_t, s), s = 1 - progress^k (None: off)
     minsnr_gamma=None,  # improved training: MinSNR-gamma weight alpha(t) on the r = t rows (None: off)
-    # improved training: DTD curriculum on the r = t rows (0 stages: off; pacing at MeanFlow.dtd_step).
-    # dtd_share = 0.25 [ours]: the curriculum takes at most a quarter of a run at any run length, and still leaves
-    # each of the 19 stages up to 1.3% of the run (tau alone: 3800 steps, more than a whole toy run). 0: no deadline.
+    # improved training: DTD curriculum on the r = t rows (0 stages: off); its pacing and dtd_share [ours]: dtd_step.
     dtd_stages=0, dtd_patience=200, dtd_share=0.25, dtd_window=25,
     imf=False, omega_max=8.0, omega_beta=1.0,  # iMF: omega ~ p(omega) ~ omega^-beta on [1, omega_max]
 )
-# What each numeric knob may be: MeanFlow() refuses anything else, naming the knob (train.py's --set checks the same).
-_pos, _unit, _count = (lambda v: v > 0, "> 0"), (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: v >= 1, "1 or more")
-_steps = lambda lo: (lambda v: lo <= v < 2**31, f"{lo} or more, below 2^31")  # counts of steps (floats of them stay exact)
-KNOB_RANGES = dict(P_mean=(lambda v: True, ""), P_std=_pos, ratio_r_neq_t=_unit, p=(lambda v: v >= 0, "0 or more"),
-                   c=_pos, omega=_pos, kappa=(lambda v: 0 <= v < 1, "in [0, 1)"), t_lo=_unit, t_hi=_unit,
-                   class_dropout=_unit, beta_k=_pos, minsnr_gamma=_pos, dtd_stages=_steps(0), dtd_patience=_steps(1),
-                   dtd_share=_unit, dtd_window=_steps(1), omega_max=_count, omega_beta=(lambda v: True, ""))
 RECIPES = {
     "meanflow": _meanflow,
     "improved-dtd": {**_meanflow, "beta_k": 1.0, "dtd_stages": 20},  # Kim et al.: best on L/2, XL/2
@@ -152,21 +146,56 @@ RECIPES = {
     "imf": {**_meanflow, "ratio_r_neq_t": 0.5, "imf": True},  # Geng et al. (iMF)
 }
 
-# Low-dimensional data (the 2-D toys): one knob differs from the ImageNet recipe [ours, measured with the toy MLP
-# against the exact u of toy_data's Gaussian mixture and on the checkerboard, 3 seeds; README "The 2-D regime"].
-# - p = 0.5, not 1: with 2 dimensions the per-sample error is dominated by the spread of e - x, and
-#   l / (l + c)^p discounts large errors: p = 0.5 fits like a norm (towards a median), p = 1 like log l, which all
-#   but ignores them: with p = 1 the v error stays at 1.08 after 1500 steps (untrained: 1.31). p = 0 learns v
-#   best (0.14 vs 0.28 with p = 0.5), but p = 0.5 learns the large-interval u that one step uses better (1-NFE
-#   jump error 0.07 vs 0.15) and puts more 1-NFE samples on the checkerboard's squares (78% vs 60-64% after 1500
-#   steps). The cost: with 2 dimensions the weight also moves the minimiser (the v rows converge to a median-like
-#   point, 0.27 from the exact v in squared distance for t in [0.3, 0.7] on the mixture; p = 0: the exact v), so
-#   long runs plateau (v error 0.17 vs 0.04 at 9000 steps). In high dimensions the per-sample error concentrates,
-#   the weight depends on (t, r) alone and the minimiser stays E[. | z_t] [our reading; README "The 2-D regime"].
-# Kept from the paper: logit-normal(-0.4, 1) and 25% r != t (shares 0.5, 0.75 changed nothing measurable; uniform t
-# and P_mean 0 were worse; P_mean -1.2 is faster on the checkerboard but slower on the mixture's 1-NFE map: the toy
-# test's distance 0.07-0.09 instead of 0.02-0.03, 3 seeds). train.py applies TOY_OVERRIDES to every 2-D data set;
-# the notebooks and the tests use it too.
+# What each numeric knob may be: MeanFlow() refuses anything else, naming the knob (train.py's --set checks the same).
+_pos, _unit, _count = (lambda v: v > 0, "> 0"), (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: v >= 1, "1 or more")
+_steps = lambda lo: (lambda v: lo <= v < 2**31, f"{lo} or more, below 2^31")  # counts (larger overflow in torch)
+KNOB_RANGES = dict(P_mean=(lambda v: True, ""), P_std=_pos, ratio_r_neq_t=_unit, p=(lambda v: v >= 0, "0 or more"),
+                   c=_pos, omega=_pos, kappa=(lambda v: 0 <= v < 1, "in [0, 1)"), t_lo=_unit, t_hi=_unit,
+                   class_dropout=_unit, beta_k=_pos, minsnr_gamma=_pos, dtd_stages=_steps(0), dtd_patience=_steps(1),
+                   dtd_share=_unit, dtd_window=_steps(1), omega_max=_count, omega_beta=(lambda v: True, ""))
+COUNT_KNOBS, OPTIONAL_KNOBS = ("dtd_stages", "dtd_patience", "dtd_window"), ("beta_k", "minsnr_gamma")  # None: off
+
+
+def _checked_options(recipe, overrides):
+    """RECIPES[recipe] with the overrides, every knob checked: a bad one is one ValueError that names it."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    if set(overrides) - set(RECIPES[recipe]):
+        raise ValueError(f"unknown MeanFlow option(s) {sorted(set(overrides) - set(RECIPES[recipe]))}; "
+                         f"the knobs are {sorted(RECIPES[recipe])}")
+    o = {**RECIPES[recipe], **overrides}
+    for k, (ok, must) in KNOB_RANGES.items():
+        v, whole = o[k], k in COUNT_KNOBS
+        if v is None and k in OPTIONAL_KNOBS:
+            continue
+        number = isinstance(v, int if whole else (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not (number and ok(v)):
+            raise ValueError(f"MeanFlow option {k}={v!r}: pass a finite {'integer' if whole else 'number'} {must}"
+                             .rstrip())
+    if o["t_lo"] > o["t_hi"]:
+        raise ValueError(f"the guidance interval [t_lo, t_hi] = [{o['t_lo']}, {o['t_hi']}] needs t_lo <= t_hi")
+    if o["time_sampler"] not in ("logit_normal", "uniform"):
+        raise ValueError(f"time_sampler={o['time_sampler']!r}: pass 'logit_normal' or 'uniform'")
+    if o["imf"] and (o["beta_k"] or o["minsnr_gamma"] or o["dtd_stages"]):
+        raise ValueError("iMF has its own loss; beta, MinSNR and DTD weight the MeanFlow loss only")
+    if o["dtd_stages"] and o["minsnr_gamma"]:  # alpha's mean-1 normalisation assumes every t of the r = t rows
+        raise ValueError("DTD and MinSNR are two ways to weight the v-loss (Kim et al.): choose one")
+    wrong = overrides.keys() & ({"omega", "kappa", "t_lo", "t_hi"} if o["imf"] else {"omega_max", "omega_beta"})
+    if wrong:  # accepted, then never read: refused
+        raise ValueError(f"{sorted(wrong)} are not options of recipe {recipe!r}: " + (
+            "iMF takes guidance at sampling (sample(omega=..., t_min=..., t_max=...))" if o["imf"] else
+            "omega_max and omega_beta are iMF's (recipe 'imf')"))
+    return o
+
+
+# Low-dimensional data (the 2-D toys): p = 0.5 instead of 1 [ours, 3 seeds against toy_data's exact fields and on the
+# checkerboard; README "The 2-D regime" has the numbers]. With 2 dimensions the per-sample error is dominated by the
+# spread of e - x, and l / (l + c)^p discounts large errors: p = 1 all but ignores them (v is never learned), p = 0
+# learns v best, p = 0.5 learns the large-interval u that one step uses best. The cost: with 2 dimensions the weight
+# also moves the minimiser (towards a median of the targets), so long runs plateau; in high dimensions the per-sample
+# error concentrates, the weight depends on (t, r) alone and the minimiser stays E[. | z_t] [our reading]. The rest
+# stays the paper's (other r != t shares, P_std, uniform t and P_mean 0 were no better; P_mean -1.2 is faster on the
+# checkerboard, slower on the mixture's 1-NFE map). train.py, the notebooks and the tests apply it to 2-D data.
 TOY_OVERRIDES = dict(p=0.5)
 
 
@@ -179,36 +208,10 @@ class MeanFlow:
     """
 
     def __init__(self, recipe="meanflow", **overrides):
-        if recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-        unknown = set(overrides) - set(RECIPES[recipe])
-        if unknown:
-            raise ValueError(f"unknown MeanFlow option(s) {sorted(unknown)}; the knobs are {sorted(RECIPES[recipe])}")
         self.recipe = recipe
-        self.__dict__.update({**RECIPES[recipe], **overrides})
-        for k, (ok, must) in KNOB_RANGES.items():
-            v, whole = getattr(self, k), k in ("dtd_stages", "dtd_patience", "dtd_window")  # counts: integers
-            if v is None and k in ("beta_k", "minsnr_gamma"):  # None turns the component off
-                continue
-            number = isinstance(v, int if whole else (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            if not (number and ok(v)):
-                raise ValueError(f"MeanFlow option {k}={v!r}: pass a finite {'integer' if whole else 'number'} {must}"
-                                 .rstrip())
-        if self.t_lo > self.t_hi:
-            raise ValueError(f"the guidance interval [t_lo, t_hi] = [{self.t_lo}, {self.t_hi}] needs t_lo <= t_hi")
-        if self.time_sampler not in ("logit_normal", "uniform"):
-            raise ValueError(f"time_sampler={self.time_sampler!r}: pass 'logit_normal' or 'uniform'")
-        if self.imf and (self.beta_k or self.minsnr_gamma or self.dtd_stages):
-            raise ValueError("iMF has its own loss; beta, MinSNR and DTD weight the MeanFlow loss only")
-        wrong = overrides.keys() & ({"omega", "kappa", "t_lo", "t_hi"} if self.imf else {"omega_max", "omega_beta"})
-        if wrong:  # accepted, then never read: refused
-            raise ValueError(f"{sorted(wrong)} are not options of recipe {recipe!r}: " + (
-                "iMF takes guidance at sampling (sample(omega=..., t_min=..., t_max=...))" if self.imf else
-                "omega_max and omega_beta are iMF's (recipe 'imf')"))
-        # lambda normalises beta to mean 1 at the start: lambda = 1 / E[1 - dt] over the r != t rows.
-        self.lam = 1.0 / (1.0 - self._expect(lambda t: t, lambda u: 4 * u - 2))  # E[max - min]
-        # MinSNR alpha(t) is normalised to mean 1 under the t of the r = t rows (the max of two draws).
-        self.alpha_mean = self._expect(self._alpha_raw, lambda u: 2 * u) if self.minsnr_gamma else 1.0
+        self.__dict__.update(_checked_options(recipe, overrides))
+        self.lam = 1.0 / (1.0 - self._expect(lambda t: t, lambda U: 4 * U - 2))  # 1 / E[1 - (t - r)]: mean-1 beta
+        self.alpha_mean = self._expect(self._alpha_raw, lambda U: 2 * U) if self.minsnr_gamma else 1.0  # t: max of two
         self.dtd_stage = 0
         self._dtd_reset()
 
@@ -217,48 +220,34 @@ class MeanFlow:
         """Network options this recipe needs: iMF conditions on omega and its interval, in context."""
         return dict(in_context=True, guidance_cond=True, v_head=True) if self.imf else {}
 
-    @staticmethod
-    def _check_inputs(net, x, y, progress=0.0):  # one clear line, not a shape error deep inside the network
-        K = getattr(_module(net), "num_classes", 0)  # labels need it: num_classes is also the null label
-        if y is not None and (K == 0 or y.shape != x.shape[:1]):
-            raise ValueError(f"labels y of shape {tuple(y.shape)} for x of {tuple(x.shape)}: one per row, and a network "
-                             f"with classes" + (" (this one has num_classes=0 or none)" if K == 0 else ""))
-        if not 0 <= progress <= 1:
-            raise ValueError(f"progress={progress}: pass step / total_steps, in [0, 1]")
-
-    def _check_net(self, net):  # iMF's loss and samplers feed the guidance conditions and read the v-head
-        m = _module(net)  # a network that does not say (a user's own) is taken at its word
-        if self.imf and not (getattr(m, "guidance_cond", True) and getattr(m, "v_head", True)):
-            raise ValueError("recipe 'imf' needs a network with guidance conditions and a v-head: one of iMF_models, "
-                             "or a DiT or MLP built with **MeanFlow('imf').net_kwargs")
-
     # ---- (t, r) sampling: logit-normal times, a share of r != t rows (MeanFlow Table 1a) --------
-    def quantile(self, u):
-        """Inverse CDF of one time draw: logit-normal sigmoid(P_mean + P_std * N(0,1)), or uniform."""
+    def quantile(self, U):
+        """Inverse CDF of one time draw at U in (0, 1): logit-normal sigmoid(P_mean + P_std * N(0,1)), or uniform."""
         if self.time_sampler == "uniform":
-            return u
-        return torch.sigmoid(self.P_mean + self.P_std * torch.special.ndtri(u))
+            return U
+        return torch.sigmoid(self.P_mean + self.P_std * torch.special.ndtri(U))
 
-    def _expect(self, g, density, n=200_000):
-        """E[g(quantile(u))] for u with the given density on (0, 1): midpoint rule, deterministic."""
-        u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-        return (g(self.quantile(u)) * density(u)).mean().item()
+    def _expect(self, g, weight, n=200_000):
+        """Integral of g(quantile(U)) weight(U) over U in (0, 1) (midpoint rule, deterministic): an expectation
+        when weight is a density (max of two draws: 2U), or E[max] - E[min] with 4U - 2 = 2U - 2(1 - U)."""
+        U = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        return (g(self.quantile(U)) * weight(U)).mean().item()
 
     def sample_t_r(self, B, device=None):
         """t, r: (B,). Two draws sorted (t = max, r = min); the first round(ratio_r_neq_t * B) rows keep
         r != t, the rest get r = t. The loss relies on this order: the forward-mode pass takes rows [:n]
         without a host sync, and class dropout (drop_labels) takes the last rows, so only r = t rows lose
         their label (as the official JAX code, which puts both at the front)."""
-        u = torch.rand(2, B, device=device, dtype=torch.float64)
-        u_hi, u_lo = u.max(0).values, u.min(0).values  # quantile is monotone: same as sorting t, r
+        U = torch.rand(2, B, device=device, dtype=torch.float64)
+        U_hi, U_lo = U.max(0).values, U.min(0).values  # quantile is monotone: same as sorting t, r
         fm = torch.arange(B, device=device) >= round(self.ratio_r_neq_t * B)  # r = t rows
         if self.dtd_stages:
             # DTD: the r = t rows draw t only from the unlocked, highest-noise clusters. Clusters have
-            # equal mass under the max-of-two law (CDF u^2 in u-space), so stage s keeps the top
-            # (s + 1)/N of that mass: q ~ U[1 - (s + 1)/N, 1], u = sqrt(q) [ours].
+            # equal mass under the max-of-two law (CDF U^2), so stage j keeps the top (j + 1)/N of that
+            # mass: q ~ Uniform[1 - (j + 1)/N, 1], U = sqrt(q) [ours].
             q = 1 - torch.rand(B, device=device, dtype=torch.float64) * (self.dtd_stage + 1) / self.dtd_stages
-            u_hi = torch.where(fm, q.sqrt(), u_hi)
-        t, r = self.quantile(u_hi).float(), self.quantile(u_lo).float()
+            U_hi = torch.where(fm, q.sqrt(), U_hi)
+        t, r = self.quantile(U_hi).float(), self.quantile(U_lo).float()
         return t, torch.where(fm, t, r)
 
     # ---- the MeanFlow loss (MeanFlow Eqs. 9-11): u_tgt = v - (t - r) (v . d_z u + d_t u), error
@@ -271,26 +260,17 @@ class MeanFlow:
 
     def loss(self, net, x, y=None, progress=0.0, t=None, r=None, e=None):
         """(scalar loss, dict of detached logs) for data x (B, ...), labels y (B,) or None, progress = step / steps.
-        t, r, e are sampled unless given; net may be wrapped in DistributedDataParallel. logs: v_loss / u_loss
+        t, r, e are sampled unless given; net may be wrapped in DistributedDataParallel. logs: loss, v_loss / u_loss
         (mean squared error per element on the r = t / r != t rows), beta, dtd_stage. A call with gradients is a
-        training step: it advances DTD. du/dt enters only as (t - r) du/dt: the forward-mode pass runs on the
-        r != t rows [:n] only (same loss and gradients as one pass over the batch, tested; a counted floor of
-        1 + 0.25/3 flow-matching steps instead of 4/3; the measured costs are in the README)."""
-        self._check_net(net)
+        training step: it advances DTD. du/dt enters only as (t - r) du/dt, so the forward-mode pass runs on the
+        r != t rows [:n] only (the same loss and gradients as one pass over the batch, tested)."""
         B = x.shape[0]
-        self._check_inputs(net, x, y, progress)
-        if (t is None) != (r is None) or e is not None and e.shape != x.shape:
-            raise ValueError("give t and r together (or neither), and e of x's shape")
-        if t is not None and not (t.shape == r.shape == (B,) and bool(((0 <= r) & (r <= t) & (t <= 1)).all())):
-            raise ValueError(f"given t, r must be ({B},) each with 0 <= r <= t <= 1 (x has {B} rows)")
+        self._check_inputs(net, x, y, progress, t, r, e)
         if t is None:
             t, r = self.sample_t_r(B, x.device)
             n = round(self.ratio_r_neq_t * B)  # sample_t_r puts the r != t rows first: no host sync
-        else:  # given t, r: put the r != t rows first (a host sync; the loss is a mean, the order is free)
-            order = torch.argsort((t == r).int(), stable=True)
-            x, t, r = x[order], t[order], r[order]
-            y, e = (None if a is None else a[order] for a in (y, e))
-            n = int((t != r).sum())
+        else:
+            n, (x, y, e, t, r) = self._r_neq_t_first(x, y, e, t, r)
         e = torch.randn_like(x) if e is None else e
         t_, r_ = bcast(t, x), bcast(r, x)
         z_t = (1 - t_) * x + t_ * e
@@ -303,11 +283,9 @@ class MeanFlow:
         v_g = self.guided_velocity(net, z_t, t, v, y, drop, n, u_fm)
         parts = [(u_fm, v_g[n:])] if n < B else []
         if n > 0:
-            # The r != t rows: one forward-mode pass gives u and du/dt = v_g . d_z u + d_t u. The tangent is
-            # (v_g, 1, 0) in (z, t, r) order: dz/dt = v, dt/dt = 1, dr/dt = 0. Wrong tangents cost 2-5x in
-            # FID (Table 1b). Under bf16 autocast this pass runs in bf16 too: du/dt then carries ~5e-3 relative
-            # error, the target u_tgt ~6e-5 (DiT-S/2), below u's own bf16 error (~4e-3); an fp32 pass changed
-            # nothing measurable on the toy (README, Notes on the JVP).
+            # The r != t rows: one forward-mode pass gives u and du/dt = v_g . d_z u + d_t u, tangent (v_g, 1, 0)
+            # in (z, t, r) order (dz/dt = v_g, dt/dt = 1, dr/dt = 0); wrong tangents cost 2-5x in FID (Table 1b).
+            # Under bf16 autocast it runs in bf16: du/dt's error stays below u's own (README, Notes on the JVP).
             u, dudt = jvp(lambda z, t, r: net(z, t, r, _rows(y_in, 0, n)), (z_t[:n], t[:n], r[:n]),
                           (v_g[:n], torch.ones_like(t[:n]), torch.zeros_like(r[:n])))
             # Stop-gradient on the target: it depends on the network itself; differentiating through it
@@ -320,6 +298,13 @@ class MeanFlow:
         logs = self._logs(loss, l, t, r, progress, x)
         self.dtd_step(logs["v_loss"], progress)  # the curriculum advances here: no call a training loop can forget
         return loss, logs
+
+    @staticmethod
+    def _r_neq_t_first(x, y, e, t, r):
+        """Given t, r: the rows reordered so that the r != t ones come first (the loss is a mean, the order is
+        free; one host sync), and their count n."""
+        order = torch.argsort((t == r).int(), stable=True)
+        return int((t != r).sum()), tuple(None if a is None else a[order] for a in (x, y, e, t, r))
 
     def _logs(self, loss, l, t, r, progress, x):
         # masked means without boolean indexing: no host-device sync (0/0 = nan)
@@ -343,21 +328,20 @@ class MeanFlow:
         return torch.where(drop, num_classes, y), drop
 
     def guided_velocity(self, net, z_t, t, v, y, drop, n, u_fm=None):
-        """v_g = omega v + (1 - omega - kappa) u(z,t,t|null) + kappa u(z,t,t|y) on the rows inside [t_lo, t_hi]
-        whose label was kept, v on the others. Rows [:n] have r != t, rows [n:] r = t; drop from drop_labels.
-
-        The network terms are no-grad forwards at r = t, run only on the rows that use them (finding those rows
-        is one host sync; with kappa and u_fm, a second picks the r != t ones, right after the first while the
-        device queue is empty). u_fm (B - n rows), if given, is the r = t rows' own forward u(z, t, t | y): their
-        kappa term without an extra pass (a dropped row's u_fm is unconditional, but dropped rows take v)."""
+        """v_g = omega v + (1 - omega - kappa) u(z_t, t, t | null) + kappa u(z_t, t, t | y) on the rows inside
+        [t_lo, t_hi] whose label was kept, v on the others. Rows [:n] have r != t, rows [n:] r = t; drop from
+        drop_labels. The network terms are no-grad forwards at r = t on the rows that use them (one host sync to
+        find them); u_fm (B - n rows), the r = t rows' own u(z_t, t, t | y), gives their kappa term without
+        another pass (a dropped row's u_fm is unconditional, but dropped rows take v)."""
         if y is None or (self.omega == 1.0 and self.kappa == 0.0):
             return v
         null = null_labels(y, _module(net).num_classes)
         used = ((t >= self.t_lo) & (t <= self.t_hi) & ~drop).nonzero().squeeze(1)  # (m,)
         if used.numel() == 0:
             return v
-        # rows whose kappa term needs a forward of its own: with u_fm given, the r != t ones only
-        cond = used[:0] if not self.kappa else used[used < n] if u_fm is not None else used
+        cond = used[:0]  # rows whose kappa term needs a forward of its own: with u_fm, the r != t ones only
+        if self.kappa:  # (used[used < n] is a second host sync, right after the first)
+            cond = used if u_fm is None else used[used < n]
         rows = torch.cat([used, cond])
         with torch.no_grad():  # both guidance terms in one batched forward, at r = t, no gradient
             out = net(z_t[rows], t[rows], t[rows], torch.cat([null[used], y[cond]])).to(v.dtype)
@@ -372,11 +356,11 @@ class MeanFlow:
 
     # ---- improved training (Kim et al.): beta(t - r, s) on u, MinSNR alpha(t) or the DTD curriculum on v;
     # weights applied after the adaptive normalisation -------------------------------------------
-    def beta(self, dt, progress):
-        """beta(dt, s) = (1 - s) + s * lam * (1 - dt), s = 1 - progress^k: favours small intervals early
-        (they build v, observation O2), mean 1 at progress 0 and exactly 1 at progress 1."""
+    def beta(self, delta_t, progress):
+        """beta(delta_t, s) = (1 - s) + s * lam * (1 - delta_t), delta_t = t - r, s = 1 - progress^k: favours small
+        intervals early (they build v, observation O2), mean 1 at progress 0 and exactly 1 at progress 1."""
         s = 1 - progress**self.beta_k
-        return (1 - s) + s * self.lam * (1 - dt)
+        return (1 - s) + s * self.lam * (1 - delta_t)
 
     def _alpha_raw(self, t):
         # MinSNR-gamma moved to the velocity loss [ours]: SNR = ((1 - t)/t)^2 and |x_hat - x|^2 =
@@ -396,7 +380,9 @@ class MeanFlow:
     # Pacing [ours, our reading of the DTD paper]: a stage ends when its v-loss has converged (the mean of the last
     # dtd_window steps not below the window before by 2 standard errors), at the latest after dtd_patience = tau
     # steps (the paper's "maximum patience"; read as "steps without a new best" it never ends while the loss
-    # improves) or at progress (k + 1) * dtd_share / (N - 1) for stage k. One host sync and one all-reduce of
+    # improves) or at progress (j + 1) * dtd_share / (N - 1) for stage j. dtd_share = 0.25 [ours]: the curriculum
+    # takes at most a quarter of a run at any run length and leaves each of the 19 unlocks up to 1.3% of it (tau
+    # alone: 19 x 200 = 3800 steps, more than a whole toy run; 0: no deadline). One host sync and one all-reduce of
     # 3 numbers a window: every process decides on the same global values at the same step.
     @torch.compiler.disable  # Python state and a host sync: never traced
     def dtd_step(self, v_loss, progress=0.0):
@@ -436,20 +422,6 @@ class MeanFlow:
     def _dtd_reset(self):
         self._dtd_steps, self._dtd_prev, self._dtd_acc = 0, None, torch.zeros(3)
 
-    def state_dict(self):
-        """The curriculum's state (train.py checkpoints it) as plain numbers: resuming continues bitwise."""
-        return dict(dtd_stage=self.dtd_stage, dtd_steps=self._dtd_steps, dtd_acc=self._dtd_acc.tolist(),
-                    dtd_prev=None if self._dtd_prev is None else list(self._dtd_prev))
-
-    def load_state_dict(self, d):
-        if not (isinstance(d, dict) and {"dtd_stage", "dtd_steps", "dtd_acc", "dtd_prev"} <= d.keys()
-                and 0 <= d["dtd_stage"] < max(self.dtd_stages, 1)):
-            raise ValueError(f"not a curriculum state of this method (dtd_stages={self.dtd_stages}): "
-                             f"{d if not isinstance(d, dict) else {k: d.get(k) for k in ('dtd_stage', 'dtd_steps')}}")
-        self.dtd_stage, self._dtd_steps = int(d["dtd_stage"]), int(d["dtd_steps"])
-        self._dtd_acc = torch.tensor(d["dtd_acc"], dtype=torch.float32)  # float32 -> float -> float32: exact
-        self._dtd_prev = None if d["dtd_prev"] is None else tuple(d["dtd_prev"])
-
     # ---- iMF (Geng et al.): V = u + (t - r) sg(du/dt) along the network's own v, regressed on the guided v
     # (iMF Sec. 4.1, Eqs. 9-12, Alg. 1); guidance (omega, [t_min, t_max]) as a network condition ---------
     def sample_imf_conditions(self, t, r):
@@ -477,21 +449,7 @@ class MeanFlow:
         # The r = t rows: a plain forward. Their conditions are (omega, [0, 1]), so their v-head is also the
         # conditional v of their guided target (rows with a kept label).
         u_fm, v_fm = net(z_t[n:], t[n:], t[n:], **conds(n, B), return_v=True) if n < B else (None, None)
-        with torch.no_grad():  # the network's own v at r = t: conditional at each row's omega_m, unconditional
-            v_c, v_g = None, v
-            if y is None and n > 0:
-                v_c = net(z_t[:n], t[:n], t[:n], None, ones[:n], zeros[:n], ones[:n], return_v="only")
-            elif y is not None:
-                null = null_labels(y, _module(net).num_classes)
-                used = (inside & ~drop).nonzero().squeeze(1)  # rows with guidance (one host sync)
-                rows = torch.cat([torch.arange(n, device=t.device), used])  # v_c of r != t rows, v_u of used rows
-                labels, omegas = torch.cat([y[:n], null[used]]), torch.cat([omega_m[:n], ones[used]])
-                out = v[:0] if rows.numel() == 0 else net(z_t[rows], t[rows], t[rows], labels, omegas, zeros[rows],
-                                                          ones[rows], return_v="only").to(v.dtype)
-                v_c, v_u = out[:n], out[n:]  # (n, ...), (len(used), ...)
-                v_c_all = v_c if v_fm is None else torch.cat([v_c, v_fm.detach().to(v.dtype)])
-                v_g = v.clone()
-                v_g[used] = v[used] + bcast(1 - 1 / omega_m[used], v_u) * (v_c_all[used] - v_u)  # guided target
+        v_c, v_g = self.imf_guided_velocity(net, z_t, t, v, y, drop, n, inside, omega_m, v_fm)
         V, v_head = ([u_fm], [v_fm]) if n < B else ([], [])
         if n > 0:
             # The tangent is the network's own (guided-condition) velocity v_c, not e - x: then
@@ -505,8 +463,73 @@ class MeanFlow:
         loss = (self.adaptive(l_u) + self.adaptive(l_v)).mean()
         return loss, self._logs(loss, l_u, t, r, 0.0, x)
 
+    @torch.no_grad()
+    def imf_guided_velocity(self, net, z_t, t, v, y, drop, n, inside, omega_m, v_fm):
+        """The network's own v at r = t from its v-head, no gradient: v_c, conditional at each row's omega_m on the
+        interval [0, 1], for the r != t rows [:n] (their tangent); and the guided target v_g = v + (1 - 1/omega_m)
+        (v_c - v_u) on the rows inside their interval whose label was kept (v_u: null label, omega 1), v on the
+        others. The r = t rows' v_c is their own v-head output v_fm (their conditions are (omega, [0, 1]))."""
+        ones, zeros = torch.ones_like(t), torch.zeros_like(t)
+        if y is None:  # unconditional: no guidance; v_c for the tangent only
+            return (net(z_t[:n], t[:n], t[:n], None, ones[:n], zeros[:n], ones[:n], return_v="only") if n > 0
+                    else None), v
+        null = null_labels(y, _module(net).num_classes)
+        used = (inside & ~drop).nonzero().squeeze(1)  # rows with guidance (one host sync)
+        rows = torch.cat([torch.arange(n, device=t.device), used])  # v_c of the r != t rows, v_u of the used rows
+        labels, omegas = torch.cat([y[:n], null[used]]), torch.cat([omega_m[:n], ones[used]])
+        out = v[:0] if rows.numel() == 0 else net(z_t[rows], t[rows], t[rows], labels, omegas, zeros[rows],
+                                                  ones[rows], return_v="only").to(v.dtype)
+        v_c, v_u = out[:n], out[n:]  # (n, ...), (len(used), ...)
+        v_c_all = v_c if v_fm is None else torch.cat([v_c, v_fm.detach().to(v.dtype)])
+        v_g = v.clone()
+        v_g[used] = v[used] + bcast(1 - 1 / omega_m[used], v_u) * (v_c_all[used] - v_u)
+        return v_c, v_g
+
     # ---- samplers: z_r = z_t - (t - r) u(z_t, t, r) (MeanFlow Eq. 12, Alg. 2), one step or a few ----------
-    def _conditions(self, e, omega, t_min, t_max):
+    @torch.no_grad()
+    def sample(self, net, e, y=None, steps=1, omega=1.0, t_min=0.0, t_max=1.0):
+        """k-NFE MeanFlow sampling on a uniform grid 1 -> 0: z_r = z_t - (t - r) u(z_t, t, r).
+        Guidance needs no extra pass: MeanFlow bakes it into u, iMF takes omega as a condition."""
+        cond = self._conditions(net, e, y, omega, t_min, t_max)
+        return self._walk(e, steps, lambda z, t, r: net(z, t, r, y, **cond))
+
+    @torch.no_grad()
+    def sample_euler(self, net, e, y=None, steps=32, omega=1.0, t_min=0.0, t_max=1.0):
+        """Many-step Euler with the instantaneous velocity read out of the network: u(z, t, t)
+        (iMF: its v-head). The improved-training paper's probe of how well v is learned."""
+        cond = self._conditions(net, e, y, omega, t_min, t_max)
+        head = dict(return_v="only") if self.imf else {}
+        return self._walk(e, steps, lambda z, t, r: net(z, t, t, y, **cond, **head))
+
+    @staticmethod
+    def _walk(e, steps, velocity):
+        """z_r = z_t - (t - r) * velocity(z_t, t, r) over a uniform grid from t = 1 (noise) to 0 (data)."""
+        if not (isinstance(steps, int) and steps >= 1):
+            raise ValueError(f"steps={steps!r}: pass an integer number of network evaluations, 1 or more")
+        z, grid = e, torch.linspace(1.0, 0.0, steps + 1, device=e.device)
+        for t, r in zip(grid[:-1], grid[1:]):
+            z = z - (t - r) * velocity(z, t.expand(e.shape[0]), r.expand(e.shape[0])).to(z.dtype)
+        return z
+
+    # ---- input checks (one clear line, not a shape error deep inside the network) and checkpointing ----------
+    def _check_inputs(self, net, x, y, progress=0.0, t=None, r=None, e=None):
+        m, B = _module(net), x.shape[0]  # a network that does not say (a user's own) is taken at its word
+        if self.imf and not (getattr(m, "guidance_cond", True) and getattr(m, "v_head", True)):
+            raise ValueError("recipe 'imf' needs a network with guidance conditions and a v-head: one of iMF_models, "
+                             "or a DiT or MLP built with **MeanFlow('imf').net_kwargs")
+        K = getattr(m, "num_classes", 0)  # labels need it: num_classes is also the null label
+        if y is not None and (K == 0 or y.shape != (B,)):
+            raise ValueError(f"labels y of shape {tuple(y.shape)} for x of {tuple(x.shape)}: one per row, and a network "
+                             f"with classes" + (" (this one has num_classes=0 or none)" if K == 0 else ""))
+        if not 0 <= progress <= 1:
+            raise ValueError(f"progress={progress}: pass step / total_steps, in [0, 1]")
+        if (t is None) != (r is None) or (e is not None and e.shape != x.shape):
+            raise ValueError("give t and r together (or neither), and e of x's shape")
+        if t is not None and not (t.shape == r.shape == (B,) and bool(((0 <= r) & (r <= t) & (t <= 1)).all())):
+            raise ValueError(f"given t, r must be ({B},) each with 0 <= r <= t <= 1 (x has {B} rows)")
+
+    def _conditions(self, net, e, y, omega, t_min, t_max):  # the samplers' checks and iMF's guidance conditions
+        self._check_inputs(net, e, y)
         if not (omega >= 1 and 0 <= t_min <= t_max <= 1):
             raise ValueError(f"omega={omega}, [t_min, t_max]=[{t_min}, {t_max}]: pass omega >= 1 (1: no guidance) and "
                              "0 <= t_min <= t_max <= 1")
@@ -518,35 +541,19 @@ class MeanFlow:
         full = lambda a: torch.full((e.shape[0],), float(a), device=e.device)
         return dict(omega=full(omega), t_min=full(t_min), t_max=full(t_max))
 
-    @torch.no_grad()
-    def sample(self, net, e, y=None, steps=1, omega=1.0, t_min=0.0, t_max=1.0):
-        """k-NFE MeanFlow sampling on a uniform grid 1 -> 0: z_r = z_t - (t - r) u(z_t, t, r).
-        Guidance needs no extra pass: MeanFlow bakes it into u, iMF takes omega as a condition."""
-        self._check_net(net)
-        self._check_inputs(net, e, y)
-        cond = self._conditions(e, omega, t_min, t_max)
-        return self._walk(e, steps, lambda z, t, r: net(z, t, r, y, **cond))
+    def state_dict(self):
+        """The curriculum's state (train.py checkpoints it) as plain numbers: resuming continues bitwise."""
+        return dict(dtd_stage=self.dtd_stage, dtd_steps=self._dtd_steps, dtd_acc=self._dtd_acc.tolist(),
+                    dtd_prev=None if self._dtd_prev is None else list(self._dtd_prev))
 
-    @torch.no_grad()
-    def sample_euler(self, net, e, y=None, steps=32, omega=1.0, t_min=0.0, t_max=1.0):
-        """Many-step Euler with the instantaneous velocity read out of the network: u(z, t, t)
-        (iMF: its v-head). The improved-training paper's probe of how well v is learned."""
-        self._check_net(net)
-        self._check_inputs(net, e, y)
-        cond = self._conditions(e, omega, t_min, t_max)
-        if self.imf:
-            return self._walk(e, steps, lambda z, t, r: net(z, t, t, y, **cond, return_v="only"))
-        return self._walk(e, steps, lambda z, t, r: net(z, t, t, y, **cond))
-
-    @staticmethod
-    def _walk(e, steps, velocity):
-        """z_r = z_t - (t - r) * velocity(z_t, t, r) over a uniform grid from t = 1 (noise) to 0 (data)."""
-        if not (isinstance(steps, int) and steps >= 1):
-            raise ValueError(f"steps={steps!r}: pass an integer number of network evaluations, 1 or more")
-        z, grid = e, torch.linspace(1.0, 0.0, steps + 1, device=e.device)
-        for t, r in zip(grid[:-1], grid[1:]):
-            z = z - (t - r) * velocity(z, t.expand(e.shape[0]), r.expand(e.shape[0])).to(z.dtype)
-        return z
+    def load_state_dict(self, d):
+        if not (isinstance(d, dict) and {"dtd_stage", "dtd_steps", "dtd_acc", "dtd_prev"} <= d.keys()
+                and 0 <= d["dtd_stage"] < max(self.dtd_stages, 1)):
+            raise ValueError(f"not a curriculum state of this method (dtd_stages={self.dtd_stages}): "
+                             f"{d if not isinstance(d, dict) else {k: d.get(k) for k in ('dtd_stage', 'dtd_steps')}}")
+        self.dtd_stage, self._dtd_steps = int(d["dtd_stage"]), int(d["dtd_steps"])
+        self._dtd_acc = torch.tensor(d["dtd_acc"], dtype=torch.float32)  # float32 -> float -> float32: exact
+        self._dtd_prev = None if d["dtd_prev"] is None else tuple(d["dtd_prev"])
 
 
 # ==============================================================================================
@@ -627,10 +634,10 @@ class TimestepEmbedder(nn.Module):
 def sincos_pos_embed_2d(dim, grid):
     """Fixed 2-D sin-cos positions, (grid*grid, dim): half the channels encode rows, half columns."""
     pos = torch.arange(grid, dtype=torch.float64)
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
 
     def emb_1d(p):  # (M,) -> (M, dim/2)
-        out = p[:, None] * omega[None]
+        out = p[:, None] * freqs[None]
         return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
     gy, gx = torch.meshgrid(pos, pos, indexing="ij")
@@ -738,8 +745,7 @@ class DiT(nn.Module):
                 nn.init.zeros_(m.linear.weight)
                 nn.init.zeros_(m.linear.bias)
 
-    def set_attention(self, backend):
-        return set_attention(self, backend)
+    set_attention = set_attention  # net.set_attention(backend): the function above
 
     def patchify(self, z):  # (B, C, H, W) -> (B, N, C*p*p), N = (H/p)*(W/p)
         if z.shape[1:] != (self.in_channels, self.input_size, self.input_size):
@@ -800,8 +806,8 @@ def rope_cos_sin(dim, n, theta=10000.0):
     return angles.cos().float(), angles.sin().float()
 
 
-# One function to a TorchFunctionMode (wrap_torch_function: called with a mode active, it goes to the mode as
-# apply_rope itself), so that the APPENDIX can give the rotation its tangent rule; without a mode, plain ops.
+# wrap_torch_function makes apply_rope one call as a TorchFunctionMode sees it, so that the APPENDIX can give the
+# rotation one tangent rule; with no mode active it runs as the plain ops below.
 @torch.overrides.wrap_torch_function(lambda x, cos, sin: (x, cos, sin))
 def apply_rope(x, cos, sin):
     """Rotate each pair of channels (2i, 2i+1) of x: (B, H, N, d) by its position's angle (as the official
@@ -886,11 +892,11 @@ class iMFDiT(nn.Module):
     return_v=True, v alone with return_v="only" (then the u-head's blocks are skipped).
 
     The sequence is [8 class | 4 omega | 2 t_min | 2 t_max | 4 time | N patch] tokens: each condition adds its
-    embedding (class; h = t - r; 1 - 1/omega; t_min; t_max) to its own learned tokens. depth blocks make u
+    embedding (class; 1 - 1/omega; t_min; t_max; h = t - r, the "time" tokens) to its own learned tokens. depth blocks make u
     (the first depth - head_depth shared with the v-head); the v-head adds head_depth blocks of its own."""
 
     num_tokens = dict(cls=8, omega=4, t_min=2, t_max=2, time=4)  # official iMF
-    patchify, unpatchify = DiT.patchify, DiT.unpatchify  # the DiT's patch layout
+    patchify, unpatchify, set_attention = DiT.patchify, DiT.unpatchify, DiT.set_attention  # as the DiT
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=768, depth=12, num_heads=12,
                  head_depth=8, mlp_ratio=8 / 3, num_classes=1000, attention="sdpa", in_context=True, guidance_cond=True,
@@ -934,9 +940,6 @@ class iMFDiT(nn.Module):
         for m in (self.u_final_layer, self.v_final_layer):
             nn.init.zeros_(m.linear.weight)
 
-    def set_attention(self, backend):
-        return set_attention(self, backend)
-
     def forward(self, z, t, r, y=None, omega=None, t_min=None, t_max=None, return_v=False):
         x = self.x_embedder(self.patchify(z))  # (B, N, D): no absolute positions, RoPE does it
         w, lo, hi = guidance_scalars(t, omega, t_min, t_max)  # 1 - 1/omega, t_min, t_max: (B,) each
@@ -969,10 +972,8 @@ class MLP(nn.Module):
 
     Inputs: z, t and t - r as they are (dim + 2 numbers, all of unit scale on standardised data), plus the
     guidance conditions 1 - 1/omega, t_min, t_max for iMF. A label shifts the first hidden layer. The output
-    layer starts at zero (u = 0), as the DiT's. Why no sinusoidal time features [ours, measured on the 2-D
-    mixture with exact u, 3 seeds]: 2 x 32 of them next to the 2 coordinates of z drown z at initialisation,
-    and MeanFlow sat ~250 steps at the untrained error before learning; on the raw inputs v is learned within
-    ~100 steps. Their low frequencies (max_period 10^4 on t in [0, 1]) are nearly linear in t anyway.
+    layer starts at zero (u = 0), as the DiT's. No sinusoidal time features: next to z's 2 coordinates they delayed
+    learning by ~250 steps [ours, 3 seeds on the 2-D mixture with exact u; README "The 2-D regime"].
     Inside jvp() the APPENDIX gives F.linear and F.silu cheaper tangent rules: the same values."""
 
     def __init__(self, dim=2, hidden=256, depth=4, num_classes=0, guidance_cond=False, v_head=False,

@@ -477,6 +477,9 @@ def test_unknown_recipe_or_knob_is_a_clear_error():
             mf.MeanFlow("improved-dtd", **knob)
     with pytest.raises(ValueError, match="data_proportion"):
         mf.MeanFlow("meanflow", data_proportion=0.75)
+    for recipe, knob in (("improved-dtd", dict(minsnr_gamma=5.0)), ("improved-minsnr", dict(dtd_stages=20))):
+        with pytest.raises(ValueError, match="DTD and MinSNR"):  # alpha's mean 1 assumes the t of every stage at once
+            mf.MeanFlow(recipe, **knob)
 
 
 @pytest.mark.parametrize("labels", [False, True])
@@ -1718,6 +1721,7 @@ def test_imf_sampling_defaults_per_size_as_the_official_eval_config(model, expec
     (["--recipe", "imf", "--omega", "2"], ["--omega", "--sample-omega"]),
     (["--data", "cifar10", "--recipe", "imf", "--dropout", "0.2"], ["--dropout", "iMF"]),
     (["--recipe", "imf", "--set", "beta_k=1"], ["iMF has its own loss", "--set"]),
+    (["--recipe", "improved-dtd", "--set", "minsnr_gamma=5"], ["DTD and MinSNR", "--set"]),
 ])
 def test_sampling_and_recipe_flags_fail_in_one_line(tmp_path, capsys, argv, words):
     make_fashion(str(tmp_path / "fm"))
@@ -3003,7 +3007,7 @@ def test_meanflow_without_appendix_computes_the_same(tmp_path):
 LECTURE_DELETE = ["drop_labels", "guided_velocity",  # guidance
                   "_expect", "beta", "_alpha_raw", "weights", "dtd_step", "_dtd_reset", "state_dict",
                   "load_state_dict",  # improved training
-                  "_check_net", "sample_imf_conditions", "imf_loss", "rope_cos_sin", "apply_rope", "RMSNorm", "iMFAttention",
+                  "sample_imf_conditions", "imf_guided_velocity", "imf_loss", "rope_cos_sin", "apply_rope", "RMSNorm", "iMFAttention",
                   "SwiGLU", "iMFBlock", "iMFFinalLayer", "iMFDiT", "iMF_sizes", "iMF_models", "imf_guidance"]  # iMF
 LECTURE_REPLACE = [("y_in, drop = ", "y_in = y"), ("v_g = self.guided_velocity(", "v_g = v"),
                    ("w = self.weights(", "w = 1"), ("RECIPES = {", 'RECIPES = {"meanflow": _meanflow}')]
@@ -3040,9 +3044,6 @@ def lecture_cut(text):
     for n in ast.walk(method("loss")):
         if isinstance(n, ast.Expr) and ast.unparse(n).startswith("self.dtd_step("):
             cut(n, comments=False)
-    for fn in ("loss", "sample", "sample_euler"):
-        n = next(n for n in method(fn).body if ast.unparse(n).startswith("self._check_net("))
-        cut(n, comments=False)
     for old, new in LECTURE_REPLACE:
         node = next(n for n in ast.walk(tree) if isinstance(n, ast.Assign) and ast.unparse(n).startswith(old))
         indent = lines[node.lineno - 1][:len(lines[node.lineno - 1]) - len(lines[node.lineno - 1].lstrip())]
