@@ -567,13 +567,17 @@ def test_attention_tangent_never_ignores_a_mask_or_scale():
 def test_rng_state_round_trips_every_generator_mid_stream():
     np.random.seed(0)
     np.random.rand(5)  # mid-stream: numpy's position in its key matters
+    np.random.randn(1)  # an odd number of Gaussian draws: each generator caches the second of a pair
     random.random()
+    random.gauss(0, 1)
     torch.rand(3)
     state = train.rng_state()
-    first = (np.random.rand(3), random.random(), torch.rand(3))
-    np.random.rand(7)
+    torch.save(state, io.BytesIO())  # and a checkpoint holds it
+    first = (np.random.randn(3), random.gauss(0, 1), torch.rand(3))
+    np.random.randn(7)
+    random.gauss(0, 1)
     train.set_rng_state(state)
-    again = (np.random.rand(3), random.random(), torch.rand(3))
+    again = (np.random.randn(3), random.gauss(0, 1), torch.rand(3))
     assert np.array_equal(first[0], again[0]) and first[1] == again[1] and torch.equal(first[2], again[2])
 
 
@@ -1083,7 +1087,7 @@ def test_batches_are_a_function_of_the_step_and_split_over_processes(tmp_path):
         halves = [train.get_batch(args, data, step, r, 2) for r in range(2)]
         assert torch.equal(torch.cat([h[0] for h in halves]), x) and torch.equal(torch.cat([h[1] for h in halves]), y)
     seen, get = [], data.get  # the image numbers each batch reads
-    data.get = lambda idx, g: seen.append(idx.clone()) or get(idx, g)
+    data.get = lambda idx, g, mine: seen.append(idx.clone()) or get(idx, g, mine)
     for s in range(5):  # 80 positions: 2 epochs of the 40 images
         train.get_batch(args, data, s, 0, 1)
     order = torch.cat(seen)
@@ -1512,9 +1516,12 @@ def test_checkpoint_from_another_model(tmp_path, capsys):
 
 
 def test_batch_not_divisible_by_the_world_size(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun --nproc_per_node=3 sets it; checked before any collective
+    monkeypatch.setenv("WORLD_SIZE", "3")  # without RANK, not a torchrun process: one process, any batch
+    code, _, err = run_main(["--batch-size", 256, "--steps", 2, "--out", tmp_path / "one"], capsys)
+    assert code == 0, err
+    monkeypatch.setenv("RANK", "0")  # as torchrun --nproc_per_node=3 sets them; checked before any collective
     code, _, err = run_main(["--batch-size", 256, "--out", tmp_path / "run"], capsys)
-    assert_one_line_error(code, err, "--batch-size 256", "3 processes")
+    assert_one_line_error(code, err, "process 0 of 3: --batch-size 256", "3 processes")  # each process says which
     assert not os.path.exists(tmp_path / "run")
 
 
@@ -2036,6 +2043,7 @@ def test_every_numeric_knob_has_a_range():
 def test_bad_environment_and_empty_out(tmp_path, capsys, monkeypatch):
     assert_one_line_error(*run_main(["--out", ""], capsys)[::2], "--out is empty")
     monkeypatch.setenv("WORLD_SIZE", "0")
+    monkeypatch.setenv("RANK", "0")  # torchrun's variables (WORLD_SIZE alone is not read)
     assert_one_line_error(*run_main(["--out", tmp_path / "run"], capsys)[::2], "WORLD_SIZE='0'")
     assert os.listdir(tmp_path) == []
 
@@ -2304,7 +2312,7 @@ def test_checkpoint_contents_are_checked_before_use(tmp_path, capsys):
             assert_one_line_error(*run_main(common + [flag, value] + mode, capsys)[::2], f"was trained with {flag}")
     assert (out / "ckpt.pt").read_bytes() == saved
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    for key, value in (("ema", torch.zeros(3)), ("step", -1), ("time", "noon")):  # fields of the wrong kind
+    for key, value in (("ema", torch.zeros(3)), ("step", -1), ("time", "noon"), ("rng", 5), ("dtd_acc", {})):  # wrong kinds
         torch.save({**ckpt, key: value}, out / "ckpt.pt")
         for mode in (["--resume", "--steps", 8], ["--sample", 5]):
             assert_one_line_error(*run_main(common + mode, capsys)[::2], "not a train.py checkpoint")
@@ -3329,6 +3337,28 @@ def test_benchmark_refuses_bad_flags_in_one_line(tmp_path, flags, named):
     assert "Traceback" not in p.stderr and not p.stdout and os.listdir(tmp_path) == []
 
 
+def test_a_process_that_does_not_download_says_the_tarball_is_missing(tmp_path):
+    """Process 0 of each machine downloads CIFAR-10; another that finds no tarball after the barrier (the download
+    failed) says so, not "delete it to re-download"."""
+    with pytest.raises(train.Fail, match="no cifar-10-python.tar.gz in .*its download failed"):
+        train.load_cifar10(str(tmp_path), local_rank=1)
+    assert os.listdir(tmp_path) == []
+
+
+def test_latents_are_found_in_any_folder_name(tmp_path):
+    """A folder whose name holds glob characters or "shard-" (lat[1], shard-run/lat) reads its shards and labels."""
+    lat = np.zeros((3, 2, 2, 4, 32, 32), np.float16)
+    lat[:, :, 1] = 1
+    for folder in (tmp_path / "lat[1]", tmp_path / "shard-run" / "lat"):
+        folder.mkdir(parents=True)
+        np.save(folder / "shard-00000-of-00001.npy", lat)
+        np.save(folder / "labels-00000-of-00001.npy", np.array([0, 1, 2]))
+        data = train.ImageNetLatents(str(folder))
+        assert len(data) == 3 and data.labels.tolist() == [0, 1, 2]
+    assert train.labels_path(str(tmp_path / "shard-run" / "shard-00001-of-00002.npy")) == \
+        str(tmp_path / "shard-run" / "labels-00001-of-00002.npy")
+
+
 def test_latents_are_normalised_as_each_recipes_official_code(tmp_path):
     """MeanFlow trains on SD-VAE latents times 0.18215 (as DiT); iMF standardises each channel with its own ImageNet
     statistics (official utils/vae_util.py). The batches use the recipe's, and generate() inverts it for the VAE."""
@@ -3748,6 +3778,7 @@ def test_seed_bound_is_exact(monkeypatch):  # A2: numpy seeds process k with see
     with pytest.raises(train.Fail, match="too large"):
         train.get_args(["--seed", str(2**32)])
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
     train.get_args(["--seed", str(2**31 - 1), "--batch-size", "16"])  # processes 0, 1: seeds 2**32 - 2, 2**32 - 1
     with pytest.raises(train.Fail, match="too large"):
         train.get_args(["--seed", str(2**31), "--batch-size", "16"])  # process 1 would be seeded with 2**32 + 1
@@ -3760,6 +3791,7 @@ def test_stop_at_the_last_step_is_accepted():  # A3
 
 def test_sample_batch_need_not_split_over_the_processes(monkeypatch):  # A6: --sample draws ceil(batch / world) each
     monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets them
     args = train.get_args(["--sample", "10"])  # the default global batch, 256, is not a multiple of 3
     assert args.batch_size == 256
     with pytest.raises(train.Fail, match="does not split"):  # training still needs an even split
@@ -3767,6 +3799,23 @@ def test_sample_batch_need_not_split_over_the_processes(monkeypatch):  # A6: --s
 
 
 # ---------------------------------------------------------------- data
+
+
+def test_flipped_images_and_latent_draws_split_over_processes(tmp_path):
+    """CIFAR-10's flips and the latents' flips and posterior draws are drawn for the whole batch; each process reads
+    its own rows only, and the halves of two processes are the one process's batch, bitwise."""
+    lat = np.random.default_rng(0).normal(size=(24, 2, 2, 4, 32, 32)).astype(np.float16)
+    np.save(tmp_path / "shard-00000-of-00001.npy", lat)
+    np.save(tmp_path / "labels-00000-of-00001.npy", np.arange(24) % 5)
+    rng = np.random.default_rng(1)
+    cifar = train.Pixels(rng.integers(0, 256, (24, 3, 32, 32), dtype=np.uint8), np.arange(24) % 10, flip=True)
+    for data, argv in ((train.ImageNetLatents(str(tmp_path)), ["--data", "imagenet-latents", "--model", "Ti/4"]),
+                       (cifar, ["--data", "cifar10", "--model", "Ti/4", "--class-cond"])):
+        args = train.get_args(argv + ["--data-path", str(tmp_path), "--batch-size", "16"])
+        for step in (0, 1):  # step 1 spans two epochs of the 24 rows
+            x, y = train.get_batch(args, data, step, 0, 1)
+            halves = [train.get_batch(args, data, step, r, 2) for r in range(2)]
+            assert torch.equal(torch.cat([h[0] for h in halves]), x) and torch.equal(torch.cat([h[1] for h in halves]), y)
 
 
 def test_toy_batch_is_split_over_processes_not_repeated():  # B6: every process drew the same B / world points
@@ -3946,6 +3995,22 @@ def test_save_atomic_writes_past_a_temporary_left_by_a_killed_writer(tmp_path):
         train.save_atomic(path, lambda f: names.append(f.name) or f.write(data))
     assert open(path, "rb").read() == b"second" and len(set(names)) == 2
     assert all(n.startswith(path + ".tmp-") and not os.path.exists(n) for n in names)
+
+
+def test_save_atomic_outside_a_run_folder_does_not_advise_overwrite(tmp_path):
+    """A failed download or label file is not a training run's file: its line says to run the command again, not
+    --overwrite (which, with --resume of a run whose data went missing, would have deleted the run's checkpoint)."""
+    (tmp_path / "ckpt.pt").write_bytes(b"x")
+    (tmp_path / "full").mkdir()
+
+    def fail(f):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    for path, run_folder, words in [(tmp_path / "full" / "cifar.tar.gz", False, ["run the command again"]),
+                                    (tmp_path / "ckpt.pt", True, ["--resume for a training run"])]:
+        with pytest.raises(train.Fail) as err:
+            train.save_atomic(str(path), fail, run_folder=run_folder)
+        assert all(w in str(err.value) for w in words) and "--overwrite" not in str(err.value), str(err.value)
 
 
 def test_claim_out_keeps_a_live_sample_temporary(tmp_path):  # P2
@@ -4128,6 +4193,8 @@ def test_resume_of_a_finished_run_draws_its_last_pictures(tmp_path, capsys):
     (["--set", "omega_max=5"], ["['omega_max'] are not options of recipe 'meanflow'", "iMF's"]),
     (["--set", "dtd_patience=5"], ["--set dtd_patience does nothing", "dtd_stages is 0"]),
     (["--prepare-imagenet", "imgs", "--steps", 3], ["--steps goes with training (and --sample"]),
+    (["--prepare-imagenet", "imgs", "--batch-size", 64], ["--batch-size goes with training"]),  # encodes 32 at once
+    (["--prepare-imagenet", "imgs", "--compile"], ["--compile goes with training"]),
     (["--prepare-imagenet", "imgs", "--out", "x"], ["--out goes with training or --sample"]),
 ])
 def test_options_and_knobs_that_would_do_nothing_are_refused(tmp_path, capsys, argv, words):

@@ -1,7 +1,7 @@
 """Train a MeanFlow one-step generator: one script from a 2-D toy on a laptop to ImageNet latents on many GPUs.
 
-  python train.py                                                # 2-D checkerboard, MLP, CPU, about a minute
-  python train.py --data moons --recipe meanflow                 # any toy_data set, any recipe
+  python train.py                                                # 2-D checkerboard, MLP, CPU, 20-40 s
+  python train.py --data moons --recipe improved-minsnr          # any toy_data set, any recipe
   python train.py --data fashion-mnist --model Ti/4 --recipe improved-minsnr --batch-size 32 --lr 1e-3 \\
       --ema 0.99 --steps 600 --eval-every 200                    # 2 CPU cores: about 4 min, garments recognisable
   torchrun --nproc_per_node=8 train.py --data cifar10 --model B/2          # downloads CIFAR-10 into data/cifar10;
@@ -17,12 +17,13 @@ SIGTERM ends the step, writes the checkpoint and prints that command. --overwrit
 Output in --out: log.jsonl (a line per --log-every steps), step-XXXXXXX.png (1-NFE and 2-NFE samples of the EMA
 model; beside the data and the loss curves for 2-D toys, with loss.png for images), ckpt.pt (written atomically).
 Defaults marked (paper) are the MeanFlow paper's ImageNet settings; (toy) marks the 2-D toys' own.
-Bad input ends with one line on stderr, exit code 2, and no half-written file.
+Bad input ends with one line on stderr (under torchrun, one per process), exit code 2, and no half-written file.
 """
 
 import argparse
 import copy
 import fcntl
+import functools
 import glob
 import gzip
 import hashlib
@@ -119,7 +120,10 @@ NUMBERS = dict(
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints its whole usage first: here the one line of every other error
-        hint = " (a negative value: --lr=-1e-3)" if "expected one argument" in message else ""
+        flag = re.match(r"argument (--[\w-]+).*: expected one argument", message)  # a number flag given "-1e-3"?
+        numeric = flag and next((a.type for a in self._actions if flag[1] in a.option_strings and a.type in (int, float)),
+                                None)
+        hint = f" (a negative value: {flag[1]}={'-1e-3' if numeric is float else '-1'})" if numeric else ""
         raise Fail(f"{message}{hint}; see --help")
 
 
@@ -127,9 +131,18 @@ class Parser(argparse.ArgumentParser):
 # MeanFlow() also checks. A new knob gets its line there (tested).
 ANY = (lambda v: True, "")
 KNOBS = mf.KNOB_RANGES
-# Flags that only a training run reads: refused with --prepare-imagenet. --sample accepts them (and ignores them), as
-# --resume does: both take the run's own command.
-TRAINING_ONLY = ("steps", "stop_at", "lr", "warmup", "weight_decay", "ema", "log_every", "eval_every", "ckpt_every")
+# Flags that only a training run reads: refused with --prepare-imagenet. --sample accepts and ignores them, so that,
+# like --resume, it can take the run's own command.
+TRAINING_ONLY = ("steps", "stop_at", "lr", "warmup", "weight_decay", "ema", "log_every", "eval_every", "ckpt_every",
+                 "batch_size", "compile")
+
+
+def processes():
+    """(rank, world, local_rank) of this process: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK. Without RANK, one
+    process (a WORLD_SIZE left in the environment by something else does not make a distributed run)."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
 def get_args(argv=None):
@@ -204,7 +217,7 @@ def get_args(argv=None):
     if args.recipe not in mf.RECIPES:
         raise Fail(f"unknown --recipe {args.recipe!r}; choose one of: {', '.join(mf.RECIPES)}")
     imf = mf.RECIPES[args.recipe]["imf"]
-    given = {k for k in TRAINING_ONLY if getattr(args, k) is not None}  # before the defaults fill them in
+    given = {k for k in TRAINING_ONLY if getattr(args, k) not in (None, False)}  # before the defaults fill them in
     args.weight_decay = 0.0 if args.weight_decay is None else args.weight_decay
     defaults = {**(TOY if toy else PAPER), **(IMF_TRAINING if imf and not toy else {}),
                 **{k: v for k, v in own.items() if k not in ("knobs", "dropout")}}
@@ -231,7 +244,8 @@ def get_args(argv=None):
             if v is not None and not (math.isfinite(v) and ok(v)):
                 finite = "finite " if isinstance(v, float) else ""
                 raise Fail(f"--{k.replace('_', '-')} {v} is out of range: pass a {finite}value {must}")
-    world = os.environ.get("WORLD_SIZE", "1")  # checked before any process group exists: all fail alike
+    world = os.environ.get("WORLD_SIZE", "1") if "RANK" in os.environ else "1"  # torchrun's, checked before any
+    #                                                                               process group exists: all fail alike
     if not world.isdigit() or int(world) < 1:
         raise Fail(f"WORLD_SIZE={world!r} in the environment is not a number of processes; unset it, or use torchrun")
     world = int(world)
@@ -276,14 +290,16 @@ def parse_sets(items, recipe):
             raise Fail(f"--set {item!r}: not KEY=VALUE with KEY a knob of --recipe {recipe}: "
                        f"{', '.join(k for k in knobs if k != 'imf')}")
         default, low = knobs[key], text.lower()
-        nullable = any(r[key] is None for r in mf.RECIPES.values())  # beta_k, minsnr_gamma: None turns them off
+        nullable = key in mf.OPTIONAL_KNOBS  # beta_k, minsnr_gamma: None turns them off
         try:
             if isinstance(default, bool):
                 value = {"true": True, "1": True, "false": False, "0": False}[low]
             elif isinstance(default, int):
                 value = int(text)
             elif isinstance(default, str):
-                value = {"logit_normal": text, "uniform": text}[text]  # time_sampler, the one text knob
+                if text not in ("logit_normal", "uniform"):  # time_sampler, the one text knob
+                    raise ValueError
+                value = text
             else:  # float, or None for a component that can be off
                 value = None if low == "none" and nullable else float(text)
                 if value is not None and not math.isfinite(value):
@@ -346,9 +362,10 @@ def download_fashion_mnist(path, files=None):
         save_atomic(os.path.join(path, name), lambda f: f.write(raw))
 
 
-def load_fashion_mnist(path, rank=0):
+def load_fashion_mnist(path, local_rank=0):
     """The training split as (N, 1, 32, 32) uint8 images and (N,) labels. The default path (DATA_PATHS) reads
-    Debian's copy when installed, else downloads the official files once (process 0); another path must hold them."""
+    Debian's copy when installed, else downloads the official files once (process 0 of each machine: data/ may be
+    local to it); another path must hold them."""
     names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 
     def find(folder):  # the two files, plain or gzipped; None where one is missing
@@ -359,7 +376,7 @@ def load_fashion_mnist(path, rank=0):
         if None not in find(FASHION_DEBIAN):
             path = FASHION_DEBIAN
         else:
-            if rank == 0 and None in find(path):
+            if local_rank == 0 and None in find(path):
                 print(f"downloading Fashion-MNIST ({FASHION_URLS[0]}) into {path}")
                 download_fashion_mnist(path)
             if dist.is_initialized():
@@ -376,13 +393,13 @@ def load_fashion_mnist(path, rank=0):
     return np.pad(x, ((0, 0), (2, 2), (2, 2)))[:, None], y  # (N, 1, 32, 32): padded with background to 32x32
 
 
-def load_cifar10(path, rank):
-    """The official python tarball; process 0 downloads it when absent (and checks its md5)."""
+def load_cifar10(path, local_rank):
+    """The official python tarball; process 0 of each machine downloads it when absent (and checks its md5)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise Fail(f"--data-path {path} is a file, not a folder; pass the folder that holds (or will hold) "
                    "cifar-10-python.tar.gz")
     tar_path = os.path.join(path, "cifar-10-python.tar.gz")
-    if rank == 0 and not os.path.exists(tar_path):
+    if local_rank == 0 and not os.path.exists(tar_path):
         print(f"downloading {CIFAR_URL} to {path}")
         try:
             raw = fetch([CIFAR_URL], CIFAR_MD5)
@@ -391,6 +408,9 @@ def load_cifar10(path, rank):
         save_atomic(tar_path, lambda f: f.write(raw))
     if dist.is_initialized():
         dist.barrier()
+    if not os.path.exists(tar_path):  # a process that did not download: process 0 of its machine failed
+        raise Fail(f"no cifar-10-python.tar.gz in {path}: its download failed (see process 0's line); put the file "
+                   f"from {CIFAR_URL} there")
     xs, ys = [], []
     try:  # data_batch_1..5: Python-2 pickles of {b'data': uint8 (10000, 3072), b'labels': [int]}
         with tarfile.open(tar_path) as tar:
@@ -421,11 +441,13 @@ class Pixels:
     def __len__(self):
         return len(self.labels)
 
-    def get(self, idx, g):
-        x = self.x[idx].float() / 127.5 - 1
-        if self.flip:  # random horizontal flips on CIFAR-10, as py-meanflow
-            x = torch.where(torch.rand(len(idx), 1, 1, 1, generator=g) < 0.5, x.flip(3), x)
-        return x, self.labels[idx]
+    def get(self, idx, g, mine=slice(None)):
+        """Rows `mine` of the batch of images idx; g draws for the whole batch, so every slice sees the same."""
+        flip = torch.rand(len(idx), 1, 1, 1, generator=g)[mine] < 0.5 if self.flip else None
+        x = self.x[idx[mine]].float() / 127.5 - 1
+        if flip is not None:  # random horizontal flips on CIFAR-10, as py-meanflow
+            x = torch.where(flip, x.flip(3), x)
+        return x, self.labels[idx[mine]]
 
 
 def latent_normalisation(imf):
@@ -436,13 +458,17 @@ def latent_normalisation(imf):
     return torch.zeros(4, 1, 1), torch.full((4, 1, 1), LATENT_SCALE)
 
 
+def labels_path(shard):  # shard-i-of-n.npy -> labels-i-of-n.npy in the same folder (the folder's name may hold "shard-")
+    return os.path.join(os.path.dirname(shard), os.path.basename(shard).replace("shard-", "labels-", 1))
+
+
 class ImageNetLatents:
     """Memory-mapped --prepare-imagenet output: shard-i-of-n.npy (N, 2 flips, [mean, std], 4, 32, 32), labels-*.
     Batches are normalised as the recipe's network expects (latent_normalisation)."""
 
     def __init__(self, path, imf=False):
         self.shift, self.scale = latent_normalisation(imf)
-        files = sorted(glob.glob(os.path.join(path, "shard-*-of-*.npy")))
+        files = sorted(glob.glob(os.path.join(glob.escape(path), "shard-*-of-*.npy")))
         sets = sorted({f.rsplit("-of-", 1)[1][:-4] for f in files})  # shard-i-of-n.npy: the n of each file
         if len(sets) > 1:
             raise Fail(f"{path} mixes the shards of several preparations (shard-*-of-{' and -of-'.join(sets)}.npy); "
@@ -452,7 +478,7 @@ class ImageNetLatents:
                        f"run train.py --prepare-imagenet IMAGENET/train --data-path {path}")
         try:
             self.lat = [np.load(f, mmap_mode="r") for f in files]
-            self.labels = np.concatenate([np.load(f.replace("shard-", "labels-")) for f in files])
+            self.labels = np.concatenate([np.load(labels_path(f)) for f in files])
         except (OSError, ValueError) as err:
             raise Fail(f"latents in {path} are unreadable ({type(err).__name__}); re-run --prepare-imagenet")
         self.start = np.cumsum([0] + [len(a) for a in self.lat])
@@ -466,19 +492,22 @@ class ImageNetLatents:
     def __len__(self):
         return len(self.labels)
 
-    def get(self, idx, g):
-        idx = idx.numpy()
-        rows = np.empty((len(idx), *self.lat[0].shape[1:]), np.float32)  # (B, 2, 2, C, H, W)
+    def get(self, idx, g, mine=slice(None)):
+        """Rows `mine` of the batch of latents idx (only those are read); g draws for the whole batch, so every
+        slice sees the same."""
+        C, H, _ = IMAGE_DATA["imagenet-latents"]
+        flip = torch.randint(0, 2, (len(idx),), generator=g)[mine]  # the image or its mirror image
+        noise = torch.randn(len(idx), C, H, H, generator=g)[mine]  # a fresh draw from each latent's posterior
+        idx = idx[mine].numpy()
+        rows = np.empty((len(idx), *self.lat[0].shape[1:]), np.float32)  # (b, 2, 2, C, H, W)
         for s, a in enumerate(self.lat):
             m = (idx >= self.start[s]) & (idx < self.start[s + 1])
             rows[m] = a[idx[m] - self.start[s]]
-        flip = torch.randint(0, 2, (len(idx),), generator=g)  # the image or its mirror image
         mean, std = torch.from_numpy(rows)[torch.arange(len(idx)), flip].unbind(1)
-        x = (mean + std * torch.randn(mean.shape, generator=g) - self.shift) * self.scale  # a fresh posterior draw
-        return x, torch.from_numpy(self.labels[idx])
+        return (mean + std * noise - self.shift) * self.scale, torch.from_numpy(self.labels[idx])
 
 
-def load_data(args, rank):
+def load_data(args, local_rank):  # local_rank 0: the process of each machine that downloads
     if args.data in toy_data.DATASETS:
         return None
     downloads = args.data == "cifar10" or (args.data, args.data_path) == ("fashion-mnist", DATA_PATHS["fashion-mnist"])
@@ -486,9 +515,9 @@ def load_data(args, rank):
         what = "is a file, not a folder" if os.path.exists(args.data_path) else "does not exist"
         raise Fail(f"--data-path {args.data_path} {what}; pass the folder that holds {args.data}")
     if args.data == "fashion-mnist":
-        return Pixels(*load_fashion_mnist(args.data_path, rank), flip=False)
+        return Pixels(*load_fashion_mnist(args.data_path, local_rank), flip=False)
     if args.data == "cifar10":
-        return Pixels(*load_cifar10(args.data_path, rank), flip=True)
+        return Pixels(*load_cifar10(args.data_path, local_rank), flip=True)
     return ImageNetLatents(args.data_path, imf=mf.RECIPES[args.recipe]["imf"])
 
 
@@ -515,10 +544,15 @@ def get_batch(args, data, step, rank, world):
     pos = step * B + torch.arange(B)  # places in the endless sequence of per-epoch permutations
     idx = torch.empty(B, dtype=torch.long)
     for epoch in (pos // len(data)).unique().tolist():
-        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
-        idx[pos // len(data) == epoch] = perm[pos[pos // len(data) == epoch] % len(data)]
-    x, y = data.get(idx, g)
-    return x[mine], y[mine] if args.class_cond else None
+        idx[pos // len(data) == epoch] = epoch_order(args.seed, epoch, len(data))[pos[pos // len(data) == epoch] %
+                                                                                  len(data)]
+    x, y = data.get(idx, g, mine)  # this process reads its own rows only
+    return x, y if args.class_cond else None
+
+
+@functools.lru_cache(maxsize=2)  # a batch spans at most two epochs; drawn once (1.28M ImageNet rows: ~20 ms each)
+def epoch_order(seed, epoch, n):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -557,8 +591,9 @@ def load_images(files):
 
 
 def prepare_imagenet(args):
-    root, n = args.prepare_imagenet, args.num_shards or int(os.environ.get("WORLD_SIZE", 1))
-    s = args.shard if args.shard is not None else int(os.environ.get("RANK", 0))
+    rank, world, _ = processes()
+    root, n = args.prepare_imagenet, args.num_shards or world
+    s = args.shard if args.shard is not None else rank
     if not os.path.isdir(root):
         raise Fail(f"--prepare-imagenet {root} is not a folder; pass ImageNet's train folder (one folder per class)")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -571,7 +606,7 @@ def prepare_imagenet(args):
     if os.path.exists(name):  # written last, atomically: a shard there is complete (a restarted job skips it)
         try:
             done = len(np.load(name, mmap_mode="r")) == len(files) and np.array_equal(
-                np.load(name.replace("shard-", "labels-")), labels)
+                np.load(labels_path(name)), labels)
         except (OSError, ValueError):
             done = False
         if done:
@@ -600,7 +635,7 @@ def prepare_imagenet(args):
             raise Fail(f"could not write {name} ({err.strerror}); nothing of it was kept; make room in "
                        f"{args.data_path} and run --prepare-imagenet again (finished shards are kept)") from None
         raise
-    save_atomic(name.replace("shard-", "labels-"), lambda f: np.save(f, labels))
+    save_atomic(labels_path(name), lambda f: np.save(f, labels))
     os.replace(name + ".tmp", name)  # the latents last: a shard is there once both files are complete
     print(f"shard {s} of {n}: {len(files)} images of {len(classes)} classes -> {name}")
 
@@ -635,24 +670,26 @@ def update_ema(ema, net, decay):
         p_ema.lerp_(p, 1 - decay)
 
 
-def rng_state():  # tensors and plain lists only, so that torch.load(weights_only=True) can read it
-    np_state = np.random.get_state()
+def rng_state():  # tensors, numbers and plain lists only, so that torch.load(weights_only=True) can read it
+    np_state, py_state = np.random.get_state(), random.getstate()  # with their cached second Gaussian draws
     return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
                 numpy=torch.from_numpy(np_state[1].astype(np.int64)), numpy_pos=int(np_state[2]),
-                python=list(random.getstate()[1]))
+                numpy_gauss=[int(np_state[3]), float(np_state[4])], python=list(py_state[1]), python_gauss=py_state[2])
 
 
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(s["cuda"])
-    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"]))
-    random.setstate((3, tuple(s["python"]), None))
+    has_gauss, cached = s.get("numpy_gauss", (0, 0.0))
+    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], has_gauss, cached))
+    random.setstate((3, tuple(s["python"]), s.get("python_gauss")))
 
 
 CKPT_KINDS = dict(args=dict, model=dict, ema=dict, opt=dict, method=dict, step=int, time=(int, float), knobs=dict,
-                  log_window=dict)
-LOAD_ERRORS = (RuntimeError, ValueError, KeyError, TypeError, IndexError)  # load_state_dict of another network's
+                  log_window=dict, rng=list, dtd_acc=list)  # rng, dtd_acc: one entry per process
+LOAD_ERRORS = (RuntimeError, ValueError, KeyError, TypeError, IndexError)  # what load_state_dict raises on another
+#                                                                            network's weights
 
 
 def knobs(method):  # the method's settings as plain numbers: what a checkpoint records and --resume compares
@@ -701,10 +738,11 @@ def load_checkpoint(path, args, method):
     return ckpt
 
 
-def save_atomic(path, write):
+def save_atomic(path, write, run_folder=False):
     """write(file) into a temporary file of this writer alone, then rename: a kill mid-write never leaves a corrupt
     or half-written file, and two writers never share a temporary. On any failure the temporary goes; a failed
-    write (disk full) is one line, and the file at path, if any, is unchanged."""
+    write (disk full) is one line, and the file at path, if any, is unchanged. run_folder: path is a training run's
+    checkpoint, log or picture, and the line says how to continue that run."""
     tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"  # not the random module: its state is checkpointed
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -722,8 +760,9 @@ def save_atomic(path, write):
         if cause is None or not isinstance(err, Exception):
             raise
         kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
+        retry = f"run again, {again(os.path.dirname(path))}" if run_folder else "run the command again"
         raise Fail(f"could not write {path} ({cause.strerror}); {kept}; make room there (or fix its permissions) "
-                   f"and run again, {again(os.path.dirname(path))}") from None
+                   f"and {retry}") from None
 
 
 def again(out):
@@ -790,7 +829,7 @@ def claim_out(args):
     run (a lock file, which the system releases when a process dies, even by kill -9), and hold no run (a
     checkpoint, log or pictures) unless --resume or --overwrite. Returns a function that releases it and, with
     --overwrite, the old run's files, which run() deletes only once every other check has passed."""
-    out, rank = args.out, int(os.environ.get("RANK", 0))
+    out, rank = args.out, processes()[0]
     if os.path.exists(out) and not os.path.isdir(out):
         raise Fail(f"--out {out} is a file, not a folder; pass a folder")
     if rank or (args.sample is not None and not os.path.isdir(out)):  # --sample: load_checkpoint says what is amiss
@@ -969,12 +1008,12 @@ def save_figure(path, panels, history, squares=()):
     axes[0, -1].set(xlabel="step", yscale="log", title="loss")
     axes[0, -1].legend()
     fig.tight_layout()
-    save_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    save_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100), run_folder=True)
     plt.close(fig)
 
 
 def save_grids(path, image_sets, cols=8):
-    """Image sets (n, H, W, 3) as cols-wide grids side by side, at full resolution."""
+    """Image sets (n, H, W, 3) as cols-wide grids side by side (images under 64 px enlarged, nearest neighbour)."""
     from PIL import Image
 
     k = max(1, 64 // image_sets[0].shape[1])  # small images (32x32) enlarged, nearest neighbour
@@ -982,7 +1021,7 @@ def save_grids(path, image_sets, cols=8):
     grids = [a.reshape(-1, cols, *a.shape[1:]).swapaxes(1, 2).reshape(-1, cols * a.shape[2], 3) for a in image_sets]
     gap = np.full((grids[0].shape[0], 8, 3), 255, np.uint8)
     image = np.concatenate([g for grid in grids for g in (grid, gap)][:-1], axis=1)
-    save_atomic(path, lambda f: Image.fromarray(image).save(f, format="png"))
+    save_atomic(path, lambda f: Image.fromarray(image).save(f, format="png"), run_folder=True)
 
 
 def toy_distances(args, points):
@@ -1033,7 +1072,7 @@ def fid(images, ref, device):
 
 
 def fid_reference(path):
-    """--fid-ref as the ADM evaluator reads it: its mu/sigma when present, else its images arr_0 (and a label).
+    """--fid-ref as the ADM evaluator reads it: its mu/sigma when present, else its images arr_0 (and a description for the report).
     Read and checked before any sample is drawn."""
     try:
         f = np.load(path)
@@ -1098,7 +1137,7 @@ def sample_to_npz(args, method, net, data, rank, world, device):
 
 
 def make_method(args):
-    """This run's MeanFlow: the recipe, then the dataset's own knobs (DATA_RECIPES), MeanFlow's per-size guidance
+    """This run's MeanFlow: the recipe, meanflow.TOY_OVERRIDES on 2-D data, the dataset's own knobs (DATA_RECIPES), MeanFlow's per-size guidance
     (paper_guidance: ImageNet latents only, never pixels), --omega/--kappa/--t-lo/--t-hi, and --set last."""
     toy = args.data in toy_data.DATASETS
     imagenet = args.data == "imagenet-latents" and not mf.RECIPES[args.recipe]["imf"]
@@ -1115,13 +1154,10 @@ def make_method(args):
                                                     **args.set_knobs})
     except ValueError as err:
         raise Fail(f"{err} (from --recipe {args.recipe} and --set)")
-    inert = () if method.dtd_stages else ("dtd_patience", "dtd_share", "dtd_window")  # (iMF's own: MeanFlow() says)
-    for k in args.set_knobs.keys() & set(inert):
+    inert = () if method.dtd_stages else ("dtd_patience", "dtd_share", "dtd_window")  # (MeanFlow() refuses the
+    for k in sorted(args.set_knobs.keys() & set(inert)):  # guidance knobs with iMF, omega_max/omega_beta without it)
         raise Fail(f"--set {k} does nothing with --recipe {args.recipe} and these knobs (DTD only, and dtd_stages is "
                    "0); leave it out")
-    if method.t_lo > method.t_hi:  # with --set or the size's paper guidance mixed in (the flags alone: get_args)
-        raise Fail(f"--t-lo {method.t_lo} is above --t-hi {method.t_hi}: the guidance interval [{method.t_lo}, "
-                   f"{method.t_hi}] needs t_lo <= t_hi (--t-lo/--t-hi, or --set t_lo=/t_hi=)")
     return method
 
 
@@ -1134,8 +1170,8 @@ def get_lr(step, args):  # a pure function of the step, so that resuming needs n
 def set_up(args):
     """Processes, device, precision, the method, the data, the networks and the optimizer."""
     # Distributed only under torchrun (RANK set), as in nanoGPT; nccl on GPUs, gloo on CPUs.
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    rank, world, local_rank = processes()
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -1151,7 +1187,7 @@ def set_up(args):
     ckpt_path = os.path.join(args.out, "ckpt.pt")  # --resume, --sample: checked before any data is read
     ckpt = load_checkpoint(ckpt_path, args, method) if args.resume or args.sample is not None else None
     # --sample of latents needs the checkpoint and the VAE, not the 42 GB of training latents
-    data = None if args.sample is not None and args.data == "imagenet-latents" else load_data(args, rank)
+    data = None if args.sample is not None and args.data == "imagenet-latents" else load_data(args, local_rank)
     check_data(data, args)
     if args.steps is None and data is not None:
         args.steps = math.ceil(args.epochs * len(data) / args.batch_size)  # 240 epochs (paper), iMF 640
@@ -1214,7 +1250,7 @@ def resume(args, job):
         window = ckpt.get("log_window", {})  # the steps since the last log line: their means go on (older: none)
         job.acc, job.window_seconds = [list(a) for a in window.get("acc", [])], float(window.get("seconds", 0.0))
         if job.rank == 0:  # drop the lines logged after the checkpoint
-            save_atomic(job.log_path, lambda f: f.write("".join(map(log_line, history)).encode()))
+            save_atomic(job.log_path, lambda f: f.write("".join(map(log_line, history)).encode()), run_folder=True)
     if args.data == "imagenet-latents" and job.rank == 0:
         try:  # for the pictures
             job.vae = load_vae(args, job.device)
@@ -1227,8 +1263,9 @@ def train_step(args, job, loss_fn, x, y):
     for group in job.opt.param_groups:
         group["lr"] = get_lr(job.step, args)
     loss, logs = loss_fn(x, y, job.step / args.steps)
-    # One tiny all-reduce a step: the logged numbers are global, and all processes see a non-finite loss at
-    # the same step and stop before the weights are touched. (DTD advances inside method.loss.)
+    # A tiny all-reduce of the logged numbers (one more, of the stop signal, follows each step): they are global,
+    # and all processes see a non-finite loss at the same step and stop before the weights are touched. (DTD
+    # advances inside method.loss.)
     stats = torch.stack([torch.as_tensor(logs.get(k, 1.0 if k == "beta" else math.nan),  # no beta: 1
                                          dtype=torch.float32, device=job.device) for k in LOG_KEYS])
     if job.world > 1:
@@ -1297,7 +1334,7 @@ def checkpoint(args, job):
         state = dict(model=job.net.state_dict(), ema=job.ema.state_dict(), opt=job.opt.state_dict(), step=job.step,
                      rng=rngs, method=method, dtd_acc=accs, recipe=args.recipe, args=vars(args), knobs=knobs(job.method),
                      log_window=dict(acc=job.acc, seconds=job.window_seconds), time=time.time() - job.t_start)
-        save_atomic(job.ckpt_path, lambda f: torch.save(state, f))
+        save_atomic(job.ckpt_path, lambda f: torch.save(state, f), run_folder=True)
     if job.world > 1:
         dist.barrier()
 
@@ -1394,7 +1431,7 @@ def interrupt(signum, frame):
 
 
 def main(argv=None):
-    release, rank = None, int(os.environ.get("RANK", 0))
+    release, (rank, world, _) = None, processes()
     # SIGTERM outside the training loop unwinds as Ctrl-C does (lock, temporaries removed). Not under torchrun: a
     # Python handler cannot run while a process waits in a collective for a failed peer, and torchrun's SIGTERM
     # must end such a process at once, as the default action does.
@@ -1408,10 +1445,12 @@ def main(argv=None):
             release, replaced = claim_out(args)
             run(args, replaced)
         return 0
-    except Fail as err:
-        print("train.py: error: " + " ".join(str(err).split()), file=sys.stderr)  # always one line
+    except Fail as err:  # one line per process: under torchrun each says it (a failure may be one process's own)
+        who = f"process {rank} of {world}: " if world > 1 else ""
+        print(f"train.py: error: {who}" + " ".join(str(err).split()), file=sys.stderr)
         return 2
-    except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError; a CPU allocation fails so
+    except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError; a failed CPU allocation
+        #                                         a RuntimeError ("can't allocate memory") or a MemoryError
         if not isinstance(err, MemoryError) and not re.search(r"out of memory|can't allocate memory", str(err)):
             raise
         print(f"train.py: error: out of memory ({type(err).__name__}); pass a smaller --batch-size (it is split over "
