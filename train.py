@@ -10,7 +10,8 @@
   torchrun --nproc_per_node=8 train.py --data imagenet-latents --model XL/2 --recipe improved-dtd
   torchrun --nproc_per_node=8 train.py --data imagenet-latents --model XL/2 --sample 50000   # ADM-format .npz
   torchrun --nproc_per_node=8 train.py --data imagenet-latents --model B/2 --recipe imf   # the iMF network, 640 epochs
-  torchrun --nproc_per_node=8 train.py --data imagenet-latents --model B/2 --recipe imf --sample 50000  # omega 8, [0.4, 0.65]
+  torchrun --nproc_per_node=8 train.py --data imagenet-latents --model B/2 --recipe imf --sample 50000
+                                                       # iMF's sampling guidance per size: B/2 omega 8 on [0.4, 0.65]
 The same command with --resume continues from <out>/ckpt.pt (on CPU bitwise as if never stopped); Ctrl-C or
 SIGTERM ends the step, writes the checkpoint and prints that command. --overwrite starts over in a used --out.
 
@@ -121,8 +122,8 @@ NUMBERS = dict(
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints its whole usage first: here the one line of every other error
         flag = re.match(r"argument (--[\w-]+).*: expected one argument", message)  # a number flag given "-1e-3"?
-        numeric = flag and next((a.type for a in self._actions if flag[1] in a.option_strings and a.type in (int, float)),
-                                None)
+        numeric = flag and next((a.type for a in self._actions
+                                 if flag[1] in a.option_strings and a.type in (int, float)), None)
         hint = f" (a negative value: {flag[1]}={'-1e-3' if numeric is float else '-1'})" if numeric else ""
         raise Fail(f"{message}{hint}; see --help")
 
@@ -158,7 +159,8 @@ def get_args(argv=None):
     a("--steps", type=int, help="optimizer steps (default: 240 epochs, paper; iMF 640; toy 3000)")
     a("--batch-size", type=int, help="global batch, split over processes (default 256, paper and toy; iMF and "
       "cifar10 1024); with --sample, the samples drawn at once by all processes together")
-    a("--lr", type=float, help="AdamW learning rate, constant after warmup (default 1e-4, paper; cifar10 6e-4; toy 2e-3)")
+    a("--lr", type=float, help="AdamW learning rate, constant after warmup (default 1e-4, paper; cifar10 6e-4; "
+      "toy 2e-3)")
     a("--warmup", type=int, help="linear learning-rate warmup steps (default 0, paper; iMF 10 epochs, official)")
     a("--weight-decay", type=float, help="AdamW weight decay (default 0, paper); betas (0.9, 0.95)")
     a("--ema", type=float, help="EMA decay of the weights that make samples (default 0.9999, paper; toy 0.995)")
@@ -271,8 +273,8 @@ def get_args(argv=None):
                "command)", args.prepare_imagenet) for k in TRAINING_ONLY],
             ("--out", out_given, "training or --sample (--prepare-imagenet writes to --data-path)",
              args.prepare_imagenet)]
-    for flag, given, mode, elsewhere in only:
-        if given is not None and elsewhere:
+    for flag, value, mode, elsewhere in only:
+        if value is not None and elsewhere:
             raise Fail(f"{flag} goes with {mode} only; leave it out")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     args.sample_steps = args.sample_steps or 1
@@ -305,13 +307,52 @@ def parse_sets(items, recipe):
                 if value is not None and not math.isfinite(value):
                     raise ValueError
         except (KeyError, ValueError):
-            kind = {bool: "true or false", int: "an integer", str: "logit_normal or uniform"}.get(type(default), "a number")
+            kind = {bool: "true or false", int: "an integer", str: "logit_normal or uniform"}.get(type(default),
+                                                                                                 "a number")
             raise Fail(f"--set {key}={text!r}: the value must be {kind}{' or none' if nullable else ''}")
         ok, must = KNOBS.get(key, ANY)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
             raise Fail(f"--set {key}={text}: out of range; pass a value {must}")
         out[key] = value
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files: every file this script writes goes through save_atomic (whole or absent, never half-written).
+
+
+def save_atomic(path, write, run_folder=False):
+    """write(file) into a temporary file of this writer alone, then rename: a kill mid-write never leaves a corrupt
+    or half-written file, and two writers never share a temporary. On any failure the temporary goes; a failed
+    write (disk full) is one line, and the file at path, if any, is unchanged. run_folder: path is a training run's
+    checkpoint, log or picture, and the line says how to continue that run."""
+    tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"  # not the random module: its state is checkpointed
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        cause = err  # torch.save reports a failed write as a RuntimeError whose context is the OSError
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None or not isinstance(err, Exception):
+            raise
+        kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
+        retry = f"run again, {again(os.path.dirname(path))}" if run_folder else "run the command again"
+        raise Fail(f"could not write {path} ({cause.strerror}); {kept}; make room there (or fix its permissions) "
+                   f"and {retry}") from None
+
+
+def again(out):
+    """How to continue a training run in out after a failed write: from its checkpoint, or over if it has none."""
+    if os.path.exists(os.path.join(out or ".", "ckpt.pt")):
+        return "with --resume for a training run"
+    return "with --overwrite for a training run (it has no checkpoint to resume yet)"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -425,7 +466,7 @@ def load_cifar10(path, local_rank):
                     ys.append(y.astype(np.int64))
     except (OSError, tarfile.TarError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError,
             AttributeError) as err:  # TypeError: a member that is not a file, or a pickle of something else
-        what = f"{type(err).__name__}: {err}" if isinstance(err, ValueError) and ": " in str(err) else type(err).__name__
+        what = type(err).__name__ + (f": {err}" if isinstance(err, ValueError) and ": " in str(err) else "")
         raise Fail(f"{tar_path} is not the CIFAR-10 python tarball ({what}); delete it to re-download")
     if not xs:
         raise Fail(f"{tar_path} holds no data_batch_* files; delete it to re-download")
@@ -458,7 +499,7 @@ def latent_normalisation(imf):
     return torch.zeros(4, 1, 1), torch.full((4, 1, 1), LATENT_SCALE)
 
 
-def labels_path(shard):  # shard-i-of-n.npy -> labels-i-of-n.npy in the same folder (the folder's name may hold "shard-")
+def labels_path(shard):  # shard-i-of-n.npy -> labels-i-of-n.npy in its folder (whose name may hold "shard-" too)
     return os.path.join(os.path.dirname(shard), os.path.basename(shard).replace("shard-", "labels-", 1))
 
 
@@ -556,112 +597,307 @@ def epoch_order(seed, epoch, n):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# ImageNet -> SD-VAE latents, once. Center crop to 256 as ADM / DiT; we keep the posterior (mean, std) of each image
-# and of its mirror image, so that training draws a fresh latent of a random flip every time (the official JAX
-# loader keeps a use_flip flag but never applies it: no flips). Shard s of n encodes files s, s + n, ...: one job
-# each, or torchrun.
+# Training
 
 
-def center_crop(img, size=256):
-    from PIL import Image
-
-    img = img.convert("RGB")  # first, as ADM: PIL resizes palette images by nearest neighbour, whatever resample says
-    while min(img.size) >= 2 * size:  # ADM's center_crop_arr: halve with a box filter, then bicubic to size
-        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
-    scale = size / min(img.size)
-    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
-    arr = np.asarray(img)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top: top + size, left: left + size]  # (size, size, 3) uint8
-
-
-def load_images(files):
-    """DataLoader collate_fn: files -> (B, 3, 256, 256) in [-1, 1], or (file, reason) for the first unreadable one
-    (returned, not raised: an exception inside a loader worker would arrive wrapped in its traceback)."""
-    from PIL import Image
-
-    images = []
-    for f in files:
-        try:
-            with Image.open(f) as img:
-                images.append(torch.tensor(center_crop(img)).permute(2, 0, 1))
-        except (OSError, ValueError) as err:  # not an image, truncated, or an image PIL cannot decode
-            return f, f"{type(err).__name__}: {err}"
-    return torch.stack(images).float() / 127.5 - 1
-
-
-def prepare_imagenet(args):
-    rank, world, _ = processes()
-    root, n = args.prepare_imagenet, args.num_shards or world
-    s = args.shard if args.shard is not None else rank
-    if not os.path.isdir(root):
-        raise Fail(f"--prepare-imagenet {root} is not a folder; pass ImageNet's train folder (one folder per class)")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    files = [(os.path.join(root, c, f), k) for k, c in enumerate(classes)
-             for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith((".jpeg", ".jpg", ".png"))][s::n]
-    if not files:
-        raise Fail(f"shard {s} of {n} of {root} holds no images; pass a class-per-folder tree of .jpeg/.jpg/.png")
-    name = os.path.join(args.data_path, f"shard-{s:05d}-of-{n:05d}.npy")
-    labels = np.array([k for _, k in files])
-    if os.path.exists(name):  # written last, atomically: a shard there is complete (a restarted job skips it)
-        try:
-            done = len(np.load(name, mmap_mode="r")) == len(files) and np.array_equal(
-                np.load(labels_path(name)), labels)
-        except (OSError, ValueError):
-            done = False
-        if done:
-            print(f"shard {s} of {n}: already in {name}; delete it to encode it again")
-            return
-    other = sorted(f for f in glob.glob(os.path.join(glob.escape(args.data_path), "shard-*-of-*.npy"))
-                   if not f.endswith(f"-of-{n:05d}.npy"))
-    if other:  # a set of another shard count would mix with this one
-        raise Fail(f"--data-path {args.data_path} holds shards of another preparation ({os.path.basename(other[0])}); "
-                   "delete them (and their labels-*) or pass another --data-path")
-    try:  # before the VAE loads
-        os.makedirs(args.data_path, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.data_path).close()
-    except OSError as err:
-        raise Fail(f"cannot write to --data-path {args.data_path} ({err.strerror}); pass a writable folder")
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    vae = load_vae(args, device)
-    loader = torch.utils.data.DataLoader([f for f, _ in files], batch_size=32, num_workers=args.workers,
-                                         collate_fn=load_images)
+def make_method(args):
+    """This run's MeanFlow: the recipe, meanflow.TOY_OVERRIDES on 2-D data, the dataset's own knobs (DATA_RECIPES),
+    MeanFlow's per-size guidance (paper_guidance: ImageNet latents only, never pixels), --omega/--kappa/--t-lo/--t-hi,
+    and --set last."""
+    toy = args.data in toy_data.DATASETS
+    imagenet = args.data == "imagenet-latents" and not mf.RECIPES[args.recipe]["imf"]
+    guidance = dict(mf.paper_guidance.get(args.model, {})) if imagenet and args.class_cond else {}
+    guidance.update({k: getattr(args, k) for k in ("omega", "kappa", "t_lo", "t_hi") if getattr(args, k) is not None})
+    guided = guidance.keys() | (args.set_knobs.keys() & {"omega", "kappa", "t_lo", "t_hi"})  # flags or --set
+    if guided and not args.class_cond:
+        raise Fail("--omega, --kappa, --t-lo and --t-hi guide with labels; this run is unconditional "
+                   "(see --class-cond)")
+    if guided and mf.RECIPES[args.recipe]["imf"]:
+        raise Fail("--omega, --kappa, --t-lo and --t-hi set MeanFlow's guidance in the target; iMF draws omega and "
+                   "the interval in training and takes them at sampling: --sample-omega, --sample-interval")
     try:
-        encode_shard(vae, loader, name + ".tmp", len(files), device, desc=f"shard {s} of {n}")
-    except BaseException as err:  # a bad image, a full disk, Ctrl-C: no partial shard stays behind
-        if os.path.exists(name + ".tmp"):
-            os.remove(name + ".tmp")
-        if isinstance(err, OSError):
-            raise Fail(f"could not write {name} ({err.strerror}); nothing of it was kept; make room in "
-                       f"{args.data_path} and run --prepare-imagenet again (finished shards are kept)") from None
-        raise
-    save_atomic(labels_path(name), lambda f: np.save(f, labels))
-    os.replace(name + ".tmp", name)  # the latents last: a shard is there once both files are complete
-    print(f"shard {s} of {n}: {len(files)} images of {len(classes)} classes -> {name}")
+        method = mf.MeanFlow(recipe=args.recipe, **{**(mf.TOY_OVERRIDES if toy else {}), **args.knobs, **guidance,
+                                                    **args.set_knobs})
+    except ValueError as err:
+        raise Fail(f"{err} (from --recipe {args.recipe} and --set)")
+    inert = () if method.dtd_stages else ("dtd_patience", "dtd_share", "dtd_window")  # (MeanFlow() refuses the
+    for k in sorted(args.set_knobs.keys() & set(inert)):  # guidance knobs with iMF, omega_max/omega_beta without it)
+        raise Fail(f"--set {k} does nothing with --recipe {args.recipe} and these knobs (DTD only, and dtd_stages is "
+                   "0); leave it out")
+    return method
 
 
-def encode_shard(vae, loader, path, n, device, desc):
-    """The posterior (mean, std) of every image and its mirror image, into a float16 .npy at path."""
-    lat, i = None, 0
-    with torch.no_grad():
-        for x in tqdm(loader, desc=desc):
-            if isinstance(x, tuple):
-                raise Fail(f"{x[0]} is not a readable image ({x[1]}); remove or replace it, then run "
-                           "--prepare-imagenet again")
-            post = vae.encode(torch.cat([x, x.flip(3)]).to(device)).latent_dist  # image and mirror in one pass
-            both = torch.stack([post.mean, post.std], 1).unflatten(0, (2, len(x))).transpose(0, 1)  # (B, 2, 2, C, h, w)
-            if lat is None:  # float16: half the disk (42 GB for ImageNet), rounding 5e-4 relative
-                lat = np.lib.format.open_memmap(path, "w+", np.float16, (n, *both.shape[1:]))
-                if hasattr(os, "posix_fallocate"):  # the file is sparse: a write into it on a full disk would end
-                    with open(path, "r+b") as f:  # the process (SIGBUS); reserving its blocks fails here instead
-                        os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-            lat[i: i + len(x)] = both.cpu().numpy()
-            i += len(x)
-    lat.flush()
+def get_lr(step, args):  # a pure function of the step, so that resuming needs no scheduler state
+    return args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+
+
+# The run, top to bottom: set_up -> (sampling only: sample_to_npz) -> resume -> train, whose loop calls
+# train_step, log_window, evaluate and checkpoint. `job` carries what the steps share (a plain namespace).
+def set_up(args):
+    """Processes, device, precision, the method, the data, the networks and the optimizer."""
+    # Distributed only under torchrun (RANK set), as in nanoGPT; nccl on GPUs, gloo on CPUs.
+    rank, world, local_rank = processes()
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    elif args.model == "mlp" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # the toy MLP is too small for threads to pay; on a busy CPU they cost 10-20x
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    bf16 = (args.precision or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
+    autocast = torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext()
+
+    method = make_method(args)  # bad knobs fail here, before any data is read
+    args.sample_guidance = sample_guidance(args, method)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")  # --resume, --sample: checked before any data is read
+    ckpt = load_checkpoint(ckpt_path, args, method) if args.resume or args.sample is not None else None
+    # --sample of latents needs the checkpoint and the VAE, not the 42 GB of training latents
+    data = None if args.sample is not None and args.data == "imagenet-latents" else load_data(args, local_rank)
+    check_data(data, args)
+    if args.steps is None and data is not None:
+        args.steps = math.ceil(args.epochs * len(data) / args.batch_size)  # 240 epochs (paper), iMF 640
+        if args.stop_at is not None and args.stop_at > args.steps:
+            raise Fail(f"--stop-at {args.stop_at} is beyond the {args.steps} steps of {args.epochs} epochs; "
+                       "pass a step within")
+    if args.warmup is None:  # in epochs of this data set at this batch (iMF: 10, official; else 0)
+        args.warmup = math.ceil(args.warmup_epochs * len(data) / args.batch_size) if data is not None else 0
+    args.eval_every, args.ckpt_every = args.eval_every or args.steps, args.ckpt_every or args.steps
+    K = IMAGE_DATA[args.data][2] if args.data in IMAGE_DATA and args.class_cond else 0
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    if args.model == "mlp":
+        net = mf.MLP(dim=2, **method.net_kwargs).to(device)
+    else:
+        C, H, _ = IMAGE_DATA[args.data]
+        net = (mf.iMF_models[args.model](input_size=H, in_channels=C, num_classes=K) if method.imf else
+               mf.DiT_models[args.model](input_size=H, in_channels=C, num_classes=K, dropout=args.dropout,
+                                         **method.net_kwargs)).to(device)
+    ema = copy.deepcopy(net).requires_grad_(False).eval()  # the weights that make the samples
+    adamw = dict(lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)  # (paper)
+    try:
+        opt = torch.optim.AdamW(net.parameters(), **adamw, fused=True)
+    except RuntimeError:  # no fused kernel for this device
+        opt = torch.optim.AdamW(net.parameters(), **adamw)
+    return SimpleNamespace(rank=rank, world=world, device=device, autocast=autocast, method=method, data=data,
+                           net=net, ema=ema, opt=opt, ckpt_path=ckpt_path, log_path=os.path.join(args.out, "log.jsonl"),
+                           fits=f"{ckpt_path} does not fit --model {args.model} (other shapes); "
+                                "pass the run's own settings",
+                           step=0, history=[], elapsed=0.0, vae=None, ckpt=ckpt, acc=[], window_seconds=0.0)
+
+
+def resume(args, job):
+    """Each process's random streams; with --resume, the weights, optimizer, curriculum, streams and log of the
+    checkpoint (on CPU bitwise: a resumed run continues as the uninterrupted one; on a GPU the streams are restored
+    exactly, but some CUDA kernels are not deterministic)."""
+    torch.manual_seed(args.seed * job.world + job.rank)  # each process its own noise, (t, r) and label drops
+    np.random.seed(args.seed * job.world + job.rank)
+    random.seed(args.seed * job.world + job.rank)
+    if args.resume:  # job.elapsed: seconds of the run before this process (`time` in the log goes on)
+        ckpt, job.ckpt = job.ckpt, None  # loaded and checked in set_up; freed once in the networks
+        job.step = step = ckpt["step"]
+        if step > args.steps or (args.stop_at is not None and args.stop_at <= step):
+            bad = f"--stop-at {args.stop_at}" if step <= args.steps else f"--steps {args.steps}"
+            raise Fail(f"{job.ckpt_path} is at step {step}, not before {bad}; pass a later step to train on")
+        try:
+            job.net.load_state_dict(ckpt["model"])
+            job.ema.load_state_dict(ckpt["ema"])
+            job.opt.load_state_dict(ckpt["opt"])
+            method, accs = dict(ckpt["method"]), ckpt.get("dtd_acc")  # accs: one per process (older: rank 0's only)
+            if accs is not None:  # on another number of processes, process 0 carries the window's sums
+                method["dtd_acc"] = (accs[job.rank] if len(accs) == job.world else
+                                     [sum(a) for a in zip(*accs)] if job.rank == 0 else [0.0] * len(accs[0]))
+            job.method.load_state_dict(method)
+            if len(ckpt["rng"]) == job.world:
+                set_rng_state(ckpt["rng"][job.rank])
+            elif job.rank == 0:
+                print(f"resuming a {len(ckpt['rng'])}-process run on {job.world}: fresh random streams",
+                      file=sys.stderr)
+        except LOAD_ERRORS:
+            raise Fail(job.fits)
+        job.history = history = read_log(job.log_path, step)
+        job.elapsed = ckpt["time"] if "time" in ckpt else history[-1].get("time", 0.0) if history else 0.0
+        window = ckpt.get("log_window", {})  # the steps since the last log line: their means go on (older: none)
+        job.acc, job.window_seconds = [list(a) for a in window.get("acc", [])], float(window.get("seconds", 0.0))
+        if job.rank == 0:  # drop the lines logged after the checkpoint
+            save_atomic(job.log_path, lambda f: f.write("".join(map(log_line, history)).encode()), run_folder=True)
+    if args.data == "imagenet-latents" and job.rank == 0:
+        try:  # for the pictures
+            job.vae = load_vae(args, job.device)
+        except Fail as err:
+            print(f"no VAE to decode latents ({err}); the grids show latent channels 0-2", file=sys.stderr)
+
+
+def train_step(args, job, loss_fn, x, y):
+    """One optimizer step; returns the logged numbers (LOG_KEYS), averaged over the processes."""
+    for group in job.opt.param_groups:
+        group["lr"] = get_lr(job.step, args)
+    loss, logs = loss_fn(x, y, job.step / args.steps)
+    # A tiny all-reduce of the logged numbers (one more, of the stop signal, follows each step): they are global,
+    # and all processes see a non-finite loss at the same step and stop before the weights are touched. (DTD
+    # advances inside method.loss.)
+    stats = torch.stack([torch.as_tensor(logs.get(k, 1.0 if k == "beta" else math.nan),  # no beta: 1
+                                         dtype=torch.float32, device=job.device) for k in LOG_KEYS])
+    if job.world > 1:
+        dist.all_reduce(stats)
+        stats /= job.world
+    stats = stats.tolist()
+    if not math.isfinite(stats[0]):
+        fix = (f"{job.ckpt_path} is the last good checkpoint; lower --lr and --resume" if os.path.exists(job.ckpt_path)
+               else "no checkpoint yet; run again with a lower --lr and --overwrite")
+        fix += " (or, if the lr is not the cause, check the data and the --set values)"
+        raise Fail(f"the loss is {stats[0]} at step {job.step + 1}; stopped, {fix}")
+    job.opt.zero_grad(set_to_none=True)
+    loss.backward()  # under DDP: gradients averaged over the processes here
+    job.opt.step()
+    update_ema(job.ema, job.net, args.ema)
+    job.step += 1
+    return stats
+
+
+def log_window(args, job, seconds):
+    """One log line: the means of the steps since the last one (job.acc, carried across a resume by the
+    checkpoint), img/s over their training time."""
+    means = [np.mean([a for a in col if math.isfinite(a)] or [math.nan]) for col in zip(*job.acc)]
+    line = dict(step=job.step, **dict(zip(LOG_KEYS, means)), lr=get_lr(job.step - 1, args),
+                img_per_s=len(job.acc) * args.batch_size / seconds, time=time.time() - job.t_start)
+    job.history.append(line)
+    if job.rank == 0:
+        append_log(job.log_path, line)
+    return line
+
+
+def evaluate(args, job):
+    """Pictures of the EMA network's 1-NFE and 2-NFE samples (toys: and their distances to the data)."""
+    method, ema, device, step = job.method, job.ema, job.device, job.step
+    path = os.path.join(args.out, f"step-{step:07d}.png")
+    if job.data is None:  # data, 1-NFE and 2-NFE samples, loss curves; and the distances to the data
+        panels = [(f"data: {args.data}", toy_data.sample(args.data, 2000, torch.Generator().manual_seed(1)))]
+        for k in (1, 2):
+            x, _ = generate(args, method, ema, range(2000), k, device)
+            ed, sw = toy_distances(args, x)
+            board = f", {100 * toy_data.on_squares(x):.1f}% on the squares" if args.data == "checkerboard" else ""
+            panels.append((f"{k}-NFE (EMA): energy distance {ed:.4f}{board}", x))
+            print(f"step {step}: {k}-NFE energy distance {ed:.4f}, sliced Wasserstein {sw:.3f}{board}")
+        save_figure(path, panels, job.history, toy_data.checkerboard_squares() if args.data == "checkerboard" else ())
+    else:  # 8x8 grids, 1-NFE | 2-NFE, and the loss curves in loss.png
+        save_grids(path, [generate(args, method, ema, range(64), k, device, job.vae)[0] for k in (1, 2)])
+        save_figure(os.path.join(args.out, "loss.png"), [], job.history)
+    return path
+
+
+def checkpoint(args, job):
+    """Weights, EMA, optimizer, curriculum and every process's random streams, written atomically by rank 0."""
+    method = job.method.state_dict()
+    rngs = [rng_state()] * job.world  # every process's random streams
+    accs = [method["dtd_acc"]] * job.world  # and its part of DTD's window sums (the rest is shared)
+    if job.world > 1:
+        dist.all_gather_object(rngs, rng_state())
+        dist.all_gather_object(accs, accs[0])
+        hi = torch.stack([p.detach().float().sum() for p in job.net.parameters()])  # replicas still identical?
+        lo = hi.clone()
+        dist.all_reduce(hi, dist.ReduceOp.MAX)
+        dist.all_reduce(lo, dist.ReduceOp.MIN)
+        if not torch.equal(hi, lo):
+            raise Fail(f"the processes' weights differ at step {job.step}: their gradients were not synchronised")
+    if job.rank == 0:
+        state = dict(model=job.net.state_dict(), ema=job.ema.state_dict(), opt=job.opt.state_dict(), step=job.step,
+                     rng=rngs, method=method, dtd_acc=accs, recipe=args.recipe, args=vars(args),
+                     knobs=method_knobs(job.method),
+                     log_window=dict(acc=job.acc, seconds=job.window_seconds), time=time.time() - job.t_start)
+        save_atomic(job.ckpt_path, lambda f: torch.save(state, f), run_folder=True)
+    if job.world > 1:
+        dist.barrier()
+
+
+def train(args, job):
+    """The training loop: a step, and at their intervals a log line, pictures and a checkpoint; stops cleanly on
+    SIGINT/SIGTERM (all processes at the same step, checkpoint written) and at --stop-at."""
+    # Data parallel: DDP's gradient hooks fire through all of the loss's forwards (the plain one, the forward-mode
+    # pass on dual tensors, the no-grad guidance one) and one backward (tested against one process on the global
+    # batch). The buffers are constants (positions): no broadcast each forward (torch 2.13 renamed the flag).
+    DDP = torch.nn.parallel.DistributedDataParallel
+    new = "forward_sync_buffers" in inspect.signature(DDP).parameters
+    flag = "forward_sync_buffers" if new else "broadcast_buffers"
+    model = DDP(job.net, **{flag: False}) if job.world > 1 else job.net
+
+    def loss_fn(x, y, progress):
+        with job.autocast:  # the JVP too (an fp32 JVP measured no better; README); meanflow.py sums errors in fp32
+            return job.method.loss(model, x, y, progress=progress)
+
+    if args.compile:
+        loss_fn = torch.compile(loss_fn)
+    figure, first = None, job.step
+    job.t_start = time.time() - job.elapsed
+    with StopSignals() as signals, tqdm(total=args.steps, initial=job.step, disable=job.rank != 0,
+                                        dynamic_ncols=True) as bar:
+        while job.step < args.steps:
+            t_step = time.time()
+            x, y = get_batch(args, job.data, job.step, job.rank, job.world)
+            x, y = x.to(job.device, non_blocking=True), None if y is None else y.to(job.device, non_blocking=True)
+            job.acc.append(train_step(args, job, loss_fn, x, y))
+            bar.update()
+            job.window_seconds += time.time() - t_step  # img/s counts training alone, not checkpoints or pictures
+            step = job.step
+            if step % args.log_every == 0 or step == args.steps:
+                line = log_window(args, job, job.window_seconds)
+                bar.set_postfix(loss=f"{line['loss']:.4f}", v_loss=f"{line['v_loss']:.3f}",
+                                u_loss=f"{line['u_loss']:.3f}", beta=f"{line['beta']:.3f}", dtd=int(line["dtd_stage"]),
+                                img_s=f"{line['img_per_s']:.0f}")
+                job.acc, job.window_seconds = [], 0.0
+            last = step in (args.steps, args.stop_at)  # the run ends here anyway
+            stop = signals.agreed(job.device) if not last else 0  # SIGINT, SIGTERM
+            if step % args.ckpt_every == 0 or last or stop:  # before the pictures: a failure there loses no step
+                checkpoint(args, job)
+                if not stop and not last:  # a signal during a long write: stop on this step's checkpoint, not one
+                    stop = signals.agreed(job.device)  # step and a second write later
+            if job.rank == 0 and not stop and (step % args.eval_every == 0 or step == args.steps):
+                figure = evaluate(args, job)
+            if step == args.stop_at:
+                break
+            if stop:
+                raise Stopped(f"stopped by {signal.Signals(stop).name} after step {step} of {args.steps}; "
+                              f"checkpoint {job.ckpt_path}", stop)
+    if job.rank == 0 and first == args.steps:  # --resume of a finished run (its last pictures failed): draw them
+        figure = evaluate(args, job)
+    if job.rank == 0:
+        print(f"{job.step} steps in {time.time() - job.t_start:.0f} s; checkpoint {job.ckpt_path}"
+              + (f"; samples and loss curves {figure}" if figure else ""))
+
+
+def run(args, replaced=()):
+    job = set_up(args)  # every check of the method, data and network: only then does an --overwrite delete
+    for f in replaced:
+        os.remove(os.path.join(args.out, f))
+    if args.sample is not None:  # --sample: the EMA weights of the checkpoint draw samples into an .npz
+        try:
+            job.net.load_state_dict(job.ckpt["ema"])
+            job.ckpt = None
+        except LOAD_ERRORS:
+            raise Fail(job.fits)
+        return sample_to_npz(args, job.method, job.net.eval(), job.data, job.rank, job.world, job.device)
+    resume(args, job)
+    train(args, job)
+
+
+def resume_command(argv):
+    """The command line that continues this run: its own arguments with --resume, without --overwrite."""
+    script, argv = (sys.argv[0], sys.argv[1:]) if argv is None else ("train.py", [str(a) for a in argv])
+    resume = [] if any(len(a) > 4 and "--resume".startswith(a) for a in argv) else ["--resume"]
+    argv = [a for a in argv if not (len(a) > 3 and "--overwrite".startswith(a))] + resume
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if "RANK" not in os.environ:
+        python = os.path.basename(sys.executable)
+        launch = [python if shutil.which(python) else sys.executable]
+    elif world == local:
+        launch = ["torchrun", f"--nproc_per_node={world}"]
+    else:  # several machines: the rendezvous options are the job's own
+        launch = ["torchrun", f"--nnodes={world // local}", f"--nproc_per_node={local}", "<your rendezvous options>"]
+    return shlex.join(launch + [script] + argv)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# EMA, checkpoints
+# EMA, checkpoints, the log, the output folder and its lock, stop signals
 
 
 @torch.no_grad()
@@ -692,7 +928,7 @@ LOAD_ERRORS = (RuntimeError, ValueError, KeyError, TypeError, IndexError)  # wha
 #                                                                            network's weights
 
 
-def knobs(method):  # the method's settings as plain numbers: what a checkpoint records and --resume compares
+def method_knobs(method):  # the method's settings as plain numbers: what a checkpoint records and --resume compares
     return {k: getattr(method, k) for k in mf.RECIPES[method.recipe]}
 
 
@@ -729,47 +965,13 @@ def load_checkpoint(path, args, method):
                        f"{ckpt['args'][k]} to resume it (the global batch, split over any number of processes), or "
                        "another --out")
     # ... and the method: --set, --omega, --kappa, --t-lo, --t-hi left out or changed would make another run
-    old, new = ckpt.get("knobs"), knobs(method)  # older checkpoints: not recorded
+    old, new = ckpt.get("knobs"), method_knobs(method)  # older checkpoints: not recorded
     changed = [k for k in new if isinstance(old, dict) and k in old and old[k] != new[k]] if args.sample is None else []
     if changed:
         raise Fail(f"{path} was trained with {', '.join(f'{k}={old[k]}' for k in changed)}, not "
                    f"{', '.join(f'{k}={new[k]}' for k in changed)}: pass the run's own --set (and guidance flags) "
                    "to resume it, or another --out")
     return ckpt
-
-
-def save_atomic(path, write, run_folder=False):
-    """write(file) into a temporary file of this writer alone, then rename: a kill mid-write never leaves a corrupt
-    or half-written file, and two writers never share a temporary. On any failure the temporary goes; a failed
-    write (disk full) is one line, and the file at path, if any, is unchanged. run_folder: path is a training run's
-    checkpoint, log or picture, and the line says how to continue that run."""
-    tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"  # not the random module: its state is checkpointed
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        cause = err  # torch.save reports a failed write as a RuntimeError whose context is the OSError
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None or not isinstance(err, Exception):
-            raise
-        kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
-        retry = f"run again, {again(os.path.dirname(path))}" if run_folder else "run the command again"
-        raise Fail(f"could not write {path} ({cause.strerror}); {kept}; make room there (or fix its permissions) "
-                   f"and {retry}") from None
-
-
-def again(out):
-    """How to continue a training run in out after a failed write: from its checkpoint, or over if it has none."""
-    if os.path.exists(os.path.join(out or ".", "ckpt.pt")):
-        return "with --resume for a training run"
-    return "with --overwrite for a training run (it has no checkpoint to resume yet)"
 
 
 def log_line(h):
@@ -853,8 +1055,8 @@ def claim_out(args):
             except BlockingIOError:
                 holder = os.read(fd, 200).decode(errors="replace").strip()
                 os.close(fd)
-                raise Fail(f"another run ({holder or 'just starting'}) is training in --out {out}; wait for it, stop it "
-                           f"(Ctrl-C saves its checkpoint), or pass another --out")
+                raise Fail(f"another run ({holder or 'just starting'}) is training in --out {out}; wait for it, "
+                           f"stop it (Ctrl-C saves its checkpoint), or pass another --out")
             try:  # its holder may have removed the file between our open and flock: then take a new one
                 lock = fd if os.stat(path).st_ino == os.fstat(fd).st_ino else None
             except FileNotFoundError:
@@ -984,7 +1186,8 @@ def sample_guidance(args, method):
     if args.sample_interval:
         g["t_min"], g["t_max"] = args.sample_interval
     if g.get("t_min", 0.0) > g.get("t_max", 1.0):  # each in [0, 1] and omega >= 1: checked with the other numbers
-        raise Fail(f"--sample-interval {g['t_min']} {g['t_max']} is not an interval in [0, 1]; pass 0 <= T_MIN <= T_MAX <= 1")
+        raise Fail(f"--sample-interval {g['t_min']} {g['t_max']} is not an interval in [0, 1]; "
+                   "pass 0 <= T_MIN <= T_MAX <= 1")
     return g
 
 
@@ -1072,7 +1275,8 @@ def fid(images, ref, device):
 
 
 def fid_reference(path):
-    """--fid-ref as the ADM evaluator reads it: its mu/sigma when present, else its images arr_0 (and a description for the report).
+    """--fid-ref as the ADM evaluator reads it: its mu/sigma when present, else its images arr_0 (and a description
+    for the report).
     Read and checked before any sample is drawn."""
     try:
         f = np.load(path)
@@ -1133,297 +1337,108 @@ def sample_to_npz(args, method, net, data, rank, world, device):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training
+# Appendix: ImageNet -> SD-VAE latents, once (--prepare-imagenet). Center crop to 256 as ADM / DiT; we keep the
+# posterior (mean, std) of each image and of its mirror image, so that training draws a fresh latent of a random flip
+# every time (the official JAX loader keeps a use_flip flag but never applies it: no flips). Shard s of n encodes
+# files s, s + n, ...: one job each, or torchrun.
 
 
-def make_method(args):
-    """This run's MeanFlow: the recipe, meanflow.TOY_OVERRIDES on 2-D data, the dataset's own knobs (DATA_RECIPES), MeanFlow's per-size guidance
-    (paper_guidance: ImageNet latents only, never pixels), --omega/--kappa/--t-lo/--t-hi, and --set last."""
-    toy = args.data in toy_data.DATASETS
-    imagenet = args.data == "imagenet-latents" and not mf.RECIPES[args.recipe]["imf"]
-    guidance = dict(mf.paper_guidance.get(args.model, {})) if imagenet and args.class_cond else {}
-    guidance.update({k: getattr(args, k) for k in ("omega", "kappa", "t_lo", "t_hi") if getattr(args, k) is not None})
-    guided = guidance.keys() | (args.set_knobs.keys() & {"omega", "kappa", "t_lo", "t_hi"})  # flags or --set
-    if guided and not args.class_cond:
-        raise Fail("--omega, --kappa, --t-lo and --t-hi guide with labels; this run is unconditional (see --class-cond)")
-    if guided and mf.RECIPES[args.recipe]["imf"]:
-        raise Fail("--omega, --kappa, --t-lo and --t-hi set MeanFlow's guidance in the target; iMF draws omega and "
-                   "the interval in training and takes them at sampling: --sample-omega, --sample-interval")
-    try:
-        method = mf.MeanFlow(recipe=args.recipe, **{**(mf.TOY_OVERRIDES if toy else {}), **args.knobs, **guidance,
-                                                    **args.set_knobs})
-    except ValueError as err:
-        raise Fail(f"{err} (from --recipe {args.recipe} and --set)")
-    inert = () if method.dtd_stages else ("dtd_patience", "dtd_share", "dtd_window")  # (MeanFlow() refuses the
-    for k in sorted(args.set_knobs.keys() & set(inert)):  # guidance knobs with iMF, omega_max/omega_beta without it)
-        raise Fail(f"--set {k} does nothing with --recipe {args.recipe} and these knobs (DTD only, and dtd_stages is "
-                   "0); leave it out")
-    return method
+def center_crop(img, size=256):
+    from PIL import Image
+
+    img = img.convert("RGB")  # first, as ADM: PIL resizes palette images by nearest neighbour, whatever resample says
+    while min(img.size) >= 2 * size:  # ADM's center_crop_arr: halve with a box filter, then bicubic to size
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top: top + size, left: left + size]  # (size, size, 3) uint8
 
 
-def get_lr(step, args):  # a pure function of the step, so that resuming needs no scheduler state
-    return args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+def load_images(files):
+    """DataLoader collate_fn: files -> (B, 3, 256, 256) in [-1, 1], or (file, reason) for the first unreadable one
+    (returned, not raised: an exception inside a loader worker would arrive wrapped in its traceback)."""
+    from PIL import Image
 
-
-# The run, top to bottom: set_up -> (sampling only: sample_to_npz) -> resume -> train, whose loop calls
-# train_step, log_window, evaluate and checkpoint. `job` carries what the steps share (a plain namespace).
-def set_up(args):
-    """Processes, device, precision, the method, the data, the networks and the optimizer."""
-    # Distributed only under torchrun (RANK set), as in nanoGPT; nccl on GPUs, gloo on CPUs.
-    rank, world, local_rank = processes()
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    elif args.model == "mlp" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)  # the toy MLP is too small for threads to pay; on a busy CPU they cost 10-20x
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    bf16 = (args.precision or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
-    autocast = torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext()
-
-    method = make_method(args)  # bad knobs fail here, before any data is read
-    args.sample_guidance = sample_guidance(args, method)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")  # --resume, --sample: checked before any data is read
-    ckpt = load_checkpoint(ckpt_path, args, method) if args.resume or args.sample is not None else None
-    # --sample of latents needs the checkpoint and the VAE, not the 42 GB of training latents
-    data = None if args.sample is not None and args.data == "imagenet-latents" else load_data(args, local_rank)
-    check_data(data, args)
-    if args.steps is None and data is not None:
-        args.steps = math.ceil(args.epochs * len(data) / args.batch_size)  # 240 epochs (paper), iMF 640
-        if args.stop_at is not None and args.stop_at > args.steps:
-            raise Fail(f"--stop-at {args.stop_at} is beyond the {args.steps} steps of {args.epochs} epochs; pass a step within")
-    if args.warmup is None:  # in epochs of this data set at this batch (iMF: 10, official; else 0)
-        args.warmup = math.ceil(args.warmup_epochs * len(data) / args.batch_size) if data is not None else 0
-    args.eval_every, args.ckpt_every = args.eval_every or args.steps, args.ckpt_every or args.steps
-    K = IMAGE_DATA[args.data][2] if args.data in IMAGE_DATA and args.class_cond else 0
-    torch.manual_seed(args.seed)  # the same initial weights in every process
-    if args.model == "mlp":
-        net = mf.MLP(dim=2, **method.net_kwargs).to(device)
-    else:
-        C, H, _ = IMAGE_DATA[args.data]
-        net = (mf.iMF_models[args.model](input_size=H, in_channels=C, num_classes=K) if method.imf else
-               mf.DiT_models[args.model](input_size=H, in_channels=C, num_classes=K, dropout=args.dropout,
-                                         **method.net_kwargs)).to(device)
-    ema = copy.deepcopy(net).requires_grad_(False).eval()  # the weights that make the samples
-    adamw = dict(lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)  # (paper)
-    try:
-        opt = torch.optim.AdamW(net.parameters(), **adamw, fused=True)
-    except RuntimeError:  # no fused kernel for this device
-        opt = torch.optim.AdamW(net.parameters(), **adamw)
-    return SimpleNamespace(rank=rank, world=world, device=device, autocast=autocast, method=method, data=data,
-                           net=net, ema=ema, opt=opt, ckpt_path=ckpt_path, log_path=os.path.join(args.out, "log.jsonl"),
-                           fits=f"{ckpt_path} does not fit --model {args.model} (other shapes); pass the run's own settings",
-                           step=0, history=[], elapsed=0.0, vae=None, ckpt=ckpt, acc=[], window_seconds=0.0)
-
-
-def resume(args, job):
-    """Each process's random streams; with --resume, the weights, optimizer, curriculum, streams and log of the
-    checkpoint (on CPU bitwise: a resumed run continues as the uninterrupted one; on a GPU the streams are restored
-    exactly, but some CUDA kernels are not deterministic)."""
-    torch.manual_seed(args.seed * job.world + job.rank)  # each process its own noise, (t, r) and label drops
-    np.random.seed(args.seed * job.world + job.rank)
-    random.seed(args.seed * job.world + job.rank)
-    if args.resume:  # job.elapsed: seconds of the run before this process (`time` in the log goes on)
-        ckpt, job.ckpt = job.ckpt, None  # loaded and checked in set_up; freed once in the networks
-        job.step = step = ckpt["step"]
-        if step > args.steps or (args.stop_at is not None and args.stop_at <= step):
-            bad = f"--stop-at {args.stop_at}" if step <= args.steps else f"--steps {args.steps}"
-            raise Fail(f"{job.ckpt_path} is at step {step}, not before {bad}; pass a later step to train on")
+    images = []
+    for f in files:
         try:
-            job.net.load_state_dict(ckpt["model"])
-            job.ema.load_state_dict(ckpt["ema"])
-            job.opt.load_state_dict(ckpt["opt"])
-            method, accs = dict(ckpt["method"]), ckpt.get("dtd_acc")  # accs: one per process (older: rank 0's only)
-            if accs is not None:  # on another number of processes, process 0 carries the window's sums
-                method["dtd_acc"] = (accs[job.rank] if len(accs) == job.world else
-                                     [sum(a) for a in zip(*accs)] if job.rank == 0 else [0.0] * len(accs[0]))
-            job.method.load_state_dict(method)
-            if len(ckpt["rng"]) == job.world:
-                set_rng_state(ckpt["rng"][job.rank])
-            elif job.rank == 0:
-                print(f"resuming a {len(ckpt['rng'])}-process run on {job.world}: fresh random streams", file=sys.stderr)
-        except LOAD_ERRORS:
-            raise Fail(job.fits)
-        job.history = history = read_log(job.log_path, step)
-        job.elapsed = ckpt["time"] if "time" in ckpt else history[-1].get("time", 0.0) if history else 0.0
-        window = ckpt.get("log_window", {})  # the steps since the last log line: their means go on (older: none)
-        job.acc, job.window_seconds = [list(a) for a in window.get("acc", [])], float(window.get("seconds", 0.0))
-        if job.rank == 0:  # drop the lines logged after the checkpoint
-            save_atomic(job.log_path, lambda f: f.write("".join(map(log_line, history)).encode()), run_folder=True)
-    if args.data == "imagenet-latents" and job.rank == 0:
-        try:  # for the pictures
-            job.vae = load_vae(args, job.device)
-        except Fail as err:
-            print(f"no VAE to decode latents ({err}); the grids show latent channels 0-2", file=sys.stderr)
+            with Image.open(f) as img:
+                images.append(torch.tensor(center_crop(img)).permute(2, 0, 1))
+        except (OSError, ValueError) as err:  # not an image, truncated, or an image PIL cannot decode
+            return f, f"{type(err).__name__}: {err}"
+    return torch.stack(images).float() / 127.5 - 1
 
 
-def train_step(args, job, loss_fn, x, y):
-    """One optimizer step; returns the logged numbers (LOG_KEYS), averaged over the processes."""
-    for group in job.opt.param_groups:
-        group["lr"] = get_lr(job.step, args)
-    loss, logs = loss_fn(x, y, job.step / args.steps)
-    # A tiny all-reduce of the logged numbers (one more, of the stop signal, follows each step): they are global,
-    # and all processes see a non-finite loss at the same step and stop before the weights are touched. (DTD
-    # advances inside method.loss.)
-    stats = torch.stack([torch.as_tensor(logs.get(k, 1.0 if k == "beta" else math.nan),  # no beta: 1
-                                         dtype=torch.float32, device=job.device) for k in LOG_KEYS])
-    if job.world > 1:
-        dist.all_reduce(stats)
-        stats /= job.world
-    stats = stats.tolist()
-    if not math.isfinite(stats[0]):
-        fix = (f"{job.ckpt_path} is the last good checkpoint; lower --lr and --resume" if os.path.exists(job.ckpt_path)
-               else "no checkpoint yet; run again with a lower --lr and --overwrite")
-        fix += " (or, if the lr is not the cause, check the data and the --set values)"
-        raise Fail(f"the loss is {stats[0]} at step {job.step + 1}; stopped, {fix}")
-    job.opt.zero_grad(set_to_none=True)
-    loss.backward()  # under DDP: gradients averaged over the processes here
-    job.opt.step()
-    update_ema(job.ema, job.net, args.ema)
-    job.step += 1
-    return stats
-
-
-def log_window(args, job, seconds):
-    """One log line: the means of the steps since the last one (job.acc, carried across a resume by the
-    checkpoint), img/s over their training time."""
-    means = [np.mean([a for a in col if math.isfinite(a)] or [math.nan]) for col in zip(*job.acc)]
-    line = dict(step=job.step, **dict(zip(LOG_KEYS, means)), lr=get_lr(job.step - 1, args),
-                img_per_s=len(job.acc) * args.batch_size / seconds, time=time.time() - job.t_start)
-    job.history.append(line)
-    if job.rank == 0:
-        append_log(job.log_path, line)
-    return line
-
-
-def evaluate(args, job):
-    """Pictures of the EMA network's 1-NFE and 2-NFE samples (toys: and their distances to the data)."""
-    method, ema, device, step = job.method, job.ema, job.device, job.step
-    path = os.path.join(args.out, f"step-{step:07d}.png")
-    if job.data is None:  # data, 1-NFE and 2-NFE samples, loss curves; and the distances to the data
-        panels = [(f"data: {args.data}", toy_data.sample(args.data, 2000, torch.Generator().manual_seed(1)))]
-        for k in (1, 2):
-            x, _ = generate(args, method, ema, range(2000), k, device)
-            ed, sw = toy_distances(args, x)
-            board = f", {100 * toy_data.on_squares(x):.1f}% on the squares" if args.data == "checkerboard" else ""
-            panels.append((f"{k}-NFE (EMA): energy distance {ed:.4f}{board}", x))
-            print(f"step {step}: {k}-NFE energy distance {ed:.4f}, sliced Wasserstein {sw:.3f}{board}")
-        save_figure(path, panels, job.history, toy_data.checkerboard_squares() if args.data == "checkerboard" else ())
-    else:  # 8x8 grids, 1-NFE | 2-NFE, and the loss curves in loss.png
-        save_grids(path, [generate(args, method, ema, range(64), k, device, job.vae)[0] for k in (1, 2)])
-        save_figure(os.path.join(args.out, "loss.png"), [], job.history)
-    return path
-
-
-def checkpoint(args, job):
-    """Weights, EMA, optimizer, curriculum and every process's random streams, written atomically by rank 0."""
-    method = job.method.state_dict()
-    rngs = [rng_state()] * job.world  # every process's random streams
-    accs = [method["dtd_acc"]] * job.world  # and its part of DTD's window sums (the rest is shared)
-    if job.world > 1:
-        dist.all_gather_object(rngs, rng_state())
-        dist.all_gather_object(accs, accs[0])
-        hi = torch.stack([p.detach().float().sum() for p in job.net.parameters()])  # replicas still identical?
-        lo = hi.clone()
-        dist.all_reduce(hi, dist.ReduceOp.MAX)
-        dist.all_reduce(lo, dist.ReduceOp.MIN)
-        if not torch.equal(hi, lo):
-            raise Fail(f"the processes' weights differ at step {job.step}: their gradients were not synchronised")
-    if job.rank == 0:
-        state = dict(model=job.net.state_dict(), ema=job.ema.state_dict(), opt=job.opt.state_dict(), step=job.step,
-                     rng=rngs, method=method, dtd_acc=accs, recipe=args.recipe, args=vars(args), knobs=knobs(job.method),
-                     log_window=dict(acc=job.acc, seconds=job.window_seconds), time=time.time() - job.t_start)
-        save_atomic(job.ckpt_path, lambda f: torch.save(state, f), run_folder=True)
-    if job.world > 1:
-        dist.barrier()
-
-
-def train(args, job):
-    """The training loop: a step, and at their intervals a log line, pictures and a checkpoint; stops cleanly on
-    SIGINT/SIGTERM (all processes at the same step, checkpoint written) and at --stop-at."""
-    # Data parallel: DDP's gradient hooks fire through all of the loss's forwards (the plain one, the forward-mode
-    # pass on dual tensors, the no-grad guidance one) and one backward (tested against one process on the global
-    # batch). The buffers are constants (positions): no broadcast each forward (torch 2.13 renamed the flag).
-    DDP = torch.nn.parallel.DistributedDataParallel
-    new = "forward_sync_buffers" in inspect.signature(DDP).parameters
-    flag = "forward_sync_buffers" if new else "broadcast_buffers"
-    model = DDP(job.net, **{flag: False}) if job.world > 1 else job.net
-
-    def loss_fn(x, y, progress):
-        with job.autocast:  # the JVP too (an fp32 JVP measured no better; README); meanflow.py sums errors in fp32
-            return job.method.loss(model, x, y, progress=progress)
-
-    if args.compile:
-        loss_fn = torch.compile(loss_fn)
-    figure, first = None, job.step
-    job.t_start = time.time() - job.elapsed
-    with StopSignals() as signals, tqdm(total=args.steps, initial=job.step, disable=job.rank != 0,
-                                        dynamic_ncols=True) as bar:
-        while job.step < args.steps:
-            t_step = time.time()
-            x, y = get_batch(args, job.data, job.step, job.rank, job.world)
-            x, y = x.to(job.device, non_blocking=True), None if y is None else y.to(job.device, non_blocking=True)
-            job.acc.append(train_step(args, job, loss_fn, x, y))
-            bar.update()
-            job.window_seconds += time.time() - t_step  # img/s counts training alone, not checkpoints or pictures
-            step = job.step
-            if step % args.log_every == 0 or step == args.steps:
-                line = log_window(args, job, job.window_seconds)
-                bar.set_postfix(loss=f"{line['loss']:.4f}", v_loss=f"{line['v_loss']:.3f}",
-                                u_loss=f"{line['u_loss']:.3f}", beta=f"{line['beta']:.3f}", dtd=int(line["dtd_stage"]),
-                                img_s=f"{line['img_per_s']:.0f}")
-                job.acc, job.window_seconds = [], 0.0
-            last = step in (args.steps, args.stop_at)  # the run ends here anyway
-            stop = signals.agreed(job.device) if not last else 0  # SIGINT, SIGTERM
-            if step % args.ckpt_every == 0 or last or stop:  # before the pictures: a failure there loses no step
-                checkpoint(args, job)
-                if not stop and not last:  # a signal during a long write: stop on this step's checkpoint, not one
-                    stop = signals.agreed(job.device)  # step and a second write later
-            if job.rank == 0 and not stop and (step % args.eval_every == 0 or step == args.steps):
-                figure = evaluate(args, job)
-            if step == args.stop_at:
-                break
-            if stop:
-                raise Stopped(f"stopped by {signal.Signals(stop).name} after step {step} of {args.steps}; "
-                              f"checkpoint {job.ckpt_path}", stop)
-    if job.rank == 0 and first == args.steps:  # --resume of a finished run (its last pictures failed): draw them
-        figure = evaluate(args, job)
-    if job.rank == 0:
-        print(f"{job.step} steps in {time.time() - job.t_start:.0f} s; checkpoint {job.ckpt_path}"
-              + (f"; samples and loss curves {figure}" if figure else ""))
-
-
-def run(args, replaced=()):
-    job = set_up(args)  # every check of the method, data and network: only then does an --overwrite delete
-    for f in replaced:
-        os.remove(os.path.join(args.out, f))
-    if args.sample is not None:  # --sample: the EMA weights of the checkpoint draw samples into an .npz
+def prepare_imagenet(args):
+    rank, world, _ = processes()
+    root, n = args.prepare_imagenet, args.num_shards or world
+    s = args.shard if args.shard is not None else rank
+    if not os.path.isdir(root):
+        raise Fail(f"--prepare-imagenet {root} is not a folder; pass ImageNet's train folder (one folder per class)")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    files = [(os.path.join(root, c, f), k) for k, c in enumerate(classes)
+             for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith((".jpeg", ".jpg", ".png"))][s::n]
+    if not files:
+        raise Fail(f"shard {s} of {n} of {root} holds no images; pass a class-per-folder tree of .jpeg/.jpg/.png")
+    name = os.path.join(args.data_path, f"shard-{s:05d}-of-{n:05d}.npy")
+    labels = np.array([k for _, k in files])
+    if os.path.exists(name):  # written last, atomically: a shard there is complete (a restarted job skips it)
         try:
-            job.net.load_state_dict(job.ckpt["ema"])
-            job.ckpt = None
-        except LOAD_ERRORS:
-            raise Fail(job.fits)
-        return sample_to_npz(args, job.method, job.net.eval(), job.data, job.rank, job.world, job.device)
-    resume(args, job)
-    train(args, job)
+            done = len(np.load(name, mmap_mode="r")) == len(files) and np.array_equal(
+                np.load(labels_path(name)), labels)
+        except (OSError, ValueError):
+            done = False
+        if done:
+            print(f"shard {s} of {n}: already in {name}; delete it to encode it again")
+            return
+    other = sorted(f for f in glob.glob(os.path.join(glob.escape(args.data_path), "shard-*-of-*.npy"))
+                   if not f.endswith(f"-of-{n:05d}.npy"))
+    if other:  # a set of another shard count would mix with this one
+        raise Fail(f"--data-path {args.data_path} holds shards of another preparation ({os.path.basename(other[0])}); "
+                   "delete them (and their labels-*) or pass another --data-path")
+    try:  # before the VAE loads
+        os.makedirs(args.data_path, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.data_path).close()
+    except OSError as err:
+        raise Fail(f"cannot write to --data-path {args.data_path} ({err.strerror}); pass a writable folder")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    vae = load_vae(args, device)
+    loader = torch.utils.data.DataLoader([f for f, _ in files], batch_size=32, num_workers=args.workers,
+                                         collate_fn=load_images)
+    try:
+        encode_shard(vae, loader, name + ".tmp", len(files), device, desc=f"shard {s} of {n}")
+    except BaseException as err:  # a bad image, a full disk, Ctrl-C: no partial shard stays behind
+        if os.path.exists(name + ".tmp"):
+            os.remove(name + ".tmp")
+        if isinstance(err, OSError):
+            raise Fail(f"could not write {name} ({err.strerror}); nothing of it was kept; make room in "
+                       f"{args.data_path} and run --prepare-imagenet again (finished shards are kept)") from None
+        raise
+    save_atomic(labels_path(name), lambda f: np.save(f, labels))
+    os.replace(name + ".tmp", name)  # the latents last: a shard is there once both files are complete
+    print(f"shard {s} of {n}: {len(files)} images of {len(classes)} classes -> {name}")
 
 
-def resume_command(argv):
-    """The command line that continues this run: its own arguments with --resume, without --overwrite."""
-    script, argv = (sys.argv[0], sys.argv[1:]) if argv is None else ("train.py", [str(a) for a in argv])
-    resume = [] if any(len(a) > 4 and "--resume".startswith(a) for a in argv) else ["--resume"]
-    argv = [a for a in argv if not (len(a) > 3 and "--overwrite".startswith(a))] + resume
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if "RANK" not in os.environ:
-        python = os.path.basename(sys.executable)
-        launch = [python if shutil.which(python) else sys.executable]
-    elif world == local:
-        launch = ["torchrun", f"--nproc_per_node={world}"]
-    else:  # several machines: the rendezvous options are the job's own
-        launch = ["torchrun", f"--nnodes={world // local}", f"--nproc_per_node={local}", "<your rendezvous options>"]
-    return shlex.join(launch + [script] + argv)
+def encode_shard(vae, loader, path, n, device, desc):
+    """The posterior (mean, std) of every image and its mirror image, into a float16 .npy at path."""
+    lat, i = None, 0
+    with torch.no_grad():
+        for x in tqdm(loader, desc=desc):
+            if isinstance(x, tuple):
+                raise Fail(f"{x[0]} is not a readable image ({x[1]}); remove or replace it, then run "
+                           "--prepare-imagenet again")
+            post = vae.encode(torch.cat([x, x.flip(3)]).to(device)).latent_dist  # image and mirror in one pass
+            both = torch.stack([post.mean, post.std], 1).unflatten(0, (2, len(x))).transpose(0, 1)  # (B, 2, 2, C, h, w)
+            if lat is None:  # float16: half the disk (42 GB for ImageNet), rounding 5e-4 relative
+                lat = np.lib.format.open_memmap(path, "w+", np.float16, (n, *both.shape[1:]))
+                if hasattr(os, "posix_fallocate"):  # the file is sparse: a write into it on a full disk would end
+                    with open(path, "r+b") as f:  # the process (SIGBUS); reserving its blocks fails here instead
+                        os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            lat[i: i + len(x)] = both.cpu().numpy()
+            i += len(x)
+    lat.flush()
 
 
 def interrupt(signum, frame):
