@@ -4707,3 +4707,122 @@ def test_kappa_forward_takes_only_the_r_neq_t_rows_from_the_network():  # G1 (ef
     torch.manual_seed(0)
     method.loss(net, torch.randn(B, 2), torch.randint(0, 3, (B,)))
     assert [rows for rows, _, grad, _ in net.calls if not grad] == [B + n]  # the no-grad (guidance) forwards
+
+
+# --- checks of the reviews' fixes (a mutation audit: each of these failed on a plausible bug that no test caught)
+@pytest.mark.parametrize("knobs, words", [(dict(dtd_window=2.5), "dtd_window=2.5: pass a finite integer"),
+                                          (dict(dtd_patience=200.0), "dtd_patience=200.0: pass a finite integer"),
+                                          (dict(c=None), "c=None"), (dict(dtd_share=None), "dtd_share=None")])
+def test_counts_are_integers_and_only_beta_minsnr_take_none(knobs, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        mf.MeanFlow("improved-dtd", **knobs)
+
+
+def test_labels_must_be_one_dimensional():
+    net, m = mf.MLP(dim=2, num_classes=3), mf.MeanFlow("meanflow")
+    x, y = torch.randn(16, 2), torch.randint(0, 3, (16, 1))
+    with pytest.raises(ValueError, match="one per row"):
+        m.loss(net, x, y)
+    with pytest.raises(ValueError, match="one per row"):
+        m.sample(net, x, y)
+
+
+def test_kappa_forward_covers_only_the_r_neq_t_rows():
+    B, K = 40, 5
+    torch.manual_seed(0)
+    method = mf.MeanFlow("meanflow", omega=0.2, kappa=0.9, class_dropout=0.0)  # [t_lo, t_hi] = [0, 1]: all rows
+    net = RowCounter(mf.MLP(dim=2, hidden=16, num_classes=K))
+    t, r = method.sample_t_r(B)
+    method.loss(net, torch.randn(B, 2), torch.randint(0, K, (B,)), t=t, r=r)
+    assert [c[0] for c in net.calls if not c[2]] == [B + B // 4]
+
+
+def test_each_machine_downloads_with_its_local_process_0(tmp_path, capsys, monkeypatch):
+    for k, v in dict(RANK="3", WORLD_SIZE="4", LOCAL_RANK="1").items():
+        monkeypatch.setenv(k, v)
+    assert train.processes() == (3, 4, 1)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: None)
+    seen = []
+
+    def load_data(args, local_rank):
+        seen.append(local_rank)
+        raise train.Fail("stopped here")
+
+    monkeypatch.setattr(train, "load_data", load_data)
+    code, _, err = run_main(["--data", "cifar10", "--model", "Ti/4", "--data-path", tmp_path,
+                             "--out", tmp_path / "run"], capsys)
+    assert_one_line_error(code, err, "process 3 of 4: stopped here")
+    assert seen == [1]
+
+
+def test_a_failed_write_of_a_runs_log_or_picture_advises_resume(tmp_path, capsys, monkeypatch):
+    import matplotlib.figure
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    common = ["--steps", 4, *TOY_RUN, "--out", tmp_path / "run"]
+    assert run_main(common + ["--stop-at", 2], capsys)[0] == 0
+    with monkeypatch.context() as m:  # the log's rewrite at resume
+        m.setattr(os, "fsync", full)
+        code, _, err = run_main(common + ["--resume"], capsys)
+    assert_one_line_error(code, err, "could not write", "log.jsonl", "with --resume for a training run")
+    with monkeypatch.context() as m:  # the picture at the last step
+        m.setattr(matplotlib.figure.Figure, "savefig", full)
+        code, _, err = run_main(common + ["--resume"], capsys)
+    assert_one_line_error(code, err, "could not write", ".png", "with --resume for a training run")
+
+
+def test_negative_value_hint_fits_the_flag(tmp_path, capsys):
+    code, _, err = run_main(["--steps", "-1e3", "--out", tmp_path / "run"], capsys)
+    assert_one_line_error(code, err, "(a negative value: --steps=-1)")
+    code, _, err = run_main(["--lr", "--steps", "5", "--out", tmp_path / "run"], capsys)  # a missing value: no hint
+    assert_one_line_error(code, err, "--lr: expected one argument")
+    assert "negative value" not in err
+    code, _, err = run_main(["--out", "-x"], capsys)
+    assert_one_line_error(code, err, "--out: expected one argument")
+    assert "negative value" not in err
+
+
+def test_latent_batches_draw_flips_then_noise(tmp_path):
+    lat = np.random.default_rng(0).normal(size=(6, 2, 2, 4, 32, 32)).astype(np.float16)
+    np.save(tmp_path / "shard-00000-of-00001.npy", lat)
+    np.save(tmp_path / "labels-00000-of-00001.npy", np.arange(6))
+    idx = torch.tensor([5, 0, 3, 3])
+    x, y = train.ImageNetLatents(str(tmp_path)).get(idx, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    flip = torch.randint(0, 2, (4,), generator=g)
+    noise = torch.randn(4, 4, 32, 32, generator=g)
+    a = torch.from_numpy(lat.astype(np.float32))[idx, flip]
+    shift, scale = train.latent_normalisation(False)
+    assert torch.equal(x, (a[:, 0] + a[:, 1] * noise - shift) * scale) and y.tolist() == [5, 0, 3, 3]
+
+
+def _images(root, n):
+    from PIL import Image
+    for i in range(n):
+        os.makedirs(root / f"n0{i % 2}", exist_ok=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / f"n0{i % 2}" / f"img{i}.JPEG")
+
+
+def test_prepare_imagenet_shard_is_the_global_rank(tmp_path, capsys, monkeypatch):
+    _images(tmp_path / "train", 4)  # sorted: n00/img0, n00/img2, n01/img1, n01/img3; shard 1 of 2: labels 0, 1
+    out = tmp_path / "lat"
+    out.mkdir()
+    np.save(out / "shard-00001-of-00002.npy", np.zeros((2, 2, 2, 4, 32, 32), np.float16))
+    np.save(out / "labels-00001-of-00002.npy", np.array([0, 1]))
+    for k, v in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="0").items():  # the second machine's first process
+        monkeypatch.setenv(k, v)
+    code, text, err = run_main(["--prepare-imagenet", tmp_path / "train", "--data-path", out,
+                                "--vae", tmp_path / "no-vae", "--workers", 0], capsys)
+    assert code == 0 and "shard 1 of 2: already in" in text, err
+
+
+def test_prepare_imagenet_sees_another_preparation_in_any_folder_name(tmp_path, capsys):
+    _images(tmp_path / "train", 1)
+    out = tmp_path / "lat[1]"
+    out.mkdir()
+    np.save(out / "shard-00000-of-00002.npy", np.zeros((1, 2, 2, 4, 32, 32), np.float16))
+    code, _, err = run_main(["--prepare-imagenet", tmp_path / "train", "--data-path", out,
+                             "--vae", tmp_path / "no-vae", "--workers", 0], capsys)
+    assert_one_line_error(code, err, "another preparation", "shard-00000-of-00002.npy")

@@ -120,11 +120,16 @@ NUMBERS = dict(
 
 
 class Parser(argparse.ArgumentParser):
+    argv = ()  # the arguments being parsed (get_args sets them): to tell a negative number from a missing value
+
     def error(self, message):  # argparse prints its whole usage first: here the one line of every other error
         flag = re.match(r"argument (--[\w-]+).*: expected one argument", message)  # a number flag given "-1e-3"?
         numeric = flag and next((a.type for a in self._actions
                                  if flag[1] in a.option_strings and a.type in (int, float)), None)
-        hint = f" (a negative value: {flag[1]}={'-1e-3' if numeric is float else '-1'})" if numeric else ""
+        given = [str(a) for a in self.argv]
+        after = given[given.index(flag[1]) + 1] if numeric and flag[1] in given[:-1] else ""
+        negative = re.fullmatch(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?", after)
+        hint = f" (a negative value: {flag[1]}={'-1e-3' if numeric is float else '-1'})" if negative else ""
         raise Fail(f"{message}{hint}; see --help")
 
 
@@ -204,6 +209,7 @@ def get_args(argv=None):
     a("--num-shards", type=int, help="--prepare-imagenet: number of shards (default WORLD_SIZE, else 1)")
     a("--vae", default="stabilityai/sd-vae-ft-mse", help="diffusers AutoencoderKL name or folder (default: paper's)")
     a("--workers", type=int, help="--prepare-imagenet: image-decoding processes (default 4, at most the CPU cores)")
+    p.argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
 
     toy = args.data in toy_data.DATASETS
