@@ -519,8 +519,8 @@ class MeanFlow:
                              "or a DiT or MLP built with **MeanFlow('imf').net_kwargs")
         K = getattr(m, "num_classes", 0)  # labels need it: num_classes is also the null label
         if y is not None and (K == 0 or y.shape != (B,)):
-            raise ValueError(f"labels y of shape {tuple(y.shape)} for x of {tuple(x.shape)}: one per row, and a network "
-                             f"with classes" + (" (this one has num_classes=0 or none)" if K == 0 else ""))
+            raise ValueError(f"labels y of shape {tuple(y.shape)} for x of {tuple(x.shape)}: one per row, and a "
+                             f"network with classes" + (" (this one has num_classes=0 or none)" if K == 0 else ""))
         if not 0 <= progress <= 1:
             raise ValueError(f"progress={progress}: pass step / total_steps, in [0, 1]")
         if (t is None) != (r is None) or (e is not None and e.shape != x.shape):
@@ -703,7 +703,8 @@ class DiT(nn.Module):
         super().__init__()
         _check_sizes(input_size, patch_size, hidden_size, num_heads, 4)  # sin-cos positions: 4 parts of the width
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
-        self.input_size, self.in_context, self.guidance_cond, self.v_head = input_size, in_context, guidance_cond, v_head
+        self.input_size, self.in_context = input_size, in_context
+        self.guidance_cond, self.v_head = guidance_cond, v_head
         # Patch embedding: a p x p, stride-p convolution is a linear map of each flattened patch.
         self.x_embedder = nn.Linear(in_channels * patch_size * patch_size, hidden_size)
         grid = input_size // patch_size
@@ -892,8 +893,9 @@ class iMFDiT(nn.Module):
     return_v=True, v alone with return_v="only" (then the u-head's blocks are skipped).
 
     The sequence is [8 class | 4 omega | 2 t_min | 2 t_max | 4 time | N patch] tokens: each condition adds its
-    embedding (class; 1 - 1/omega; t_min; t_max; h = t - r, the "time" tokens) to its own learned tokens. depth blocks make u
-    (the first depth - head_depth shared with the v-head); the v-head adds head_depth blocks of its own."""
+    embedding (class; 1 - 1/omega; t_min; t_max; h = t - r, the "time" tokens) to its own learned tokens. depth
+    blocks make u (the first depth - head_depth shared with the v-head); the v-head adds head_depth blocks of its
+    own."""
 
     num_tokens = dict(cls=8, omega=4, t_min=2, t_max=2, time=4)  # official iMF
     patchify, unpatchify, set_attention = DiT.patchify, DiT.unpatchify, DiT.set_attention  # as the DiT

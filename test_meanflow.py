@@ -4798,7 +4798,7 @@ def test_latent_batches_draw_flips_then_noise(tmp_path):
     assert torch.equal(x, (a[:, 0] + a[:, 1] * noise - shift) * scale) and y.tolist() == [5, 0, 3, 3]
 
 
-def _images(root, n):
+def make_image_folders(root, n):  # n black 8 x 8 JPEGs in two class folders, n00 and n01
     from PIL import Image
     for i in range(n):
         os.makedirs(root / f"n0{i % 2}", exist_ok=True)
@@ -4806,7 +4806,7 @@ def _images(root, n):
 
 
 def test_prepare_imagenet_shard_is_the_global_rank(tmp_path, capsys, monkeypatch):
-    _images(tmp_path / "train", 4)  # sorted: n00/img0, n00/img2, n01/img1, n01/img3; shard 1 of 2: labels 0, 1
+    make_image_folders(tmp_path / "train", 4)  # sorted: n00/img0, n00/img2, n01/img1, n01/img3; shard 1 of 2: labels 0, 1
     out = tmp_path / "lat"
     out.mkdir()
     np.save(out / "shard-00001-of-00002.npy", np.zeros((2, 2, 2, 4, 32, 32), np.float16))
@@ -4819,7 +4819,7 @@ def test_prepare_imagenet_shard_is_the_global_rank(tmp_path, capsys, monkeypatch
 
 
 def test_prepare_imagenet_sees_another_preparation_in_any_folder_name(tmp_path, capsys):
-    _images(tmp_path / "train", 1)
+    make_image_folders(tmp_path / "train", 1)
     out = tmp_path / "lat[1]"
     out.mkdir()
     np.save(out / "shard-00000-of-00002.npy", np.zeros((1, 2, 2, 4, 32, 32), np.float16))

@@ -890,7 +890,7 @@ def resume_command(argv):
     script, argv = (sys.argv[0], sys.argv[1:]) if argv is None else ("train.py", [str(a) for a in argv])
     resume = [] if any(len(a) > 4 and "--resume".startswith(a) for a in argv) else ["--resume"]
     argv = [a for a in argv if not (len(a) > 3 and "--overwrite".startswith(a))] + resume
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    _, world, _ = processes()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if "RANK" not in os.environ:
         python = os.path.basename(sys.executable)
