@@ -135,7 +135,8 @@ _meanflow = dict(
     class_dropout=0.1,  # labels replaced by the null class, target v instead of v_g
     beta_k=None,  # improved training: progressive u-weight beta(delta_t, s), s = 1 - progress^k (None: off)
     minsnr_gamma=None,  # improved training: MinSNR-gamma weight alpha(t) on the r = t rows (None: off)
-    # improved training: DTD curriculum on the r = t rows (0 stages: off); its pacing and dtd_share [ours]: dtd_step.
+    # improved training: the DTD paper's curriculum on the r = t rows, as Kim et al.'s is not public (0 stages: off);
+    # its pacing and dtd_share [ours]: dtd_step.
     dtd_stages=0, dtd_patience=200, dtd_share=0.25, dtd_window=25,
     imf=False, omega_max=8.0, omega_beta=1.0,  # iMF: omega ~ p(omega) ~ omega^-beta on [1, omega_max]
 )
@@ -715,11 +716,12 @@ class DiT(nn.Module):
         # num_classes + 1 rows: the last one is the null label used by classifier-free guidance.
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size) if num_classes > 0 else None
         if guidance_cond:
-            self.omega_embedder, self.tmin_embedder, self.tmax_embedder = (TimestepEmbedder(hidden_size) for _ in range(3))
+            self.omega_embedder, self.tmin_embedder, self.tmax_embedder = map(TimestepEmbedder, [hidden_size] * 3)
         n_conds = 2 + (num_classes > 0) + 3 * guidance_cond
         # In-context: each condition becomes `cond_tokens` tokens = learned tokens + its embedding [ours:
         # official iMF uses 8 class, 4 time, 4 guidance-scale and 2+2 interval tokens].
-        self.cond_tokens = nn.Parameter(torch.randn(n_conds, cond_tokens, hidden_size) / hidden_size**0.5) if in_context else None
+        self.cond_tokens = (nn.Parameter(torch.randn(n_conds, cond_tokens, hidden_size) / hidden_size**0.5)
+                            if in_context else None)
         adaln = not in_context
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, adaln, attention, dropout)
                                     for _ in range(depth))
@@ -915,17 +917,18 @@ class iMFDiT(nn.Module):
         # h, 1 - 1/omega, t_min, t_max: sinusoids of the raw scalar and a 2-layer MLP each (as the DiT's)
         self.embedders = nn.ModuleDict({k: nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
                                         for k in ("omega", "t_min", "t_max", "time")})
-        self.y_embedder = nn.Embedding(num_classes + 1, D)  # the last row is the null label (also if unconditional)
-        self.tokens = nn.ParameterDict({k: nn.Parameter(torch.randn(n, D) / D**0.5) for k, n in self.num_tokens.items()})
+        self.y_embedder = nn.Embedding(num_classes + 1, D)  # last row: the null label (also if unconditional)
+        self.tokens = nn.ParameterDict({k: nn.Parameter(torch.randn(n, D) / D**0.5)
+                                        for k, n in self.num_tokens.items()})
         self.prefix = sum(self.num_tokens.values())
-        cos, sin = rope_cos_sin(D // num_heads, self.prefix + (input_size // p) ** 2)  # positions over the whole sequence
+        cos, sin = rope_cos_sin(D // num_heads, self.prefix + (input_size // p) ** 2)  # RoPE over the whole sequence
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         block = lambda: iMFBlock(D, num_heads, mlp_ratio, attention)
         self.blocks = nn.ModuleList(block() for _ in range(depth - head_depth))  # shared
         self.u_blocks = nn.ModuleList(block() for _ in range(head_depth))
         self.v_blocks = nn.ModuleList(block() for _ in range(head_depth))
-        self.u_final_layer, self.v_final_layer = iMFFinalLayer(D, p * p * in_channels), iMFFinalLayer(D, p * p * in_channels)
+        self.u_final_layer, self.v_final_layer = (iMFFinalLayer(D, p * p * in_channels) for _ in "uv")
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -1040,8 +1043,9 @@ imf_guidance = {
     "B/2": dict(omega=8.0, t_min=0.4, t_max=0.65),  # 1-NFE FID 3.39
     "M/2": dict(omega=10.5, t_min=0.4, t_max=0.6),  # 2.27
     "L/2": dict(omega=10.5, t_min=0.4, t_max=0.6),  # 1.86
-    "XL/2": dict(omega=8.0, t_min=0.42, t_max=0.62),  # 1.72 (2-NFE 1.54 at omega 4.0 on [0.36, 0.64])
+    "XL/2": dict(omega=8.0, t_min=0.42, t_max=0.62),  # 1.72
 }
+imf_guidance_2nfe = {"XL/2": dict(omega=4.0, t_min=0.36, t_max=0.64)}  # 2-NFE FID 1.54 (the config's only 2-NFE one)
 
 
 # ==== APPENDIX: speed only ======================================================================================

@@ -1683,7 +1683,9 @@ def test_imf_recipe_trains_the_imf_network_and_samples_guided(tmp_path, capsys, 
     seen = []
     sample = mf.MeanFlow.sample
     monkeypatch.setattr(mf.MeanFlow, "sample", lambda self, net, e, y=None, steps=1, **g: (
-        seen.append((type(net).__name__, g)), sample(self, net, e, y, steps, **g))[1])
+        seen.append((type(net).__name__, steps, g)), sample(self, net, e, y, steps, **g))[1])
+    two_step = dict(omega=2.0, t_min=0.1, t_max=0.9)  # as if Ti/4 had an official 2-NFE setting (XL/2 alone has)
+    monkeypatch.setitem(mf.imf_guidance_2nfe, "Ti/4", two_step)
     make_fashion(str(tmp_path / "fm"))
     common = ["--data", "fashion-mnist", "--data-path", tmp_path / "fm", "--model", "Ti/4", "--batch-size", 4,
               "--recipe", "imf", "--steps", 1]
@@ -1691,12 +1693,17 @@ def test_imf_recipe_trains_the_imf_network_and_samples_guided(tmp_path, capsys, 
     ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     assert any(k.startswith("u_blocks.") for k in ckpt["model"]) and "tokens.cls" in ckpt["model"]
     # the training pictures are guided: the official training config's setting for a size without an eval entry
-    assert seen and all(s == ("iMFDiT", train.IMF_PICTURE_GUIDANCE) for s in seen), seen
+    # in 1 step, the size's 2-NFE setting in 2 steps
+    assert {1, 2} == {k for _, k, _ in seen}, seen
+    assert all(s == ("iMFDiT", k, train.IMF_PICTURE_GUIDANCE if k == 1 else two_step) for s in seen for k in [s[1]])
     seen.clear()
-    code, _, err = run_main(common + ["--out", tmp_path / "a", "--sample", 2, "--sample-omega", 3.0,
-                                      "--sample-interval", 0.2, 0.7], capsys)
+    assert run_main(common + ["--out", tmp_path / "a", "--sample", 2, "--sample-steps", 2], capsys)[0] == 0
+    assert seen == [("iMFDiT", 2, two_step)]
+    seen.clear()
+    code, _, err = run_main(common + ["--out", tmp_path / "a", "--sample", 3, "--sample-omega", 3.0,
+                                      "--sample-interval", 0.2, 0.7, "--sample-steps", 2], capsys)
     assert code == 0, err
-    assert seen == [("iMFDiT", dict(omega=3.0, t_min=0.2, t_max=0.7))]
+    assert seen == [("iMFDiT", 2, dict(omega=3.0, t_min=0.2, t_max=0.7))]  # the options win at any NFE
     code, _, err = run_main(common + ["--out", tmp_path / "b", "--model", "S/4"], capsys)
     assert_one_line_error(code, err, "--recipe imf", "S/4")
 
@@ -1708,6 +1715,8 @@ def test_imf_sampling_defaults_per_size_as_the_official_eval_config(model, expec
     g = train.sample_guidance(args, train.make_method(args))
     assert (g["omega"], g["t_min"], g["t_max"]) == expect
     assert (args.batch_size, args.epochs, args.lr) == (1024, 640, 1e-4)  # iMF's training budget (official config)
+    g2 = train.sample_guidance(args, train.make_method(args), steps=2)  # the config's one 2-NFE setting: XL/2's
+    assert (g2["omega"], g2["t_min"], g2["t_max"]) == ((4.0, 0.36, 0.64) if model == "XL/2" else expect)
     args = train.get_args(["--data", "imagenet-latents", "--model", model, "--recipe", "imf", "--sample-omega", "4",
                            "--sample-interval", "0.36", "0.64"])
     assert train.sample_guidance(args, train.make_method(args)) == dict(omega=4.0, t_min=0.36, t_max=0.64)
@@ -3016,7 +3025,8 @@ LECTURE_DELETE = ["drop_labels", "guided_velocity",  # guidance
                   "_expect", "beta", "_alpha_raw", "weights", "dtd_step", "_dtd_reset", "state_dict",
                   "load_state_dict",  # improved training
                   "sample_imf_conditions", "imf_guided_velocity", "imf_loss", "rope_cos_sin", "apply_rope", "RMSNorm", "iMFAttention",
-                  "SwiGLU", "iMFBlock", "iMFFinalLayer", "iMFDiT", "iMF_sizes", "iMF_models", "imf_guidance"]  # iMF
+                  "SwiGLU", "iMFBlock", "iMFFinalLayer", "iMFDiT", "iMF_sizes", "iMF_models", "imf_guidance",
+                  "imf_guidance_2nfe"]  # iMF
 LECTURE_REPLACE = [("y_in, drop = ", "y_in = y"), ("v_g = self.guided_velocity(", "v_g = v"),
                    ("w = self.weights(", "w = 1"), ("RECIPES = {", 'RECIPES = {"meanflow": _meanflow}')]
 

@@ -199,9 +199,11 @@ def get_args(argv=None):
     a("--sample", type=int, metavar="N", help="write N samples of the EMA model in <out>/ckpt.pt to an .npz, exit")
     a("--sample-steps", type=int, help="NFE of --sample (default 1)")
     a("--sample-omega", type=float, help="iMF: guidance scale at sampling, an input of the network (default: per "
-      "size, meanflow.imf_guidance, other sizes 7.5 as the official training config; also for the training pictures)")
+      "size and NFE, meanflow.imf_guidance(_2nfe), other sizes 7.5 as the official training config; also for the "
+      "training pictures)")
     a("--sample-interval", type=float, nargs=2, metavar=("T_MIN", "T_MAX"), help="iMF: the guidance interval at "
-      "sampling (default: per size, meanflow.imf_guidance, other sizes 0.4 0.65 as the official training config)")
+      "sampling (default: per size and NFE, meanflow.imf_guidance(_2nfe), other sizes 0.4 0.65 as the official "
+      "training config)")
     a("--fid-ref", help="reference .npz for FID: its mu/sigma when present, as the ADM evaluator, else its images "
       "arr_0 (uint8 NxHxWx3) (default: the training images on pixel data; imagenet-latents: none, FID skipped)")
     a("--prepare-imagenet", metavar="DIR", help="encode a class-per-folder image tree to latents in --data-path")
@@ -634,6 +636,7 @@ def make_method(args):
 
 
 def get_lr(step, args):  # a pure function of the step, so that resuming needs no scheduler state
+    # (step + 1): the first step already moves (optax's linear_schedule in iMF's code starts at 0: one step later)
     return args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
 
 
@@ -655,7 +658,7 @@ def set_up(args):
     autocast = torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext()
 
     method = make_method(args)  # bad knobs fail here, before any data is read
-    args.sample_guidance = sample_guidance(args, method)
+    args.sample_guidance = {k: sample_guidance(args, method, k) for k in (1, 2, args.sample_steps)}  # per NFE
     ckpt_path = os.path.join(args.out, "ckpt.pt")  # --resume, --sample: checked before any data is read
     ckpt = load_checkpoint(ckpt_path, args, method) if args.resume or args.sample is not None else None
     # --sample of latents needs the checkpoint and the VAE, not the 42 GB of training latents
@@ -1166,7 +1169,7 @@ def generate(args, method, net, numbers, steps, device, vae=None, batch=256):
         e = torch.stack([torch.randn((C, H, H) if H else (C,), generator=torch.Generator().manual_seed(int(i)))
                          for i in chunk + args.seed * 1_000_003]).to(device)
         y = (chunk % K).to(device) if K else None  # the classes in turn
-        x = method.sample(net, e, y, steps=steps, **args.sample_guidance)
+        x = method.sample(net, e, y, steps=steps, **args.sample_guidance.get(steps, {}))
         if args.data == "imagenet-latents":
             shift, scale = (a.to(x.device) for a in latent_normalisation(method.imf))
             # the SD-VAE's decoder needs ~0.2 GB per 256 x 256 image (measured on CPU): VAE_BATCH at a time
@@ -1178,15 +1181,17 @@ def generate(args, method, net, numbers, steps, device, vae=None, batch=256):
     return np.concatenate(xs), np.concatenate(ys) if K else None
 
 
-def sample_guidance(args, method):
-    """iMF's guidance at sampling (pictures and --sample): --sample-omega / --sample-interval, else the official
-    setting of this size (meanflow.imf_guidance, or IMF_PICTURE_GUIDANCE); none without labels. {} for MeanFlow."""
+def sample_guidance(args, method, steps=1):
+    """iMF's guidance for sampling in `steps` NFE (pictures and --sample): --sample-omega / --sample-interval, else
+    the official setting of this size (meanflow.imf_guidance_2nfe for 2 steps where it has the size, otherwise
+    meanflow.imf_guidance, or IMF_PICTURE_GUIDANCE); none without labels. {} for MeanFlow."""
     if not method.imf:
         if args.sample_omega is not None or args.sample_interval:
             raise Fail(f"--sample-omega and --sample-interval need --recipe imf; {args.recipe} bakes guidance in at "
                        "training (--omega, --kappa, --t-lo, --t-hi)")
         return {}
-    g = dict(mf.imf_guidance.get(args.model, IMF_PICTURE_GUIDANCE)) if args.class_cond else {}
+    table = mf.imf_guidance_2nfe if steps == 2 and args.model in mf.imf_guidance_2nfe else mf.imf_guidance
+    g = dict(table.get(args.model, IMF_PICTURE_GUIDANCE)) if args.class_cond else {}
     if args.sample_omega is not None:
         g["omega"] = args.sample_omega
     if args.sample_interval:
