@@ -441,7 +441,7 @@ def test_parameter_counts_match_the_meanflow_paper(name, paper):
     with torch.device("meta"):
         net = mf.DiT_models[name](input_size=32, in_channels=4, num_classes=1000)
     n = sum(p.numel() for p in net.parameters())
-    assert abs(n - paper) / paper < 0.015, n
+    assert abs(n - paper) < 0.5e6, n  # the paper's counts are rounded to 1M (ours: within 0.2M)
 
 
 @pytest.mark.parametrize("recipe", list(mf.RECIPES))
@@ -589,7 +589,8 @@ def test_in_context_dit_reads_each_patch_back_at_its_place():
     with torch.no_grad():
         for block in net.blocks:
             block.gate_attn.zero_()
-    z, t, r, y = torch.randn(1, 2, 8, 8), torch.tensor([0.7]), torch.tensor([0.2]), torch.tensor([1])
+    z = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, r, y = torch.tensor([0.7]), torch.tensor([0.2]), torch.tensor([1])
     for rows, cols in ((slice(0, 2), slice(0, 2)), (slice(6, 8), slice(6, 8))):  # patches 0 and 15 of the 4 x 4 grid
         z2 = z.clone()
         z2[..., rows, cols] += 1.0
@@ -1604,9 +1605,9 @@ def test_imf_parameter_counts_match_the_official_config(name, paper):
     n = sum(p.numel() for p in net.parameters() if id(p) not in v_blocks)
     depth, D, heads, _ = mf.iMF_sizes[name[:-2]]
     official = imf_count(depth, D, heads)
-    assert abs(n - official) / official < 0.015, (n, official)
+    assert n == official, (n, official)
     if paper:
-        assert abs(n - paper) / paper < 0.015, n  # the iMF paper: iMF-B/2 89M
+        assert abs(n - paper) < 0.5e6, n  # the iMF paper: iMF-B/2 89M (rounded to 1M)
     assert len(net.blocks) + len(net.u_blocks) == depth and len(net.v_blocks) == 8
     assert net.u_blocks[0].mlp.w1.out_features == {768: 2048, 1024: 2730}[D]  # 8/3, truncated as the official code
     assert all(m.bias is None for m in net.u_blocks[0].modules() if isinstance(m, torch.nn.Linear))
@@ -2188,15 +2189,15 @@ def test_kill_9_then_resume_leaves_no_temporary(tmp_path, capsys):
     assert [strict_json(s)["step"] for s in open(f"{out}/log.jsonl")] == list(range(1, end + 1))
 
 
-def test_a_second_live_run_in_the_same_folder_fails_at_once(tmp_path, capsys):
+def test_a_second_live_run_in_the_same_folder_fails_at_once(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "run")
     first = start_toy_run(out)
     wait_for_log(first, out, 2)
+    for name in ("load_data", "set_up", "run", "load_checkpoint"):  # at once: no data, no model, no step
+        monkeypatch.setattr(train, name, lambda *a, name=name: pytest.fail(f"{name} ran before the lock refused"))
     for extra in ([], ["--resume"], ["--overwrite"]):
-        t = time.time()
         code, _, err = run_main(["--steps", 100_000, *TOY_RUN, "--out", out, *extra], capsys)
         assert_one_line_error(code, err, "another run", f"pid {first.pid}", "--out")
-        assert time.time() - t < 5  # at once: no data, no model, no step
     first.send_signal(signal.SIGTERM)  # the first run is unharmed: it stops cleanly and its files are whole
     assert first.wait(timeout=60) == 143
     log = [strict_json(s)["step"] for s in open(f"{out}/log.jsonl")]
@@ -2231,17 +2232,19 @@ def test_a_cut_off_log_line_is_dropped_on_resume(tmp_path, capsys):
     assert (out / "log.jsonl").read_bytes() == raw and ckpt_step(out) == 4
 
 
-def test_log_is_standard_json_null_for_nan_and_time_runs_on(tmp_path, capsys):
+def test_log_is_standard_json_null_for_nan_and_time_runs_on(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     common = ["--steps", 4, "--batch-size", 1, "--log-every", 1, "--out", out]  # B = 1: no r != t row, u-loss NaN
+    clock = [1e9]  # a clock that moves 1 ms each time it is read, and an hour between the two runs
+    monkeypatch.setattr(train.time, "time", lambda: clock.__setitem__(0, clock[0] + 1e-3) or clock[0])
     assert run_main(common + ["--stop-at", 2], capsys)[0] == 0
-    time.sleep(0.5)  # a pause between the runs does not count; the time before it does
+    clock[0] += 3600  # a pause between the runs does not count; the time before it does
     assert run_main(common + ["--resume"], capsys)[0] == 0
     log = [strict_json(s) for s in open(out / "log.jsonl")]
     assert [h["u_loss"] for h in log] == [None] * 4 and all(math.isfinite(h["loss"]) for h in log)
     saved = torch.load(out / "ckpt.pt", weights_only=True)["time"]
-    assert log[1]["time"] <= log[2]["time"] <= log[3]["time"] <= saved < log[3]["time"] + 5
-    assert log[2]["time"] - log[1]["time"] < 0.5  # no restart at 0, no gap for the pause
+    assert 0 < log[0]["time"] < log[1]["time"] < log[2]["time"] < log[3]["time"] <= saved < log[3]["time"] + 1
+    assert log[2]["time"] - log[1]["time"] < 1  # no restart at 0, no gap for the pause
     assert strict_json(train.log_line({"step": 1, "a": math.inf, "b": -math.inf, "c": math.nan})) == dict(
         step=1, a=None, b=None, c=None)
 
@@ -2531,6 +2534,7 @@ def test_dtd_reads_the_v_loss_of_the_r_equals_t_rows(monkeypatch):
     method, seen = mf.MeanFlow("improved-dtd"), []
     monkeypatch.setattr(method, "dtd_step", lambda v_loss, progress: seen.append((v_loss, progress)))
     net = randomize(mf.MLP(dim=2, hidden=16))
+    torch.manual_seed(0)  # the data and (t, r): a draw where the two losses differ clearly
     _, logs = method.loss(net, td.sample("checkerboard", 64), progress=0.3)
     assert len(seen) == 1 and seen[0][0] is logs["v_loss"] and seen[0][1] == 0.3
     assert abs(logs["v_loss"] - logs["u_loss"]) > 1e-3 * logs["v_loss"]  # the two differ: the check can fail
@@ -2626,8 +2630,9 @@ def test_adaptive_weight_moves_the_minimiser_in_two_dimensions():
             x = mean + prec[:, None].rsqrt() * torch.randn(4000, 2, generator=g, dtype=torch.float64)
             v = (z - x) / t
             m = v.mean(0)
-            for _ in range(100):  # iteratively reweighted means: the weight is the loss's, detached as in adaptive()
-                w = 1 / (((v - m) ** 2).sum(1) + method.c) ** method.p
+            for _ in range(100):  # iteratively reweighted means, the weight read from method.adaptive itself:
+                l = ((v - m) ** 2).sum(1).requires_grad_()  # d adaptive(l) / dl = 1 / sg((l + c)^p) = w
+                w, = torch.autograd.grad(method.adaptive(l).sum(), l)
                 m = (w[:, None] * v).sum(0) / w.sum()
             err.append(((m - gm.v(z, t)[0]) ** 2).sum().item())
         dist[p] = sum(err) / len(err)
@@ -2759,7 +2764,8 @@ def test_study_image_scores_are_the_classifiers_accuracy_and_frechet_distance(mo
 # The loss runs the forward-mode pass on the r != t rows only and the guidance forwards only on the rows that use
 # them. The reference below is the straightforward loss: one forward-mode pass over the whole batch through stock
 # PyTorch layers (torch.func.jvp, math attention), every guidance term on every row.
-def reference_loss(method, net, x, y, t, r, e, progress, seed):
+def reference_loss(method, net, x, y, t, r, e, progress, seed, stop_gradient=True):
+    sg = (lambda a: a.detach()) if stop_gradient else (lambda a: a)
     torch.manual_seed(seed)  # the same label drops (and iMF conditions) as method.loss after the same seed
     n = int((t != r).sum())
     t_, r_ = mf.bcast(t, x), mf.bcast(r, x)
@@ -2781,7 +2787,7 @@ def reference_loss(method, net, x, y, t, r, e, progress, seed):
                 v_g = torch.where(mf.bcast(drop, v), v, v + (1 - 1 / omega_m) * (v_c - v_u))
         (u, v_head), (dudt, _) = torch.func.jvp(lambda z, t, r: net(z, t, r, y_in, omega, t_min, t_max, return_v=True),
                                                 (z, t, r), (v_c, ones, zeros))
-        V = u + (t_ - r_) * dudt.detach()
+        V = u + (t_ - r_) * sg(dudt)
         return (method.adaptive(mf.sq_err(V, v_g)) + method.adaptive(mf.sq_err(v_head, v_g))).mean()
     v_g = v
     if y is not None and (method.omega, method.kappa) != (1.0, 0.0):
@@ -2791,7 +2797,7 @@ def reference_loss(method, net, x, y, t, r, e, progress, seed):
         om, ka = 1 + inside * (method.omega - 1), inside * method.kappa  # in v's dtype (where() would give fp32)
         v_g = torch.where(mf.bcast(drop, v), v, om * v + (1 - om - ka) * u_null + ka * u_cond)
     u, dudt = torch.func.jvp(lambda z, t, r: net(z, t, r, y_in), (z, t, r), (v_g, ones, zeros))
-    l = mf.sq_err(u, (v_g - (t_ - r_).clamp(0, 1) * dudt).detach())
+    l = mf.sq_err(u, sg(v_g - (t_ - r_).clamp(0, 1) * dudt))
     return (method.weights(t, r, progress) * method.adaptive(l)).mean()
 
 
@@ -2801,7 +2807,12 @@ def _guided(recipe):
 
 @pytest.mark.parametrize("recipe", list(mf.RECIPES))
 @pytest.mark.parametrize("labels", [False, True])
-def test_loss_and_gradients_match_whole_batch_reference_fp64(recipe, labels):
+@pytest.mark.parametrize("rules", ["appendix", "stock"])
+def test_loss_and_gradients_match_whole_batch_reference_fp64(recipe, labels, rules, monkeypatch):
+    """Under the stock rules du/dt is differentiable, so only the loss's stop-gradient keeps it out of the gradient
+    (the APPENDIX computes tangents under no_grad, which would hide a missing one): there the test checks it too."""
+    if rules == "stock":
+        monkeypatch.setattr(mf, "JVP_RULES", mf.StockRules)
     method = mf.MeanFlow(recipe, class_dropout=0.25, **(_guided(recipe) if labels else {}))
     B, K = 16, 3
     net = randomize(tiny_dit(num_classes=K if labels else 0, **method.net_kwargs)).double()
@@ -2820,9 +2831,14 @@ def test_loss_and_gradients_match_whole_batch_reference_fp64(recipe, labels):
     g_ref = torch.autograd.grad(ref, list(ref_net.parameters()), allow_unused=True)
     assert abs(loss.item() - ref.item()) < 1e-10 * ref.item(), (loss.item(), ref.item())
     assert all((a is None) == (b is None) and (a is None or rel(a, b) < 1e-9) for a, b in zip(g_loss, g_ref))
+    differs = lambda g_other: sum((a - b).norm() for a, b in zip(g_other, g_ref) if a is not None) > 1e-3 * sum(
+        b.norm() for b in g_ref if b is not None)
     if labels:  # the test has teeth: other label drops give other gradients
         g_other = torch.autograd.grad(reference_loss(method, ref_net, x, y, t, r, e, 0.5, seed=3), list(ref_net.parameters()))
-        assert sum((a - b).norm() for a, b in zip(g_other, g_ref)) > 1e-3 * sum(b.norm() for b in g_ref)
+        assert differs(g_other)
+    if rules == "stock":  # and without the stop-gradient another gradient
+        no_sg = reference_loss(method, ref_net, x, y, t, r, e, 0.5, seed=2, stop_gradient=False)
+        assert differs(torch.autograd.grad(no_sg, list(ref_net.parameters()), allow_unused=True))
 
 
 @pytest.mark.parametrize("recipe,B", [("meanflow", 6), ("meanflow", 10), ("meanflow", 14), ("imf", 5), ("imf", 7)])
@@ -3316,6 +3332,13 @@ def test_readme_teaching_path_cites_the_lines_of_the_functions_it_names():
         assert min(s0 for s0, _ in inside) - a <= 15 and 0 <= b - max(s1 for _, s1 in inside) <= 3, (a, b, inside)
 
 
+def load_benchmark():  # benchmark.py as a module
+    spec = importlib.util.spec_from_file_location("bench", os.path.join(HERE, "benchmark.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def test_benchmark_runs_and_reports_ratios_to_flow_matching(tmp_path):
     """benchmark.py end to end on the toy MLP (structure only: its numbers are timings, not for a test): flow
     matching and each asked recipe, one JSON line each, ratios to flow matching, the table."""
@@ -3338,13 +3361,19 @@ def test_benchmark_runs_and_reports_ratios_to_flow_matching(tmp_path):
     (["--recipes", "meanflow@bar"], "unknown kind 'meanflow@bar'"), (["--steps", "0"], "--steps must be at least 1"),
     (["--recipes", "meanflow@base"], "needs --baseline"), (["--baseline", "nope/meanflow.py"], "no such file"),
     (["--out", "nope/bench.jsonl"], "its folder does not exist")])
-def test_benchmark_refuses_bad_flags_in_one_line(tmp_path, flags, named):
-    """Bad flags: one error line naming the flag, exit 2, before any timing process starts (no output file)."""
-    p = subprocess.run([sys.executable, os.path.join(HERE, "benchmark.py"), "--models", "mlp", *flags],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    errors = [line for line in p.stderr.splitlines() if "error" in line]
-    assert p.returncode == 2 and len(errors) == 1 and named in errors[0], p.stderr[-2000:]
-    assert "Traceback" not in p.stderr and not p.stdout and os.listdir(tmp_path) == []
+def test_benchmark_refuses_bad_flags_in_one_line(tmp_path, flags, named, capsys, monkeypatch):
+    """Bad flags: one error line naming the flag, exit 2, before any timing process starts (no output file).
+    In this process (the command line itself: the next test)."""
+    bench = load_benchmark()
+    monkeypatch.setattr(bench, "child", lambda *a: pytest.fail("a timing process started"))
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--models", "mlp", *flags])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        bench.main()
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert exc.value.code == 2 and len(errors) == 1 and named in errors[0], err[-2000:]
+    assert not out and os.listdir(tmp_path) == []
 
 
 def test_a_process_that_does_not_download_says_the_tarball_is_missing(tmp_path):
@@ -4299,7 +4328,7 @@ def test_prepare_imagenet_checks_its_folder_first_and_reserves_the_shard(tmp_pat
     code, _, err = run_main(prep + ["--data-path", tmp_path / "afile"], capsys)
     assert_one_line_error(code, err, "cannot write to --data-path", "pass a writable folder")
     if not HAVE_DIFFUSERS or not hasattr(os, "posix_fallocate"):
-        return
+        pytest.skip("the full-disk half needs diffusers (its tiny VAE) and os.posix_fallocate")
 
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -4453,7 +4482,7 @@ def test_labels_need_a_network_that_says_how_many_classes():
     with pytest.raises(ValueError, match="num_classes=0 or none"):
         mf.MeanFlow("meanflow", omega=2.0).loss(Own(), torch.randn(4, 2), torch.zeros(4, dtype=torch.long))
 
-def test_benchmark_refuses_an_out_folder_and_a_broken_baseline_before_measuring(tmp_path):
+def test_benchmark_refuses_an_out_folder_and_a_broken_baseline_before_measuring(tmp_path):  # the command line
     (tmp_path / "bad.py").write_text("not python(\n")
     for extra, words in ((["--out", tmp_path], "is a folder; pass a file"),
                          (["--recipes", "meanflow@base", "--baseline", tmp_path / "bad.py"], "is not Python")):
@@ -4464,9 +4493,7 @@ def test_benchmark_refuses_an_out_folder_and_a_broken_baseline_before_measuring(
 
 
 def test_benchmark_reports_a_failed_measurement_in_one_line(tmp_path, monkeypatch):
-    bench = importlib.util.module_from_spec(spec := importlib.util.spec_from_file_location(
-        "bench", os.path.join(HERE, "benchmark.py")))
-    spec.loader.exec_module(bench)
+    bench = load_benchmark()
     monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: SimpleNamespace(
         returncode=1, stderr="Traceback (most recent call last):\n  ...\nAttributeError: no DiT_models\n", stdout=""))
     with pytest.raises(SystemExit, match="measuring Ti/4 .*failed: AttributeError: no DiT_models; the rows before it"):
