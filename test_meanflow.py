@@ -1267,7 +1267,7 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     assert naive > 1e-3 and (ranks[0]["naive"] - single).abs().max().item() > 1e-3, naive
 
 
-def test_torchrun_two_cpu_processes(tmp_path):
+def test_torchrun_two_cpu_processes(tmp_path, capsys):
     """The script itself under torchrun (gloo): trains, checkpoints (which checks that the replicas are identical),
     and splits --sample over the two processes."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -1285,10 +1285,8 @@ def test_torchrun_two_cpu_processes(tmp_path):
     # the same 101 samples as one process draws from that checkpoint: each number once, none twice
     os.makedirs(tmp_path / "one")
     shutil.copy(tmp_path / "ckpt.pt", tmp_path / "one" / "ckpt.pt")
-    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--steps", "3", "--batch-size", "32",
-                        "--out", str(tmp_path / "one"), "--sample", "101"], capture_output=True, text=True, env=env,
-                       timeout=120)
-    assert p.returncode == 0, p.stderr[-2000:]
+    code, _, err = run_main(["--steps", 3, "--batch-size", 32, "--out", tmp_path / "one", "--sample", 101], capsys)
+    assert code == 0, err
     assert np.allclose(np.load(tmp_path / "one" / "samples-101-nfe1.npz")["arr_0"], pts, atol=1e-6)
 
 
