@@ -899,6 +899,36 @@ def test_checkerboard_posterior_mean_against_quadrature():
     assert torch.isfinite(cb.v(far, torch.tensor([1e-4, 1e-4], dtype=torch.float64))).all()
 
 
+def test_checkerboard_posterior_mean_far_off_the_board_at_small_t():
+    """Against the closed form in 60-digit arithmetic (mpmath, which torch installs), each interval's mass taken on
+    the side of 0 away from it: points far off the board at t down to 1e-8, where phi / mass divides two numbers of
+    size exp(-1e15) (it gave (39.1, 2618.9) for (1.73, -0.87) at t = 1e-7, NaN at 1e-8)."""
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 60
+    cb, squares = td.Checkerboard(), td.checkerboard_squares()
+
+    def exact(z, t):
+        t = mp.mpf(t)
+        m, sd = [mp.mpf(c) / (1 - t) for c in z], t / (1 - t)
+        masses, means = [], []
+        for x0, y0, side in squares:
+            mass, mean = mp.mpf(1), []
+            for c, l0 in enumerate((x0, y0)):
+                a, b = (mp.mpf(l0) - m[c]) / sd, (mp.mpf(l0) + mp.mpf(side) - m[c]) / sd
+                P = mp.ncdf(-a) - mp.ncdf(-b) if a > 0 else mp.ncdf(b) - mp.ncdf(a)
+                mass *= P
+                mean.append(m[c] + sd * (mp.npdf(a) - mp.npdf(b)) / P)
+            masses.append(mass)
+            means.append(mean)
+        return [float(sum(w * mu[c] for w, mu in zip(masses, means)) / sum(masses)) for c in (0, 1)]
+
+    points = [(40.0, -30.0), (4.0, -3.0), (2.5, 0.3), (-0.3, 0.05), (0.1, 0.2), (-1.2, -2.9)]
+    for t in (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-2, 0.5):
+        got = cb.posterior_mean(torch.tensor(points, dtype=torch.float64), torch.full((6, 1), t, dtype=torch.float64))
+        want = torch.tensor([exact(z, t) for z in points], dtype=torch.float64)
+        assert (got - want).abs().max() < 1e-9, (t, got, want)
+
+
 def test_checkerboard_ode_converges(monkeypatch):
     # The 1-NFE endpoints (t = 1 -> 0) against 4x the default steps: 4th order (doubling the steps shrinks the error
     # ~16x), the default within 1e-5 for 99% of the points.
@@ -921,6 +951,16 @@ def test_checkerboard_ode_converges(monkeypatch):
     tiny = torch.full((4,), 5e-5, dtype=torch.float64)
     assert torch.equal(cb.ode_solve(z, tiny, tiny), z)
     assert torch.equal(cb.ode_solve(z, tiny, 0 * tiny), cb.posterior_mean(z, tiny[:, None]))
+    # ... and one that ends at 0 < r < CHECKERBOARD_T_END goes on straight towards E[x | z], not onto it: u = v
+    # where t and r are both below it (it gave v t / (t - r): 2v at r = t / 2), and against a path run on to r
+    torch.testing.assert_close(cb.u(z, tiny, tiny / 2), cb.v(z, tiny), rtol=1e-9, atol=0)
+    data = td.checkerboard(200, torch.Generator().manual_seed(21)).double()
+    for t, r in ((2e-4, 9e-5), (1e-3, 5e-5)):
+        z_t = (1 - t) * data + t * e[:200]
+        monkeypatch.setattr(td, "CHECKERBOARD_T_END", 1e-12)
+        finer = cb.u(z_t, t, r, steps=1024)
+        monkeypatch.undo()
+        assert (cb.u(z_t, t, r) - finer).norm(dim=1).median() < 1e-3 * finer.norm(dim=1).median(), (t, r)
 
 
 # ---------------------------------------------------------------------------------------------------- distances
@@ -2685,23 +2725,47 @@ def test_study_runner_appends_and_resumes(tmp_path, capsys):
     (["--steps", "0"], "--steps 0: must be at least 1"), (["--eval-every", "0"], "--eval-every 0: must be at least 1"),
     (["--ema", "1"], "--ema 1.0: must be in [0, 1)"), (["--lr", "nan"], "--lr nan: must be a positive number"),
     (["--lr", "inf"], "--lr inf: must be a positive number"), (["--ema", "0.9"], "holds runs with other settings"),
-    (["--image-run"], "holds runs with other settings")])
+    (["--image-run"], "holds runs with other settings"), (["--eval-every", "3"], "holds runs with other settings")])
 def test_study_runner_refuses_bad_numbers_and_another_studys_file(tmp_path, capsys, flags, named):
     """A study file resumes only at the settings it was made with (a run there at another lr, length or part would
     count as done, and the notebooks would mix them); bad numbers and a file that is not a study's: one line, exit 2,
     the file unchanged."""
     study = load_study()
     out = tmp_path / "study.jsonl"
-    run = dict(recipe="meanflow", seed=0, steps=4, lr=2e-3, batch_size=256, ema=0.995)
-    image_run = dict(run, floor={})  # an image study's run (it has a floor) at the toy's numbers
+    run = dict(recipe="meanflow", seed=0, steps=4, lr=2e-3, batch_size=256, ema=0.995, eval_every=2)
+    image_run = dict(run, floor={}, classifier_steps=1500)  # an image study's run (it has a floor) at the toy's numbers
     out.write_text(json.dumps(image_run if flags == ["--image-run"] else run) + "\n"
                    + ("{not json\n" if flags == ["--garbage"] else ""))
     before = out.read_text()
-    argv = ["--out", str(out), "--steps", "4", "--eval-every", "2", "--recipes", "meanflow", "--seeds", "0", "1"]
+    argv = ["--out", str(out), "--steps", "4", "--recipes", "meanflow", "--seeds", "0", "1"]
+    argv += [] if "--eval-every" in flags else ["--eval-every", "2"]
     with pytest.raises(SystemExit) as exit_:
         study.main(argv + ([] if flags in (["--garbage"], ["--image-run"]) else flags))
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert exit_.value.code == 2 and len(errors) == 1 and named in errors[0] and out.read_text() == before
+
+
+def test_study_runner_checks_the_scoring_classifier_and_drops_a_cut_off_last_line(tmp_path, capsys):
+    """Image runs scored by a classifier trained for other steps do not count as done (one line, the file unchanged);
+    a run killed while its line was written leaves that line cut off: the next start drops it and runs it again."""
+    study = load_study()
+    out = tmp_path / "study.jsonl"
+    run = dict(recipe="meanflow", seed=0, steps=4, lr=2e-3, batch_size=64, ema=0.99, eval_every=2,
+               classifier_steps=1500, floor={})
+    out.write_text(json.dumps(run) + "\n")
+    argv = ["--part", "images", "--out", str(out), "--steps", "4", "--eval-every", "2", "--recipes", "meanflow",
+            "--seeds", "0"]
+    with pytest.raises(SystemExit) as exit_:
+        study.main(argv + ["--classifier-steps", "10"])
+    assert exit_.value.code == 2 and "holds runs with other settings" in capsys.readouterr().err
+    assert out.read_text() == json.dumps(run) + "\n"
+    out.write_text(json.dumps(run) + "\n" + json.dumps(dict(run, seed=1))[:40])  # seed 1's line, cut off
+    assert study.main(argv) == 0
+    assert "dropping its cut-off last line" in capsys.readouterr().out
+    assert out.read_text() == json.dumps(run) + "\n"
+    with pytest.raises(SystemExit) as exit_:  # an --out inside a file: one line, not a traceback from makedirs
+        study.main(["--out", str(out / "s.jsonl")])
+    assert exit_.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
 
 
 def test_study_runner_images(tmp_path, monkeypatch):
@@ -2721,6 +2785,7 @@ def test_study_runner_images(tmp_path, monkeypatch):
     assert study.main(argv) == 0
     runs = [json.loads(s) for s in open(out)]
     assert [d["recipe"] for d in runs] == ["meanflow", "improved-dtd"] and runs[0]["batch_size"] == 64
+    assert (runs[0]["eval_every"], runs[0]["classifier_steps"]) == (1, 2)  # the settings a resume checks
     last = runs[1]["curve"][-1]
     assert [c["step"] for c in runs[0]["curve"]] == [0, 1, 2]
     # the study passes progress: by the second of 2 steps (progress 0.5 > dtd_share) every stage is unlocked
@@ -3640,7 +3705,7 @@ def test_study_run_seeds_the_init_and_draws_data_from_the_generator(monkeypatch)
         return [], 0.0
 
     monkeypatch.setattr(study, "fit", fake_fit)
-    args = SimpleNamespace(steps=1, lr=1e-3, batch_size=8, ema=0.99)
+    args = SimpleNamespace(steps=1, lr=1e-3, batch_size=8, ema=0.99, eval_every=1)
     for seed in (0, 1, 0):
         study.run("meanflow", seed, args, None, None)
     (p0, b0, b0_again), (p1, _, _), (p0_again, _, _) = got
@@ -3653,7 +3718,8 @@ def test_study_resume_skips_only_runs_of_the_same_length(tmp_path, monkeypatch):
     # file is refused (test_study_runner_refuses_bad_numbers_and_another_studys_file). Kills: done without the check.
     study = load_study()
     out = tmp_path / "study.jsonl"
-    out.write_text(json.dumps(dict(recipe="meanflow", seed=0, steps=4, lr=2e-3, batch_size=256, ema=0.995)) + "\n")
+    out.write_text(json.dumps(dict(recipe="meanflow", seed=0, steps=4, lr=2e-3, batch_size=256, ema=0.995,
+                                   eval_every=100)) + "\n")
     jobs = []
     monkeypatch.setattr(study, "worker", lambda rank, args, j: jobs.append(list(j)))
     base = ["--out", str(out), "--recipes", "meanflow", "--seeds", "0", "1"]

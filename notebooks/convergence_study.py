@@ -118,7 +118,7 @@ def run(name, seed, args, sets, data):
     curve, seconds = fit(method, net, args, seed, lambda g: (gm.sample(args.batch_size, g),),
                          lambda ema: evaluate(method, ema, sets, data))
     return dict(recipe=name, seed=seed, steps=args.steps, lr=args.lr, batch_size=args.batch_size, ema=args.ema,
-                seconds=seconds, curve=curve)
+                eval_every=args.eval_every, seconds=seconds, curve=curve)
 
 
 # --- images: Fashion-MNIST, a small DiT, scored by a classifier trained on the real training split ---
@@ -212,8 +212,8 @@ def run_images(name, seed, args, data, scores, noise):
     curve, seconds = fit(method, net, args, seed, batch, lambda ema: evaluate_images(method, ema, scores, noise),
                          log_losses=True)
     return dict(recipe=name, seed=seed, steps=args.steps, lr=args.lr, batch_size=args.batch_size, ema=args.ema,
-                net=NET, seconds=seconds, floor=scores.floor, classifier_test_accuracy=scores.test_accuracy,
-                curve=curve)
+                eval_every=args.eval_every, classifier_steps=args.classifier_steps, net=NET, seconds=seconds,
+                floor=scores.floor, classifier_test_accuracy=scores.test_accuracy, curve=curve)
 
 
 def worker(rank, args, jobs):
@@ -227,9 +227,13 @@ def worker(rank, args, jobs):
     for name, seed in jobs[rank :: args.workers]:
         result = run_one(name, seed)
         # One line per run (~12 KB toy, ~5 KB images) in one unbuffered write to a file opened for appending
-        # (O_APPEND): the workers' lines do not interleave.
+        # (O_APPEND): the workers' lines do not interleave. A short write (a file-size limit, a full disk) is
+        # continued, or fails with the OS's error; a kill inside it leaves a cut-off last line, which the next
+        # start drops (finished_runs), running that one run again.
+        line = (json.dumps(result) + "\n").encode()
         with open(args.out, "ab", buffering=0) as f:
-            f.write((json.dumps(result) + "\n").encode())
+            while line:
+                line = line[f.write(line):]
         last = result["curve"][-1]
         score = last.get("energy distance 1-NFE", last.get("fd 1-NFE"))
         print(f"{name} seed {seed}: {result['seconds']:.0f} s, final 1-NFE score {score:.4f}", flush=True)
@@ -246,25 +250,38 @@ def check_numbers(p, args):  # argparse's usage and one error line (exit 2) for 
 
 def finished_runs(p, args):
     """The (recipe, seed) runs already in args.out, which must all be this study's at these settings: a run made at
-    another lr or length would otherwise count as done, and the notebooks would mix them."""
+    another lr, length, evaluation grid or scoring classifier would otherwise count as done, and the notebooks would
+    mix them. A last line without its newline is a run killed while it was written: dropped here (it runs again)."""
     done = set()
     if os.path.isdir(args.out):
         p.error(f"--out {args.out} is a folder; pass a file (e.g. {os.path.join(args.out, 'study.jsonl')})")
+    parent = os.path.dirname(args.out)
+    if parent and os.path.exists(parent) and not os.path.isdir(parent):
+        p.error(f"--out {args.out}: {parent} is a file, not a folder; pass another --out")
     if not os.path.exists(args.out):
         return done
-    settings = dict(part=args.part, steps=args.steps, lr=args.lr, batch_size=args.batch_size, ema=args.ema)
-    with open(args.out) as f:
-        for i, line in enumerate(f, 1):
-            try:
-                d = json.loads(line)
-                theirs = dict(part="images" if "floor" in d else "toy", **{k: d[k] for k in list(settings)[1:]})
-                run = (d["recipe"], d["seed"])
-            except (ValueError, KeyError, TypeError):
-                p.error(f"--out {args.out}: line {i} is not a run of this study; pass another --out")
-            if theirs != settings:
-                p.error(f"--out {args.out} holds runs with other settings ({theirs}, here {settings}); "
-                        "pass another --out, or the settings it was made with to resume it")
-            done.add(run)
+    settings = dict(part=args.part, steps=args.steps, lr=args.lr, batch_size=args.batch_size, ema=args.ema,
+                    eval_every=args.eval_every)
+    if args.part == "images":
+        settings["classifier_steps"] = args.classifier_steps
+    with open(args.out, "rb") as f:
+        raw = f.read()
+    whole = raw.rfind(b"\n") + 1  # bytes up to the last newline; the rest is a cut-off line, if any
+    for i, line in enumerate(raw[:whole].decode(errors="replace").splitlines(), 1):
+        try:
+            d = json.loads(line)
+            theirs = dict(part="images" if "floor" in d else "toy", **{k: d.get(k) for k in list(settings)[1:]})
+            run = (d["recipe"], d["seed"])
+        except (ValueError, KeyError, TypeError):
+            p.error(f"--out {args.out}: line {i} is not a run of this study at these settings; pass another --out")
+        if theirs != settings:
+            p.error(f"--out {args.out} holds runs with other settings ({theirs}, here {settings}); "
+                    "pass another --out, or the settings it was made with to resume it")
+        done.add(run)
+    if whole < len(raw):  # every whole line is this study's: the cut-off one goes
+        print(f"{args.out}: dropping its cut-off last line (a run stopped while writing it; it runs again)", flush=True)
+        with open(args.out, "r+b") as f:
+            f.truncate(whole)
     return done
 
 

@@ -287,14 +287,26 @@ class Checkerboard(ExactFlow):
         t = t[:, :, None]  # (B, 1, 1)
         m, s = z[:, None, :] / (1 - t), t / (1 - t)  # x given z, before the cut: N(m, s^2) per coordinate
         a, b = (self.lo.to(z.device) - m) / s, (self.hi.to(z.device) - m) / s  # (B, 8, 2) standardised ends
-        # log(Phi(b) - Phi(a)), computed in the tail away from the mass (Phi(-x) = 1 - Phi(x)) so it never cancels
+        # Work on the side of 0 away from the mass, reflected (Phi(-x) = 1 - Phi(x)) so that [lo, hi] has
+        # lo + hi <= 0: log(Phi(hi) - Phi(lo)) then never cancels.
         flip = a + b > 0
         lo, hi = torch.where(flip, -b, a), torch.where(flip, -a, b)
         log_hi = torch.special.log_ndtr(hi)
         log_mass = log_hi + torch.log1p(-torch.exp(torch.special.log_ndtr(lo) - log_hi))  # (B, 8, 2)
-        # mean of the truncated normal: m + s (phi(a) - phi(b)) / (Phi(b) - Phi(a))
-        log_phi = lambda x: -0.5 * x * x - 0.5 * math.log(2 * math.pi)
-        mean = m + s * (torch.exp(log_phi(a) - log_mass) - torch.exp(log_phi(b) - log_mass))
+        # The truncated normal's mean is m + s d, d = (phi(lo) - phi(hi)) / (Phi(hi) - Phi(lo)) in that frame
+        # (negated where reflected). Where hi <= 0 the whole side lies in the tail, and phi / mass there divides two
+        # numbers of size exp(-hi^2 / 2) (z far off the board at small t: hi^2 / 2 up to ~1e15): in Mills ratios
+        # M(x) = Phi(-x) / phi(x) = sqrt(pi / 2) erfcx(x / sqrt 2) the exponents cancel exactly:
+        # d = -(1 - E) / (M(x) - M(y) E), x = -hi, y = -lo, E = phi(y) / phi(x) = exp(-(y - x)(y + x) / 2).
+        log_phi = lambda q: -0.5 * q * q - 0.5 * math.log(2 * math.pi)
+        direct = torch.exp(log_phi(lo) - log_mass) - torch.exp(log_phi(hi) - log_mass)  # hi > 0: no large exponent
+        x, y = (-hi).clamp(min=0), -lo
+        mills = lambda q: math.sqrt(math.pi / 2) * torch.special.erfcx(q / math.sqrt(2))
+        E = torch.exp(-0.5 * (y - x) * (y + x))
+        tail = -(-torch.expm1(-0.5 * (y - x) * (y + x))) / (mills(x) - mills(y) * E)
+        d = torch.where(hi > 0, direct, tail)
+        mean = m + s * torch.where(flip, -d, d)
+        mean = torch.minimum(torch.maximum(mean, self.lo.to(z.device)), self.hi.to(z.device))  # rounding only
         w = torch.softmax(log_mass.sum(2), dim=1)  # (B, 8) p(square | z): the squares have equal areas
         return (w[:, :, None] * mean).sum(1)
 
@@ -311,7 +323,7 @@ class Checkerboard(ExactFlow):
         self._check_steps(steps)
         z_j = z.to(torch.float64)
         t, r = self._time(t, z_j), self._time(r, z_j)  # (B, 1)
-        jump = (r < CHECKERBOARD_T_END) & (r < t)  # these rows end on E[x | z] at t = CHECKERBOARD_T_END (or at t)
+        jump = (r < CHECKERBOARD_T_END) & (r < t)  # these rows end straight from t = CHECKERBOARD_T_END (or t)
         t_end = torch.where(jump, t.clamp(max=CHECKERBOARD_T_END), r)
         s0, s1 = t.sqrt(), t_end.sqrt()
         h = (s1 - s0) / steps
@@ -323,7 +335,10 @@ class Checkerboard(ExactFlow):
             k3 = f(z_j + 0.5 * h * k2, s + 0.5 * h)
             k4 = f(z_j + h * k3, s + h)
             z_j = z_j + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        # below t_end the posterior has settled (E[x | z_tau] constant) and the path is straight on to it:
+        # z_r = E + (r / t_end)(z - E); E itself at r = 0, and u = v where t and r are both below CHECKERBOARD_T_END
         end = self.posterior_mean(z_j, torch.where(jump, t_end, 1.0))
+        end = end + torch.where(jump, r / t_end, 0.0) * (z_j - end)
         return torch.where(jump, end, z_j).to(z.dtype)
 
 
