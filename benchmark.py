@@ -13,10 +13,14 @@ the forward-mode pass with PyTorch's own forward-mode rules (math attention) ins
 rules; RECIPE@base is the meanflow.py given by --baseline. Each kind's peak memory comes from a fresh process:
 torch.cuda.max_memory_allocated on GPU, the resident-set high-water mark on CPU (parameters, gradients and
 optimizer state included in both; big allocations forced to mmap, so that the high-water mark follows live
-memory). Times come from one process per network (with --pairwise: one per recipe, beside its flow-matching
-step), with the default allocator, in which the kinds take turns step by step, so that a busy machine slows them
-alike: the median wall-clock time of a step after warm-up, and the median CPU time of the process (on a shared CPU
-the steadier measure), each with its ratio to flow matching.
+memory). On CPU that peak includes the process's start, the interpreter and libraries (~290 MB), which dilutes the
+ratio of a small network: "step MB" is the peak above it (on GPU the same as the peak), with its own ratio; it
+still holds the library state made on first use (~90 MB beside the toy MLP's few MB of tensors), so on CPU the
+DiTs' memory ratios are the numbers. Times come from one process per network (with --pairwise: one per recipe,
+beside its flow-matching step), with the default allocator, in which the kinds take turns step by step, so that a
+busy machine slows them alike: the median wall-clock time of a step after warm-up, and the median CPU time of the
+process (on a shared CPU the steadier measure), each with its ratio to flow matching. Rows appended to an --out
+file carry the run's start time (`run`), which tells the runs in one file apart.
 """
 import argparse
 import contextlib
@@ -35,8 +39,8 @@ RECIPES = ["meanflow", "meanflow+cfg", "improved-dtd", "improved-minsnr", "imf"]
 PARTS = ["fm-split", "fm-split+jvp", "fm-imf+v"]
 
 
-def peak_rss_mb():
-    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+def rss_mb(field="VmHWM"):  # VmHWM: the resident-set high-water mark; VmRSS: the resident set now
+    return int(re.search(field + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
 
 
 @contextlib.contextmanager
@@ -158,9 +162,13 @@ def measure(model, kinds, batch, steps, bf16, compile_, baseline):
 
 
 def peak_memory(model, kind, batch, bf16, compile_, baseline):
-    """Peak memory of a steady-state step, in MB, in this (fresh) process."""
+    """Peak memory of a steady-state step in this (fresh) process, and what it held before the network was built,
+    in MB. On CPU the process's resident set, whose start (the interpreter and libraries, ~290 MB) the step adds
+    to; on GPU the tensors alone (the start is ~0)."""
     import torch
 
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    start = torch.cuda.memory_allocated() / 2**20 if dev == "cuda" else rss_mb("VmRSS")
     step, dev = build(model, kind, batch, bf16, compile_, baseline)
     step(), step()
     if dev == "cuda":
@@ -168,14 +176,15 @@ def peak_memory(model, kind, batch, bf16, compile_, baseline):
     else:
         open("/proc/self/clear_refs", "w").write("5")  # reset the resident-set high-water mark
     step()
-    return torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else peak_rss_mb()
+    return (torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else rss_mb()), start
 
 
 def child(args, *cmd):
     env = dict(os.environ)
     if "--child-memory" in cmd:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # big tensors via mmap: RSS tracks live memory (slow to time)
-    flags = ["--batch", str(args.batch), "--steps", str(args.steps)] + ["--bf16"] * args.bf16 + ["--compile"] * args.compile
+    flags = ["--batch", str(args.batch), "--steps", str(args.steps)]
+    flags += ["--bf16"] * args.bf16 + ["--compile"] * args.compile
     flags += ["--baseline", args.baseline] if args.baseline else []
     out = subprocess.run([sys.executable, __file__, *cmd, *flags], env=env, capture_output=True, text=True)
     if out.returncode != 0:  # one line: the measuring process's last error line
@@ -198,6 +207,10 @@ def check_args(ap, args):
         if name not in RECIPES + PARTS or variant not in ("", "stock", "base"):
             ap.error(f"unknown kind {k!r} in --recipes; choose from {', '.join(RECIPES + PARTS)}, each optionally "
                      "with @stock or @base")
+    for k in kinds:
+        if k.startswith("fm") and k.endswith("@base"):
+            ap.error(f"--recipes {k}: flow matching and its parts are measured with this folder's meanflow.py only; "
+                     "leave out @base")
     if any(k.endswith("@base") for k in kinds) and not args.baseline:
         ap.error("a kind RECIPE@base needs --baseline PATH/meanflow.py")
     if args.baseline and not os.path.isfile(args.baseline):
@@ -215,6 +228,15 @@ def check_args(ap, args):
         ap.error(f"--out {args.out}: its folder does not exist; create it or pass another path")
     if args.out and os.path.isdir(args.out):
         ap.error(f"--out {args.out} is a folder; pass a file to append the JSON lines to")
+    if args.out and os.path.isfile(args.out):  # appending to earlier benchmark rows is fine, to anything else not
+        with open(args.out, errors="replace") as f:
+            for i, line in enumerate(f, 1):
+                try:
+                    ok = {"model", "kind"} <= json.loads(line).keys()
+                except (ValueError, AttributeError):
+                    ok = False
+                if not ok:
+                    ap.error(f"--out {args.out}: line {i} is not a row of benchmark.py; pass another file")
 
 
 def main():
@@ -242,7 +264,8 @@ def main():
         model, kinds = args.child[0], args.child[1].split(",")
         batch = 256 if model == "mlp" else args.batch
         if args.child_memory:
-            result = dict(peak_mb=peak_memory(model, kinds[0], batch, args.bf16, args.compile, args.baseline))
+            peak, start = peak_memory(model, kinds[0], batch, args.bf16, args.compile, args.baseline)
+            result = dict(peak_mb=peak, start_mb=start)
         else:
             result = dict(times=measure(model, kinds, batch, args.steps, args.bf16, args.compile, args.baseline),
                           device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -251,7 +274,7 @@ def main():
         return
 
     check_args(ap, args)
-    rows, base = [], {}
+    rows, base, started = [], {}, time.strftime("%Y-%m-%dT%H:%M:%S")  # `run` tells the runs in one --out apart
     for model in args.models.split(","):
         recipes = args.recipes.split(",")
         kinds = list(dict.fromkeys(["fm"] + ["fm-imf"] * any("imf" in k for k in recipes) + recipes))
@@ -266,27 +289,31 @@ def main():
             timing = child(args, "--child", model, ",".join(kinds))
             timing["ref_of"] = {kind: timing["times"][reference(kind)] for kind in kinds}
         for kind in kinds:
-            peak = child(args, "--child", model, kind, "--child-memory")["peak_mb"]
+            memory = child(args, "--child", model, kind, "--child-memory")
+            peak, start = memory["peak_mb"], memory["start_mb"]
             step_s, cpu_s = timing["times"][kind]
-            row = dict(model=model, kind=kind, device=timing["device"], threads=timing["threads"],
+            row = dict(run=started, model=model, kind=kind, device=timing["device"], threads=timing["threads"],
                        batch=timing["batch"], bf16=args.bf16, compile=args.compile, step_s=round(step_s, 4),
-                       cpu_s=round(cpu_s, 4),
-                       img_per_s=round(timing["batch"] / step_s, 1), peak_mb=round(peak, 1))
+                       cpu_s=round(cpu_s, 4), img_per_s=round(timing["batch"] / step_s, 1), peak_mb=round(peak, 1),
+                       step_mb=round(peak - start, 1))
             if kind.startswith("fm"):
                 base[kind] = row
             fm_wall, fm_cpu = timing["ref_of"][kind]  # --pairwise: the flow-matching step timed in the same process
             row["time_ratio"], row["cpu_ratio"] = round(step_s / fm_wall, 2), round(cpu_s / fm_cpu, 2)
             row["mem_ratio"] = round(row["peak_mb"] / base[reference(kind)]["peak_mb"], 2)
+            row["step_mem_ratio"] = round(row["step_mb"] / base[reference(kind)]["step_mb"], 2)
             print(json.dumps(row), flush=True)
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
             rows.append(row)
 
-    print(f"\n{'model':6} {'step':18} {'wall (s)':>9} {'x FM':>6} {'CPU (s)':>9} {'x FM':>6} {'peak MB':>9} {'x FM':>6}")
+    print(f"\n{'model':6} {'step':18} {'wall (s)':>9} {'x FM':>6} {'CPU (s)':>9} {'x FM':>6} {'peak MB':>9} {'x FM':>6}"
+          f" {'step MB':>9} {'x FM':>6}")
     for r in rows:
         print(f"{r['model']:6} {r['kind']:18} {r['step_s']:9.3f} {r['time_ratio']:6.2f} {r['cpu_s']:9.3f} "
-              f"{r['cpu_ratio']:6.2f} {r['peak_mb']:9.0f} {r['mem_ratio']:6.2f}")
+              f"{r['cpu_ratio']:6.2f} {r['peak_mb']:9.0f} {r['mem_ratio']:6.2f} {r['step_mb']:9.0f} "
+              f"{r['step_mem_ratio']:6.2f}")
 
 if __name__ == "__main__":
     main()

@@ -3413,8 +3413,10 @@ def test_benchmark_runs_and_reports_ratios_to_flow_matching(tmp_path):
     rows = {d["kind"]: d for d in map(json.loads, open(out))}
     assert set(rows) == {"fm", "meanflow", "meanflow@stock"} and all(d["model"] == "mlp" for d in rows.values())
     assert rows["fm"]["time_ratio"] == rows["fm"]["cpu_ratio"] == rows["fm"]["mem_ratio"] == 1.0
+    assert rows["fm"]["step_mem_ratio"] == 1.0 and len({d["run"] for d in rows.values()}) == 1
     for d in rows.values():
-        assert d["step_s"] > 0 and d["peak_mb"] > 0
+        assert d["step_s"] > 0 and d["peak_mb"] > d["step_mb"] > 0  # on CPU the peak holds the process's start
+        assert d["step_mem_ratio"] == pytest.approx(d["step_mb"] / rows["fm"]["step_mb"], abs=0.01)
         assert d["time_ratio"] == pytest.approx(d["step_s"] / rows["fm"]["step_s"], rel=0.05, abs=0.01)
     assert re.search(r"mlp\s+meanflow@stock\s", p.stdout)
 
@@ -3423,7 +3425,8 @@ def test_benchmark_runs_and_reports_ratios_to_flow_matching(tmp_path):
     (["--models", "Q/9"], "unknown model 'Q/9'"), (["--recipes", "meanflow,foo"], "unknown kind 'foo'"),
     (["--recipes", "meanflow@bar"], "unknown kind 'meanflow@bar'"), (["--steps", "0"], "--steps must be at least 1"),
     (["--recipes", "meanflow@base"], "needs --baseline"), (["--baseline", "nope/meanflow.py"], "no such file"),
-    (["--out", "nope/bench.jsonl"], "its folder does not exist")])
+    (["--out", "nope/bench.jsonl"], "its folder does not exist"),
+    (["--recipes", "fm-split@base", "--baseline", os.path.join(HERE, "meanflow.py")], "leave out @base")])
 def test_benchmark_refuses_bad_flags_in_one_line(tmp_path, flags, named, capsys, monkeypatch):
     """Bad flags: one error line naming the flag, exit 2, before any timing process starts (no output file).
     In this process (the command line itself: the next test)."""
@@ -4548,12 +4551,15 @@ def test_labels_need_a_network_that_says_how_many_classes():
 
 def test_benchmark_refuses_an_out_folder_and_a_broken_baseline_before_measuring(tmp_path):  # the command line
     (tmp_path / "bad.py").write_text("not python(\n")
+    (tmp_path / "notes.jsonl").write_text('{"model": "mlp", "kind": "fm"}\n{"old": "unrelated"}\n')
     for extra, words in ((["--out", tmp_path], "is a folder; pass a file"),
+                         (["--out", tmp_path / "notes.jsonl"], "line 2 is not a row of benchmark.py"),
                          (["--recipes", "meanflow@base", "--baseline", tmp_path / "bad.py"], "is not Python")):
         out = subprocess.run([sys.executable, os.path.join(HERE, "benchmark.py"), "--models", "mlp", *map(str, extra)],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and words in out.stderr.strip().splitlines()[-1], out.stderr
         assert "Traceback" not in out.stderr and out.stdout == ""
+    assert (tmp_path / "notes.jsonl").read_text() == '{"model": "mlp", "kind": "fm"}\n{"old": "unrelated"}\n'
 
 
 def test_benchmark_reports_a_failed_measurement_in_one_line(tmp_path, monkeypatch):
