@@ -4527,6 +4527,13 @@ def test_exact_fields_check_their_arguments():
     for stds, weights in ((math.nan, None), (0.1, [0.0, 0.0]), (0.1, [1.0, math.nan]), (0.1, [1.0, -1.0])):
         with pytest.raises(ValueError, match="stds must be|weights must be"):
             td.GaussianMixture([[0.0, 0.0], [1.0, 1.0]], stds, weights)
+    # shapes that fell over torch's own messages later (expand, the first v), and a ring with no room left
+    for means, stds, weights, words in (([0.0, 1.0], 0.1, None, "pass (K, D)"), ([[0.0, 0.0]] * 2, [0.1] * 3, None,
+                                        "pass one std, or 2"), ([[0.0, 0.0]] * 2, 0.1, [1.0] * 3, "pass 2, one per")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            td.GaussianMixture(means, stds, weights)
+    with pytest.raises(ValueError, match="needs it below 1"):
+        td.GaussianMixture.ring([1.0, 1.0], [2.0, 2.0])  # was "math domain error"
 
 def test_toy_samples_and_distances_check_their_arguments():
     for name in td.DATASETS:  # n = 0 failed in three sets with torch's message and gave (0, 2) in the others
@@ -4539,6 +4546,9 @@ def test_toy_samples_and_distances_check_their_arguments():
                 distance(a, b)
     with pytest.raises(ValueError, match="n_proj=0"):
         td.sliced_wasserstein(a, a, n_proj=0)  # was NaN
+    with pytest.raises(ValueError, match="n_proj=2.5"):
+        td.sliced_wasserstein(a, a, n_proj=2.5)  # was torch's TypeError
+    assert td.sample("moons", np.int64(3)).shape == (3, 2)  # a numpy integer is a number of points
 
 
 def test_labels_need_a_network_that_says_how_many_classes():

@@ -19,6 +19,7 @@ The papers write u(z, r, t); here, as for the networks, u(z, t, r): the later ti
 """
 
 import math
+import numbers
 
 import torch
 
@@ -119,9 +120,9 @@ DATASETS = {
 def sample(name, n, generator=None):
     if name not in DATASETS:
         raise ValueError(f"unknown toy dataset {name!r}; choose one of: {', '.join(DATASETS)}")
-    if not (isinstance(n, int) and n >= 1):
+    if not (isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1):
         raise ValueError(f"n={n!r}: pass a number of points, 1 or more")
-    return DATASETS[name](n, generator)
+    return DATASETS[name](int(n), generator)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -169,11 +170,18 @@ class GaussianMixture(ExactFlow):
 
     def __init__(self, means, stds, weights=None):
         self.mu = torch.as_tensor(means, dtype=torch.float64)  # (K, D)
+        if self.mu.ndim != 2 or not len(self.mu):
+            raise ValueError(f"means of shape {tuple(self.mu.shape)}: pass (K, D), one row per component")
         K = self.mu.shape[0]
-        self.sigma = torch.as_tensor(stds, dtype=torch.float64).expand(K).clone()  # (K,) shared or per-component
+        sigma = torch.as_tensor(stds, dtype=torch.float64)
+        if sigma.ndim > 1 or sigma.numel() not in (1, K):
+            raise ValueError(f"stds of shape {tuple(sigma.shape)}: pass one std, or {K} (one per component)")
+        self.sigma = sigma.reshape(-1).expand(K).clone()  # (K,) shared or per-component
         if not (torch.isfinite(self.sigma) & (self.sigma > 0)).all():
             raise ValueError("component stds must be finite and positive (v is singular at t = 0 otherwise)")
         pi = torch.ones(K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if pi.shape != (K,):
+            raise ValueError(f"weights of shape {tuple(pi.shape)}: pass {K}, one per component")
         if not (torch.isfinite(pi).all() and (pi >= 0).all() and pi.sum() > 0):
             raise ValueError(f"mixture weights must be finite, non-negative and not all 0: {pi.tolist()}")
         self.pi = pi / pi.sum()  # (K,)
@@ -185,7 +193,11 @@ class GaussianMixture(ExactFlow):
         pi = torch.as_tensor(weights, dtype=torch.float64)
         pi = pi / pi.sum()
         sigma = torch.as_tensor(stds, dtype=torch.float64)
-        R = math.sqrt(2 * (1 - (pi * sigma**2).sum().item()))
+        spread = (pi * sigma**2).sum().item()
+        if not spread < 1:  # the components alone would give each coordinate variance >= 1: no radius is left
+            raise ValueError(f"sum of weight x std^2 is {spread:.3g}: a unit-variance ring needs it below 1; pass "
+                             "smaller stds")
+        R = math.sqrt(2 * (1 - spread))
         angle = 2 * math.pi * torch.arange(len(pi), dtype=torch.float64) / len(pi)
         return cls(R * torch.stack([torch.cos(angle), torch.sin(angle)], 1), sigma, pi)
 
@@ -395,8 +407,8 @@ def sliced_wasserstein(a, b, n_proj=256, generator=None):
     |delta| / sqrt(D).
     """
     a, b = _two_sets(a, b)
-    if n_proj < 1:
-        raise ValueError(f"n_proj={n_proj}: pass 1 or more directions")
+    if not (isinstance(n_proj, numbers.Integral) and not isinstance(n_proj, bool) and n_proj >= 1):
+        raise ValueError(f"n_proj={n_proj!r}: pass a whole number of directions, 1 or more")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     w = torch.randn(n_proj, a.shape[1], generator=g, dtype=torch.float64)
     w = (w / w.norm(dim=1, keepdim=True)).to(a.device)  # (P, D) unit directions
