@@ -207,8 +207,7 @@ def check_args(ap, args):
         if name not in RECIPES + PARTS or variant not in ("", "stock", "base"):
             ap.error(f"unknown kind {k!r} in --recipes; choose from {', '.join(RECIPES + PARTS)}, each optionally "
                      "with @stock or @base")
-    for k in kinds:
-        if k.startswith("fm") and k.endswith("@base"):
+        if name.startswith("fm") and variant == "base":
             ap.error(f"--recipes {k}: flow matching and its parts are measured with this folder's meanflow.py only; "
                      "leave out @base")
     if any(k.endswith("@base") for k in kinds) and not args.baseline:

@@ -117,10 +117,14 @@ DATASETS = {
 }
 
 
+def _is_count(n):  # a whole number (a Python or numpy integer, not a bool), 1 or more
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
+
+
 def sample(name, n, generator=None):
     if name not in DATASETS:
         raise ValueError(f"unknown toy dataset {name!r}; choose one of: {', '.join(DATASETS)}")
-    if not (isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1):
+    if not _is_count(n):
         raise ValueError(f"n={n!r}: pass a number of points, 1 or more")
     return DATASETS[name](int(n), generator)
 
@@ -314,8 +318,8 @@ class Checkerboard(ExactFlow):
         direct = torch.exp(log_phi(lo) - log_mass) - torch.exp(log_phi(hi) - log_mass)  # hi > 0: no large exponent
         x, y = (-hi).clamp(min=0), -lo
         mills = lambda q: math.sqrt(math.pi / 2) * torch.special.erfcx(q / math.sqrt(2))
-        E = torch.exp(-0.5 * (y - x) * (y + x))
-        tail = -(-torch.expm1(-0.5 * (y - x) * (y + x))) / (mills(x) - mills(y) * E)
+        log_E = -0.5 * (y - x) * (y + x)
+        tail = torch.expm1(log_E) / (mills(x) - mills(y) * torch.exp(log_E))  # -(1 - E) / (M(x) - M(y) E)
         d = torch.where(hi > 0, direct, tail)
         mean = m + s * torch.where(flip, -d, d)
         mean = torch.minimum(torch.maximum(mean, self.lo.to(z.device)), self.hi.to(z.device))  # rounding only
@@ -407,7 +411,7 @@ def sliced_wasserstein(a, b, n_proj=256, generator=None):
     |delta| / sqrt(D).
     """
     a, b = _two_sets(a, b)
-    if not (isinstance(n_proj, numbers.Integral) and not isinstance(n_proj, bool) and n_proj >= 1):
+    if not _is_count(n_proj):
         raise ValueError(f"n_proj={n_proj!r}: pass a whole number of directions, 1 or more")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     w = torch.randn(n_proj, a.shape[1], generator=g, dtype=torch.float64)
