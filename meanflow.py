@@ -186,6 +186,10 @@ def _checked_options(recipe, overrides):
         raise ValueError(f"{sorted(wrong)} are not options of recipe {recipe!r}: " + (
             "iMF takes guidance at sampling (sample(omega=..., t_min=..., t_max=...))" if o["imf"] else
             "omega_max and omega_beta are iMF's (recipe 'imf')"))
+    power = max(1.0, 1 - o["omega_beta"])  # sample_imf_conditions raises omega_max to this power (at most) in fp32
+    if o["imf"] and power * math.log(o["omega_max"]) >= math.log(torch.finfo(torch.float32).max):
+        raise ValueError(f"omega_max={o['omega_max']!r} with omega_beta={o['omega_beta']!r}: omega_max ** {power:g} "
+                         "overflows float32 in omega's sampler; pass a smaller omega_max or an omega_beta nearer 1")
     return o
 
 

@@ -1568,7 +1568,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     # lr = 1e30 blows the weights up after the first step; the loss of step 2 is not finite.
     code, _, err = run_main(["--steps", 5, "--batch-size", 32, "--lr", 1e30, "--ckpt-every", 1, "--log-every", 1,
                              "--out", tmp_path], capsys)
-    assert_one_line_error(code, err, "at step 2", "ckpt.pt is the last good checkpoint")
+    assert_one_line_error(code, err, "at step 2", "ckpt.pt (step 1) is the last checkpoint", "--overwrite")
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 1
     assert leftovers(tmp_path) == [] and not any(f.endswith(".png") for f in os.listdir(tmp_path))
 
@@ -2143,12 +2143,14 @@ def start_toy_run(folder, *extra, steps=100_000):
 
 
 def test_sigint_and_sigterm_checkpoint_and_resume_continues_bitwise(tmp_path, capsys):
-    """A real Ctrl-C, then SIGTERM to the printed resume command: each ends after a whole step with a checkpoint of
+    """A real Ctrl-C, then SIGHUP (a closed terminal), SIGUSR1 (SLURM's warning) and SIGTERM, each to the printed
+    resume command: each ends after a whole step with a checkpoint of
     that step, one line with the exact resume command, exit 128 + signal; the log runs on without a gap, `time`
     without a jump back; resumed to the end, the weights equal an uninterrupted run's bit for bit."""
     out = str(tmp_path / "run")
     proc, steps = start_toy_run(out), []
-    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+    stops = ((signal.SIGINT, 130), (signal.SIGHUP, 129), (signal.SIGUSR1, 138), (signal.SIGTERM, 143))
+    for sig, code in stops:
         wait_for_log(proc, out, (steps[-1] if steps else 0) + 3)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
@@ -2160,10 +2162,10 @@ def test_sigint_and_sigterm_checkpoint_and_resume_continues_bitwise(tmp_path, ca
                                                                                                      "log.jsonl"]
         command = shlex.split(last.split("resume with: ")[1])
         assert command[1:3] == [os.path.join(HERE, "train.py"), "--steps"] and command.count("--resume") == 1
-        if sig == signal.SIGINT:
+        if sig != stops[-1][0]:
             proc = start(command)  # the printed command itself
-    assert steps[0] < steps[1]
-    end = steps[1] + 2  # the printed command once more (in this process), to a clean end two steps on
+    assert steps == sorted(set(steps))
+    end = steps[-1] + 2  # the printed command once more (in this process), to a clean end two steps on
     assert run_main(command[2:] + ["--stop-at", end], capsys)[0] == 0
     code, _, err = run_main(["--steps", 100_000, *TOY_RUN, "--stop-at", end, "--out", tmp_path / "whole"], capsys)
     assert code == 0, err
@@ -2366,6 +2368,10 @@ def test_checkpoint_contents_are_checked_before_use(tmp_path, capsys):
         torch.save({**ckpt, key: value}, out / "ckpt.pt")
         for mode in (["--resume", "--steps", 8], ["--sample", 5]):
             assert_one_line_error(*run_main(common + mode, capsys)[::2], "not a train.py checkpoint")
+    bad = copy.deepcopy(ckpt)
+    bad["opt"]["state"][0]["exp_avg"] = torch.zeros(7)  # moments of another shape: load_state_dict takes them
+    torch.save(bad, out / "ckpt.pt")
+    assert_one_line_error(*run_main(common + ["--resume", "--steps", 8], capsys)[::2], "does not fit")
     for part in ("model", "ema"):
         name = next(iter(ckpt[part]))
         ckpt[part][name] = torch.zeros(3, 3)  # the same args, other shapes: a checkpoint of other code
@@ -2389,6 +2395,11 @@ def test_a_folder_with_a_runs_pictures_is_a_used_folder(tmp_path, capsys):
     code, _, err = run_main(["--steps", 2, *TOY_RUN, "--out", tmp_path / "images"], capsys)
     assert_one_line_error(code, err, "already holds a run", "loss.png")
     assert os.listdir(tmp_path / "images") == ["loss.png"]
+    os.makedirs(tmp_path / "mine")  # a user's file that only looks like a picture of a run: neither used nor deleted
+    (tmp_path / "mine" / "step-by-step.png").write_bytes(b"the user's")
+    for extra in ([], ["--overwrite"]):
+        assert run_main(["--steps", 2, *TOY_RUN, "--out", tmp_path / "mine", *extra], capsys)[0] == 0
+    assert (tmp_path / "mine" / "step-by-step.png").read_bytes() == b"the user's"
 
 
 def test_a_diverged_run_names_the_fix_that_works(tmp_path, capsys):
@@ -4445,6 +4456,56 @@ def test_meanflow_knob_ranges_accept_the_recipes_and_their_edges():
     mf.MeanFlow("imf", omega_max=1.0, omega_beta=-2.0)
     with pytest.raises(ValueError, match=r"\['kappa', 'omega'\] are not options of recipe 'imf'.*at sampling"):
         mf.MeanFlow("imf", omega=3.0, kappa=0.5)  # iMF's loss never reads them: it takes guidance at sampling
+
+
+def test_imf_omega_sampler_refuses_what_overflows_float32(tmp_path, capsys):
+    """omega ~ omega^-beta on [1, omega_max] raises omega_max to the power 1 - beta: beyond float32 it gave inf,
+    then an OverflowError traceback at the first step."""
+    for knobs in (dict(omega_beta=-400.0), dict(omega_max=1e200, omega_beta=-1.0), dict(omega_max=1e39)):
+        with pytest.raises(ValueError, match="overflows float32"):
+            mf.MeanFlow("imf", **knobs)
+    m = mf.MeanFlow("imf", omega_max=1e30, omega_beta=0.0)  # near the edge: still finite, within [1, omega_max]
+    torch.manual_seed(0)
+    omega = m.sample_imf_conditions(torch.full((4000,), 0.6), torch.full((4000,), 0.2))[0]
+    assert torch.isfinite(omega).all() and omega.min() >= 1 and omega.max() <= 1e30 * (1 + 1e-5)
+    code, _, err = run_main(["--recipe", "imf", "--set", "omega_beta=-400", "--steps", 2, *TOY_RUN,
+                             "--out", tmp_path / "run"], capsys)
+    assert_one_line_error(code, err, "omega_beta=-400", "overflows float32")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_checkpoint_that_cannot_be_read_is_not_called_corrupt(tmp_path, capsys, monkeypatch):
+    """An unreadable ckpt.pt (permissions, an I/O error, memory) may be the run's only good copy: the message names
+    the cause, never 'delete it'."""
+    out = tmp_path / "run"
+    common = ["--steps", 2, *TOY_RUN, "--out", out]
+    assert run_main(common, capsys)[0] == 0
+    saved = (out / "ckpt.pt").read_bytes()
+    for error, words in ((PermissionError(errno.EACCES, "Permission denied"), ("cannot read", "Permission denied")),
+                         (OSError(errno.EIO, "Input/output error"), ("cannot read", "Input/output error")),
+                         (MemoryError(), ("not enough memory to load",))):
+        def load(*args, **kwargs):
+            raise error
+        monkeypatch.setattr(torch, "load", load)
+        for mode in (["--resume", "--steps", 4], ["--sample", 5]):
+            code, _, err = run_main(common + mode, capsys)
+            assert_one_line_error(code, err, *words)
+            assert "delete" not in err
+        monkeypatch.undo()
+    assert (out / "ckpt.pt").read_bytes() == saved
+
+
+def test_resume_takes_this_runs_weight_decay(tmp_path, capsys):
+    """--weight-decay may change at --resume, as --lr: the optimizer's state dict used to bring back the old value
+    while the checkpoint recorded the new one."""
+    out, common = tmp_path / "run", ["--steps", 6, *TOY_RUN]
+    assert run_main(common + ["--stop-at", 3, "--out", out], capsys)[0] == 0
+    assert run_main(common + ["--resume", "--weight-decay", 0.5, "--out", out], capsys)[0] == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert [g["weight_decay"] for g in ckpt["opt"]["param_groups"]] == [0.5] and ckpt["args"]["weight_decay"] == 0.5
+    assert run_main(common + ["--out", tmp_path / "zero"], capsys)[0] == 0  # weight decay 0 throughout: other weights
+    zero = torch.load(tmp_path / "zero" / "ckpt.pt", weights_only=True)["model"]
+    assert any(not torch.equal(zero[k], ckpt["model"][k]) for k in zero)
 
 
 def test_loss_and_samplers_check_their_inputs():

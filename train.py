@@ -691,7 +691,8 @@ def set_up(args):
                            net=net, ema=ema, opt=opt, ckpt_path=ckpt_path, log_path=os.path.join(args.out, "log.jsonl"),
                            fits=f"{ckpt_path} does not fit --model {args.model} (other shapes); "
                                 "pass the run's own settings",
-                           step=0, history=[], elapsed=0.0, vae=None, ckpt=ckpt, acc=[], window_seconds=0.0)
+                           step=0, ckpt_step=None, history=[], elapsed=0.0, vae=None, ckpt=ckpt, acc=[],
+                           window_seconds=0.0)
 
 
 def resume(args, job):
@@ -703,14 +704,18 @@ def resume(args, job):
     random.seed(args.seed * job.world + job.rank)
     if args.resume:  # job.elapsed: seconds of the run before this process (`time` in the log goes on)
         ckpt, job.ckpt = job.ckpt, None  # loaded and checked in set_up; freed once in the networks
-        job.step = step = ckpt["step"]
+        job.step = job.ckpt_step = step = ckpt["step"]
         if step > args.steps or (args.stop_at is not None and args.stop_at <= step):
             bad = f"--stop-at {args.stop_at}" if step <= args.steps else f"--steps {args.steps}"
             raise Fail(f"{job.ckpt_path} is at step {step}, not before {bad}; pass a later step to train on")
         try:
             job.net.load_state_dict(ckpt["model"])
             job.ema.load_state_dict(ckpt["ema"])
+            if not opt_fits(ckpt["opt"], job.net):  # load_state_dict takes any shapes; the step would crash
+                raise Fail(job.fits)
             job.opt.load_state_dict(ckpt["opt"])
+            for group in job.opt.param_groups:  # this run's --weight-decay, as its --lr (the state dict has the old)
+                group["weight_decay"] = args.weight_decay
             method, accs = dict(ckpt["method"]), ckpt.get("dtd_acc")  # accs: one per process (older: rank 0's only)
             if accs is not None:  # on another number of processes, process 0 carries the window's sums
                 method["dtd_acc"] = (accs[job.rank] if len(accs) == job.world else
@@ -751,8 +756,9 @@ def train_step(args, job, loss_fn, x, y):
         stats /= job.world
     stats = stats.tolist()
     if not math.isfinite(stats[0]):
-        fix = (f"{job.ckpt_path} is the last good checkpoint; lower --lr and --resume" if os.path.exists(job.ckpt_path)
-               else "no checkpoint yet; run again with a lower --lr and --overwrite")
+        fix = (f"{job.ckpt_path} (step {job.ckpt_step}) is the last checkpoint; lower --lr and --resume (if the loss "
+               "is not finite again at once, its weights are already ruined: a lower --lr and --overwrite)"
+               if job.ckpt_step is not None else "no checkpoint yet; run again with a lower --lr and --overwrite")
         fix += " (or, if the lr is not the cause, check the data and the --set values)"
         raise Fail(f"the loss is {stats[0]} at step {job.step + 1}; stopped, {fix}")
     job.opt.zero_grad(set_to_none=True)
@@ -814,13 +820,14 @@ def checkpoint(args, job):
                      knobs=method_knobs(job.method),
                      log_window=dict(acc=job.acc, seconds=job.window_seconds), time=time.time() - job.t_start)
         save_atomic(job.ckpt_path, lambda f: torch.save(state, f), run_folder=True)
+    job.ckpt_step = job.step
     if job.world > 1:
         dist.barrier()
 
 
 def train(args, job):
     """The training loop: a step, and at their intervals a log line, pictures and a checkpoint; stops cleanly on
-    SIGINT/SIGTERM (all processes at the same step, checkpoint written) and at --stop-at."""
+    STOP_SIGNALS (all processes at the same step, checkpoint written) and at --stop-at."""
     # Data parallel: DDP's gradient hooks fire through all of the loss's forwards (the plain one, the forward-mode
     # pass on dual tensors, the no-grad guidance one) and one backward (tested against one process on the global
     # batch). The buffers are constants (positions): no broadcast each forward (torch 2.13 renamed the flag).
@@ -854,7 +861,7 @@ def train(args, job):
                                 img_s=f"{line['img_per_s']:.0f}")
                 job.acc, job.window_seconds = [], 0.0
             last = step in (args.steps, args.stop_at)  # the run ends here anyway
-            stop = signals.agreed(job.device) if not last else 0  # SIGINT, SIGTERM
+            stop = signals.agreed(job.device) if not last else 0  # STOP_SIGNALS
             if step % args.ckpt_every == 0 or last or stop:  # before the pictures: a failure there loses no step
                 checkpoint(args, job)
                 if not stop and not last:  # a signal during a long write: stop on this step's checkpoint, not one
@@ -941,6 +948,16 @@ def method_knobs(method):  # the method's settings as plain numbers: what a chec
     return {k: getattr(method, k) for k in mf.RECIPES[method.recipe]}
 
 
+def opt_fits(state, net):
+    """Does an optimizer state dict hold, for each parameter it names, moments of that parameter's shape?"""
+    params = list(net.parameters())
+    moments = state.get("state", {})
+    return isinstance(moments, dict) and all(
+        isinstance(i, int) and 0 <= i < len(params) and isinstance(s, dict) and
+        all(v.shape == params[i].shape for k, v in s.items() if k != "step" and torch.is_tensor(v))
+        for i, s in moments.items())
+
+
 def load_checkpoint(path, args, method):
     """<out>/ckpt.pt, checked before use: a train.py checkpoint, with what --resume (or --sample) needs, of this
     --data, --model and --recipe; for --resume also of this batch, seed, dropout and method knobs."""
@@ -949,6 +966,11 @@ def load_checkpoint(path, args, method):
                    + ("" if args.sample is not None else " (or --overwrite to start over there)"))
     try:  # weights_only: a checkpoint is tensors and plain containers, never code
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:  # the file may be whole: never advise deleting it
+        raise Fail(f"cannot read {path} ({err.strerror or type(err).__name__}); fix that (permissions, the disk, the "
+                   "mount) and run again")
+    except MemoryError:
+        raise Fail(f"not enough memory to load {path}; free some and run again")
     except Exception as err:
         raise Fail(f"{path} is not a readable checkpoint ({type(err).__name__}); delete it or pass another --out")
     need = ("args", "ema") if args.sample is not None else ("args", "model", "ema", "opt", "method", "step", "rng")
@@ -1090,7 +1112,7 @@ def claim_out(args):
         os.close(lock)
         remove_empty(new)
 
-    pictures = sorted(os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(out), "step-*.png")))
+    pictures = sorted(f for f in os.listdir(out) if re.fullmatch(r"step-\d{7,}\.png", f))  # evaluate's names only
     held = [f for f in ("ckpt.pt", "log.jsonl", "loss.png") if os.path.exists(os.path.join(out, f))] + pictures
     if held and not (args.resume or args.overwrite):
         release()
@@ -1103,15 +1125,21 @@ def claim_out(args):
     return release, held if args.overwrite else []
 
 
+# The signals that stop a run with a checkpoint: Ctrl-C; SIGTERM (what SLURM, Kubernetes and torchrun send before
+# they stop a job); SIGHUP (the terminal closed); SIGUSR1 (SLURM's --signal=USR1@<seconds> warning). Left to their
+# default action, the last two end a process at once, without a checkpoint.
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1") if hasattr(signal, n))
+
+
 class StopSignals:
-    """While training, SIGINT (Ctrl-C) and SIGTERM (what SLURM, Kubernetes and torchrun send before they stop a
-    job) only take a note: the step finishes, all processes agree, the checkpoint is written, then Stopped.
-    Repeats are ignored: under torchrun each process gets the terminal's Ctrl-C and torchrun's copy of it."""
+    """While training, a STOP_SIGNALS signal only takes a note: the step finishes, all processes agree, the
+    checkpoint is written, then Stopped. Repeats are ignored: under torchrun each process gets the terminal's Ctrl-C
+    and torchrun's copy of it."""
 
     def __enter__(self):
         self.signum, self.old = 0, {}
         if threading.current_thread() is threading.main_thread():
-            self.old = {s: signal.signal(s, self.note) for s in (signal.SIGINT, signal.SIGTERM)}
+            self.old = {s: signal.signal(s, self.note) for s in STOP_SIGNALS}
         return self
 
     def note(self, signum, frame):
@@ -1458,11 +1486,11 @@ def interrupt(signum, frame):
 
 def main(argv=None):
     release, (rank, world, _) = None, processes()
-    # SIGTERM outside the training loop unwinds as Ctrl-C does (lock, temporaries removed). Not under torchrun: a
-    # Python handler cannot run while a process waits in a collective for a failed peer, and torchrun's SIGTERM
-    # must end such a process at once, as the default action does.
+    # The other stop signals outside the training loop unwind as Ctrl-C does (lock, temporaries removed). Not under
+    # torchrun: a Python handler cannot run while a process waits in a collective for a failed peer, and torchrun's
+    # SIGTERM must end such a process at once, as the default action does.
     single = threading.current_thread() is threading.main_thread() and "RANK" not in os.environ
-    old_term = signal.signal(signal.SIGTERM, interrupt) if single else None
+    old = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS if s != signal.SIGINT} if single else {}
     try:
         args = get_args(argv)
         if args.prepare_imagenet:
@@ -1482,7 +1510,7 @@ def main(argv=None):
         print(f"train.py: error: out of memory ({type(err).__name__}); pass a smaller --batch-size (it is split over "
               "the processes) or a smaller --model", file=sys.stderr)
         return 2
-    except Stopped as stop:  # SIGINT or SIGTERM while training: checkpoint written
+    except Stopped as stop:  # a STOP_SIGNALS signal while training: checkpoint written
         if rank == 0:
             print(f"train.py: {stop.args[0]}; resume with: {resume_command(argv)}", file=sys.stderr)
         return 128 + stop.args[1]
@@ -1495,8 +1523,8 @@ def main(argv=None):
     finally:
         if release is not None:
             release()
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        for s, handler in old.items():
+            signal.signal(s, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
 
