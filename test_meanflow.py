@@ -4197,6 +4197,23 @@ def test_the_first_signal_is_the_one_reported():
         assert s.agreed("cpu") == signal.SIGINT
 
 
+def test_an_ignored_stop_signal_stays_ignored(tmp_path, capsys, monkeypatch):
+    """nohup ignores SIGHUP so that a run outlives its terminal: neither main() nor the training loop may turn it
+    back into a stop."""
+    seen, real_train = [], train.train
+    monkeypatch.setattr(train, "train", lambda args, job: seen.append(signal.getsignal(signal.SIGHUP)) or
+                        real_train(args, job))  # under main()'s handlers
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with train.StopSignals():
+            seen.append(signal.getsignal(signal.SIGHUP))
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)  # the others heeded
+        assert run_main(["--steps", 2, *TOY_RUN, "--out", tmp_path / "run"], capsys)[0] == 0
+        assert seen == [signal.SIG_IGN] * 2 and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, old)
+
+
 def test_signals_of_several_processes_agree_on_one_signal(tmp_path):  # Q1: a sum made SIGINT + SIGINT SIGILL
     mp.spawn(_agree_worker, args=(3, free_port(), str(tmp_path)), nprocs=3)
     assert [torch.load(tmp_path / f"{r}.pt") for r in range(3)] == [signal.SIGINT] * 3

@@ -1127,8 +1127,13 @@ def claim_out(args):
 
 # The signals that stop a run with a checkpoint: Ctrl-C; SIGTERM (what SLURM, Kubernetes and torchrun send before
 # they stop a job); SIGHUP (the terminal closed); SIGUSR1 (SLURM's --signal=USR1@<seconds> warning). Left to their
-# default action, the last two end a process at once, without a checkpoint.
+# default action, the last two end a process at once, without a checkpoint. A signal the parent set to be ignored
+# (nohup: SIGHUP; `cmd &` in a script: SIGINT) stays ignored.
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1") if hasattr(signal, n))
+
+
+def heeded(signals):
+    return [s for s in signals if signal.getsignal(s) is not signal.SIG_IGN]
 
 
 class StopSignals:
@@ -1139,7 +1144,7 @@ class StopSignals:
     def __enter__(self):
         self.signum, self.old = 0, {}
         if threading.current_thread() is threading.main_thread():
-            self.old = {s: signal.signal(s, self.note) for s in STOP_SIGNALS}
+            self.old = {s: signal.signal(s, self.note) for s in heeded(STOP_SIGNALS)}
         return self
 
     def note(self, signum, frame):
@@ -1490,7 +1495,7 @@ def main(argv=None):
     # torchrun: a Python handler cannot run while a process waits in a collective for a failed peer, and torchrun's
     # SIGTERM must end such a process at once, as the default action does.
     single = threading.current_thread() is threading.main_thread() and "RANK" not in os.environ
-    old = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS if s != signal.SIGINT} if single else {}
+    old = {s: signal.signal(s, interrupt) for s in heeded(STOP_SIGNALS) if s != signal.SIGINT} if single else {}
     try:
         args = get_args(argv)
         if args.prepare_imagenet:
