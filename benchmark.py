@@ -5,7 +5,8 @@ Benchmark: the cost of a MeanFlow training step relative to a flow-matching step
     python benchmark.py --models S/2 --recipes meanflow,meanflow@stock --steps 5
     git show 8bdd848:meanflow.py > /tmp/base/meanflow.py   # an older meanflow.py, timed in the same run:
     python benchmark.py --recipes meanflow,meanflow@base --baseline /tmp/base/meanflow.py
-    python benchmark.py --models B/2,L/2,XL/2 --batch 32 --bf16     # GPU
+    python benchmark.py --models B/2 --batch 32 --bf16              # GPU
+    python benchmark.py --models L/2,XL/2 --batch 32 --bf16 --pairwise   # GPU, large networks (see --pairwise)
 
 For each network: flow matching (r = t everywhere, a plain forward with PyTorch's layers, SDPA kernel and autograd
 backward; iMF's rows against flow matching on iMF's own network, "fm-imf"), then each recipe. RECIPE@stock runs
@@ -251,7 +252,8 @@ def main():
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the training step")
     ap.add_argument("--pairwise", action="store_true", help="time each recipe in its own process, taking turns with "
-                    "flow matching (two networks in memory instead of all: for big models on a small machine)")
+                    "flow matching (two networks in memory instead of all seven kinds': for big models; XL/2's weights, "
+                    "gradients and AdamW state alone are 10 GiB a kind, 72 GiB for all)")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "KINDS"), help=argparse.SUPPRESS)  # internal
     ap.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)

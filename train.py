@@ -23,6 +23,7 @@ Bad input ends with one line on stderr (under torchrun, one per process), exit c
 
 import argparse
 import copy
+import datetime
 import fcntl
 import functools
 import glob
@@ -653,7 +654,10 @@ def set_up(args):
     elif args.model == "mlp" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # the toy MLP is too small for threads to pay; on a busy CPU they cost 10-20x
     if "RANK" in os.environ:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # 30 minutes for a collective (nccl's default is 10): the others wait in a barrier while process 0 writes a
+        # checkpoint (XL/2's weights, EMA and AdamW: ~11 GB) or fetches the VAE; torchrun still ends them at once
+        # when a process dies.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
     bf16 = (args.precision or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
     autocast = torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext()
 
@@ -749,8 +753,9 @@ def train_step(args, job, loss_fn, x, y):
     # A tiny all-reduce of the logged numbers (one more, of the stop signal, follows each step): they are global,
     # and all processes see a non-finite loss at the same step and stop before the weights are touched. (DTD
     # advances inside method.loss.)
-    stats = torch.stack([torch.as_tensor(logs.get(k, 1.0 if k == "beta" else math.nan),  # no beta: 1
-                                         dtype=torch.float32, device=job.device) for k in LOG_KEYS])
+    # (Python numbers such as the DTD stage are filled in on the device: a copy from the host would wait for the GPU)
+    stats = torch.stack([v.float() if torch.is_tensor(v) else torch.full((), float(v), device=job.device)
+                         for v in (logs.get(k, 1.0 if k == "beta" else math.nan) for k in LOG_KEYS)])  # no beta: 1
     if job.world > 1:
         dist.all_reduce(stats)
         stats /= job.world
@@ -851,6 +856,8 @@ def train(args, job):
             x, y = get_batch(args, job.data, job.step, job.rank, job.world)
             x, y = x.to(job.device, non_blocking=True), None if y is None else y.to(job.device, non_blocking=True)
             job.acc.append(train_step(args, job, loss_fn, x, y))
+            if job.device.type == "cuda":  # the backward, optimizer and EMA are still queued: img/s counts them
+                torch.cuda.synchronize(job.device)
             bar.update()
             job.window_seconds += time.time() - t_step  # img/s counts training alone, not checkpoints or pictures
             step = job.step
@@ -1158,7 +1165,7 @@ class StopSignals:
         """The signal any process got (0: none), the same number in every process."""
         if not dist.is_initialized():
             return self.signum
-        flag = torch.tensor(float(self.signum), device=device)
+        flag = torch.full((), float(self.signum), device=device)  # filled on the device: no host copy
         dist.all_reduce(flag, dist.ReduceOp.MAX)
         return int(flag.item())
 
