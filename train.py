@@ -856,12 +856,13 @@ def train(args, job):
             x, y = get_batch(args, job.data, job.step, job.rank, job.world)
             x, y = x.to(job.device, non_blocking=True), None if y is None else y.to(job.device, non_blocking=True)
             job.acc.append(train_step(args, job, loss_fn, x, y))
-            if job.device.type == "cuda":  # the backward, optimizer and EMA are still queued: img/s counts them
-                torch.cuda.synchronize(job.device)
             bar.update()
-            job.window_seconds += time.time() - t_step  # img/s counts training alone, not checkpoints or pictures
             step = job.step
-            if step % args.log_every == 0 or step == args.steps:
+            window_ends = step % args.log_every == 0 or step == args.steps
+            if window_ends and job.device.type == "cuda":  # this step's backward, optimizer and EMA may still be
+                torch.cuda.synchronize(job.device)  # queued (the next step's wait would count them in its own time)
+            job.window_seconds += time.time() - t_step  # img/s counts training alone, not checkpoints or pictures
+            if window_ends:
                 line = log_window(args, job, job.window_seconds)
                 bar.set_postfix(loss=f"{line['loss']:.4f}", v_loss=f"{line['v_loss']:.3f}",
                                 u_loss=f"{line['u_loss']:.3f}", beta=f"{line['beta']:.3f}", dtd=int(line["dtd_stage"]),
