@@ -4085,10 +4085,14 @@ def test_resume_on_fewer_processes_sums_their_dtd_window(tmp_path, capsys, monke
     ckpt["dtd_acc"], ckpt["rng"] = [[1.0, 2.0, 1.0], [3.0, 5.0, 1.0]], ckpt["rng"] * 2  # as two processes wrote it
     torch.save(ckpt, tmp_path / "ckpt.pt")
     seen = []
-    monkeypatch.setattr(train, "train", lambda args, job: seen.append(list(job.method.state_dict()["dtd_acc"])))
+    monkeypatch.setattr(train, "train", lambda args, job: seen.append((list(job.method.state_dict()["dtd_acc"]),
+                                                                       torch.initial_seed(), np.random.randint(2**31))))
     code, _, err = run_main(common + ["--resume"], capsys)
     assert code == 0 and "fresh random streams" in err, err
-    assert seen == [[4.0, 7.0, 2.0]]
+    np.random.seed(0)
+    assert seen[0][0] == [4.0, 7.0, 2.0]
+    # fresh streams, not process 0's first ones again (seed * world + rank = 0 here)
+    assert seen[0][1] != 0 and seen[0][2] != np.random.randint(2**31)
 
 
 def test_save_atomic_syncs_the_temporary_before_the_rename(tmp_path, monkeypatch):  # O1

@@ -703,9 +703,7 @@ def resume(args, job):
     """Each process's random streams; with --resume, the weights, optimizer, curriculum, streams and log of the
     checkpoint (on CPU bitwise: a resumed run continues as the uninterrupted one; on a GPU the streams are restored
     exactly, but some CUDA kernels are not deterministic)."""
-    torch.manual_seed(args.seed * job.world + job.rank)  # each process its own noise, (t, r) and label drops
-    np.random.seed(args.seed * job.world + job.rank)
-    random.seed(args.seed * job.world + job.rank)
+    seed_streams(args.seed * job.world + job.rank)  # each process its own noise, (t, r) and label drops
     if args.resume:  # job.elapsed: seconds of the run before this process (`time` in the log goes on)
         ckpt, job.ckpt = job.ckpt, None  # loaded and checked in set_up; freed once in the networks
         job.step = job.ckpt_step = step = ckpt["step"]
@@ -727,9 +725,12 @@ def resume(args, job):
             job.method.load_state_dict(method)
             if len(ckpt["rng"]) == job.world:
                 set_rng_state(ckpt["rng"][job.rank])
-            elif job.rank == 0:
-                print(f"resuming a {len(ckpt['rng'])}-process run on {job.world}: fresh random streams",
-                      file=sys.stderr)
+            else:  # seeded by the step too: seed * world + rank alone would replay the run's first streams
+                key = f"{args.seed} {job.world} {job.rank} {step}".encode()
+                seed_streams(int.from_bytes(hashlib.sha256(key).digest()[:4], "little"))
+                if job.rank == 0:
+                    print(f"resuming a {len(ckpt['rng'])}-process run on {job.world}: fresh random streams",
+                          file=sys.stderr)
         except LOAD_ERRORS:
             raise Fail(job.fits)
         job.history = history = read_log(job.log_path, step)
@@ -928,6 +929,12 @@ def resume_command(argv):
 def update_ema(ema, net, decay):
     for p_ema, p in zip(ema.parameters(), net.parameters()):
         p_ema.lerp_(p, 1 - decay)
+
+
+def seed_streams(seed):  # torch (the CPU and every GPU), numpy and random
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def rng_state():  # tensors, numbers and plain lists only, so that torch.load(weights_only=True) can read it
