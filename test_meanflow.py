@@ -1906,6 +1906,84 @@ def test_fid_uses_the_reference_mu_sigma_when_the_file_has_them(tmp_path, monkey
     assert "labels balanced over 10 classes" in out
 
 
+def test_fid_needs_two_images_on_each_side(tmp_path, monkeypatch, capsys):
+    """One image has no covariance: np.cov gives NaN, on which scipy's sqrtm of 2048 x 2048 never returned (and no
+    signal could stop it). A reference of fewer than 2 images is refused before sampling; --sample 1 writes its
+    sample and skips the FID."""
+    f = _stand_in_features(np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8), "cpu")
+    for a, b in ((f[:1], f), (f, f[:1]), (f[:0], f)):
+        with pytest.raises(ValueError, match="at least 2 rows"):
+            train.frechet_distance(a, b)
+    assert train.frechet_distance(f[:2], (f.mean(0), np.cov(f, rowvar=False))) > 0  # 2 rows, and mu/sigma: fine
+    for n in (0, 1):  # an empty arr_0 used to pass and fail after sampling (torch.cat of no features)
+        np.savez(tmp_path / f"ref{n}.npz", arr_0=np.zeros((n, 32, 32, 3), np.uint8))
+        with pytest.raises(train.Fail, match="N >= 2"):
+            train.fid_reference(str(tmp_path / f"ref{n}.npz"))
+    make_fashion(str(tmp_path / "fm"))
+    common = ["--data", "fashion-mnist", "--data-path", tmp_path / "fm", "--model", "Ti/4", "--batch-size", 4,
+              "--out", tmp_path / "run"]
+    assert run_main(common + ["--steps", 1], capsys)[0] == 0
+    calls = []
+    monkeypatch.setattr(train, "fid", lambda images, ref, device: calls.append(len(images)) or 1.0)
+    code, _, err = run_main(common + ["--sample", 4, "--fid-ref", tmp_path / "ref1.npz"], capsys)
+    assert_one_line_error(code, err, f"--fid-ref {tmp_path / 'ref1.npz'}", "N >= 2")
+    code, out, err = run_main(common + ["--sample", 1], capsys)
+    assert code == 0, err
+    assert np.load(tmp_path / "run" / "samples-1-nfe1.npz")["arr_0"].shape == (1, 32, 32, 3)
+    assert calls == [] and "FID skipped: 1 samples against the 40 training images" in out
+    assert run_main(common + ["--sample", 2], capsys)[0] == 0 and calls == [2]
+
+
+def test_sample_never_replaces_an_npz_that_appears_while_it_samples(tmp_path, monkeypatch, capsys):
+    """The check at the start is not enough: another --sample into the same folder (say of the same run at
+    another --sample-omega: the same file name) may finish first. Its file stays; this run says so."""
+    common = ["--steps", 2, "--batch-size", 32, "--out", tmp_path]
+    assert run_main(common, capsys)[0] == 0
+    npz, generate = tmp_path / "samples-50-nfe1.npz", train.generate
+
+    def and_another_run_finishes(*a, **k):
+        npz.write_bytes(b"the other run's samples")
+        return generate(*a, **k)
+
+    monkeypatch.setattr(train, "generate", and_another_run_finishes)
+    code, _, err = run_main(common + ["--sample", 50], capsys)
+    assert_one_line_error(code, err, str(npz), "appeared while")
+    assert npz.read_bytes() == b"the other run's samples" and leftovers(tmp_path) == []
+    # the same on a file system without hard links (a rename after one last look)
+    monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(PermissionError(1, "Operation not permitted")))
+    with pytest.raises(train.Fail, match="appeared while"):
+        train.save_atomic(str(npz), lambda f: f.write(b"ours"), new=True)
+    train.save_atomic(str(tmp_path / "fresh.npz"), lambda f: f.write(b"ours"), new=True)
+    assert npz.read_bytes() == b"the other run's samples" and (tmp_path / "fresh.npz").read_bytes() == b"ours"
+    assert leftovers(tmp_path) == []
+
+
+def test_torchrun_sample_parts_are_this_runs_own_and_a_bad_reference_writes_nothing(tmp_path, capsys):
+    """Part files named by the run (fixed names were shared with any other --sample into the folder: one run read
+    and deleted the other's parts). A --fid-ref that process 0 refuses stops process 1 before it writes its part."""
+    make_fashion(str(tmp_path / "fm"))
+    flags = ["--data", "fashion-mnist", "--data-path", str(tmp_path / "fm"), "--model", "Ti/4", "--batch-size", "4",
+             "--out", str(tmp_path / "run")]
+    assert run_main(flags + ["--steps", 1], capsys)[0] == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                os.path.join(HERE, "train.py")] + flags
+    (tmp_path / "bad.npz").write_bytes(b"garbage")
+    p = subprocess.run(torchrun + ["--sample", "6", "--fid-ref", str(tmp_path / "bad.npz")], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert p.returncode != 0 and "process 0 of 2: --fid-ref" in p.stderr and "process 0 refused --fid-ref" in p.stderr
+    assert leftovers(tmp_path / "run") == []  # process 1 wrote nothing
+    foreign = tmp_path / "run" / "samples-6-nfe1.npz.part1"  # the name every run used to give process 1's part
+    foreign.write_bytes(b"another run's part")
+    p = subprocess.run(torchrun + ["--sample", "6"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert foreign.read_bytes() == b"another run's part" and sorted(leftovers(tmp_path / "run")) == [foreign.name]
+    x = np.load(tmp_path / "run" / "samples-6-nfe1.npz")["arr_0"]
+    os.rename(tmp_path / "run" / "samples-6-nfe1.npz", tmp_path / "two.npz")
+    assert run_main(flags + ["--sample", 6], capsys)[0] == 0  # the same samples as one process draws
+    assert np.array_equal(np.load(tmp_path / "run" / "samples-6-nfe1.npz")["arr_0"], x)
+
+
 def test_center_crop_converts_to_rgb_before_resizing():
     from PIL import Image
 
@@ -4001,13 +4079,18 @@ def test_the_ema_and_the_sampling_network_are_in_eval_mode(tmp_path, capsys, mon
     assert seen == [("pictures", False), ("sample", False)]
 
 
+def _processes_in_turn(monkeypatch):  # sample_to_npz's collectives when the processes are played one after another
+    monkeypatch.setattr(train.dist, "barrier", lambda: None)
+    monkeypatch.setattr(train.dist, "broadcast", lambda tensor, src: tensor.fill_(7))  # the run's id for its parts
+
+
 def test_unconditional_npz_of_two_processes_has_no_labels(tmp_path, monkeypatch):  # H10
     """sample_to_npz of a two-process run, the processes played in turn (process 1 first; no process group)."""
     make_fashion(str(tmp_path / "fm"))
     args = train.get_args(["--data", "fashion-mnist", "--data-path", str(tmp_path / "fm"), "--model", "Ti/4",
                            "--no-class-cond", "--sample", "5", "--out", str(tmp_path)])
     args.sample_guidance = {}
-    monkeypatch.setattr(train.dist, "barrier", lambda: None)
+    _processes_in_turn(monkeypatch)
     net = mf.DiT_models["Ti/4"](input_size=32, in_channels=1, num_classes=0, depth=1, hidden_size=32, num_heads=2)
     net, method = net.eval(), mf.MeanFlow("meanflow")
     for rank in (1, 0):
@@ -4263,7 +4346,7 @@ def test_the_last_steps_are_logged(tmp_path, capsys):  # S3: steps after the las
 def test_sample_with_a_batch_below_the_number_of_processes(tmp_path, monkeypatch):  # H8: batch 1 // 2 = 0
     args = train.get_args(["--sample", "3", "--batch-size", "1", "--out", str(tmp_path)])
     args.sample_guidance = {}
-    monkeypatch.setattr(train.dist, "barrier", lambda: None)
+    _processes_in_turn(monkeypatch)
     net, method = mf.MLP(dim=2).eval(), mf.MeanFlow("meanflow")
     for rank in (1, 0):
         train.sample_to_npz(args, method, net, None, rank, 2, "cpu")

@@ -330,11 +330,12 @@ def parse_sets(items, recipe):
 # Files: every file this script writes goes through save_atomic (whole or absent, never half-written).
 
 
-def save_atomic(path, write, run_folder=False):
+def save_atomic(path, write, run_folder=False, new=False):
     """write(file) into a temporary file of this writer alone, then rename: a kill mid-write never leaves a corrupt
     or half-written file, and two writers never share a temporary. On any failure the temporary goes; a failed
     write (disk full) is one line, and the file at path, if any, is unchanged. run_folder: path is a training run's
-    checkpoint, log or picture, and the line says how to continue that run."""
+    checkpoint, log or picture, and the line says how to continue that run. new: never replace a file at path, even
+    one that appeared while we wrote (a hard link fails where a name exists; a rename would replace it)."""
     tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"  # not the random module: its state is checkpointed
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -342,10 +343,16 @@ def save_atomic(path, write, run_folder=False):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if new:
+            publish_new(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, FileExistsError) and new:
+            raise Fail(f"{path} appeared while this run wrote it (another run writing into the same --out?); it was "
+                       "left as it is and nothing was written; move it away, or pass another --out") from None
         cause = err  # torch.save reports a failed write as a RuntimeError whose context is the OSError
         while cause is not None and not isinstance(cause, OSError):
             cause = cause.__cause__ or cause.__context__
@@ -355,6 +362,20 @@ def save_atomic(path, write, run_folder=False):
         retry = f"run again, {again(os.path.dirname(path))}" if run_folder else "run the command again"
         raise Fail(f"could not write {path} ({cause.strerror}); {kept}; make room there (or fix its permissions) "
                    f"and {retry}") from None
+
+
+def publish_new(tmp, path):
+    """Give the finished file tmp the name path only if no file has it (FileExistsError if one does)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: a rename, after one last look
+        if os.path.exists(path):
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
+    else:
+        os.remove(tmp)
 
 
 def again(out):
@@ -1298,6 +1319,8 @@ def frechet_distance(f1, f2):
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two sets of features (rows), or (mu, sigma) pairs."""
     import scipy.linalg
 
+    if any(not isinstance(f, tuple) and len(f) < 2 for f in (f1, f2)):  # one row: a NaN covariance, on which
+        raise ValueError("a Frechet distance needs at least 2 rows of features on each side")  # sqrtm never returns
     (mu1, s1), (mu2, s2) = (f if isinstance(f, tuple) else (f.mean(0), np.cov(f, rowvar=False)) for f in (f1, f2))
     covmean = scipy.linalg.sqrtm(s1 @ s2).real  # the imaginary part is numerical noise
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
@@ -1351,8 +1374,8 @@ def fid_reference(path):
             ref = f["arr_0"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise Fail(f"--fid-ref {path} is not a reference .npz with mu/sigma or arr_0 images ({type(err).__name__})")
-    if ref.dtype != np.uint8 or ref.ndim != 4 or ref.shape[3] != 3:
-        raise Fail(f"--fid-ref {path}: arr_0 is {ref.dtype} {ref.shape}, not uint8 N x H x W x 3 images")
+    if ref.dtype != np.uint8 or ref.ndim != 4 or ref.shape[3] != 3 or len(ref) < 2:  # 2: a covariance
+        raise Fail(f"--fid-ref {path}: arr_0 is {ref.dtype} {ref.shape}, not uint8 N x H x W x 3 images, N >= 2")
     return ref, f"the {len(ref)} images arr_0 of {path}"
 
 
@@ -1362,31 +1385,47 @@ def sample_path(args):
 
 def sample_to_npz(args, method, net, data, rank, world, device):
     """--sample N: the EMA model's samples as the ADM evaluator reads them (arr_0 images, arr_1 labels)."""
-    N, k, vae = args.sample, args.sample_steps, None
-    ref = fid_reference(args.fid_ref) if args.fid_ref and rank == 0 else None  # a bad file fails before sampling
+    N, k, vae, ref, refused = args.sample, args.sample_steps, None, None, None
+    if args.fid_ref and rank == 0:  # read once (50,000 reference images are 9.8 GB), before any sample is drawn
+        try:
+            ref = fid_reference(args.fid_ref)
+        except Fail as err:
+            refused = err
+    if args.fid_ref and world > 1:  # every process stops before it writes anything
+        flag = torch.full((), float(refused is not None), device=device)
+        dist.all_reduce(flag)
+        if flag.item() and refused is None:
+            raise Fail(f"process 0 refused --fid-ref {args.fid_ref} (its line says why); nothing was written")
+    if refused is not None:
+        raise refused
     if args.data == "imagenet-latents":  # the samples are images: decoded by the VAE
         vae = load_vae(args, device)
     x, y = generate(args, method, net, range(rank * N // world, (rank + 1) * N // world), k, device, vae,
                     batch=-(-args.batch_size // world))
     path = sample_path(args)
     if world > 1:  # every process leaves its part, process 0 joins them in order
-        save_atomic(f"{path}.part{rank}", lambda f: np.savez(f, x=x, y=np.zeros(0) if y is None else y))
+        run_id = torch.tensor(int.from_bytes(os.urandom(7), "big"), device=device)  # process 0's, for all: part
+        dist.broadcast(run_id, 0)  # names of this run alone (another --sample into this folder has its own)
+        part = f"{path}.{int(run_id):x}.part{{}}".format
+        save_atomic(part(rank), lambda f: np.savez(f, x=x, y=np.zeros(0) if y is None else y))
         dist.barrier()
         if rank == 0:
-            parts = [dict(np.load(f"{path}.part{r}")) for r in range(world)]
+            parts = [dict(np.load(part(r))) for r in range(world)]
             parts = [p for p in parts if len(p["x"])]  # empty parts (N below the number of processes)
             x, y = (np.concatenate([p[key] for p in parts]) for key in "xy")
             y = y if args.data in IMAGE_DATA and args.class_cond else None
             for r in range(world):
-                os.remove(f"{path}.part{r}")
+                os.remove(part(r))
     if rank == 0:
-        save_atomic(path, lambda f: np.savez(f, arr_0=x, **({} if y is None else {"arr_1": y})))
+        save_atomic(path, lambda f: np.savez(f, arr_0=x, **({} if y is None else {"arr_1": y})), new=True)
         print(f"wrote {N} samples ({k}-NFE) to {path}: arr_0 {x.dtype} {x.shape}")
         if args.data not in IMAGE_DATA:
             print("energy distance {:.5f}, sliced Wasserstein {:.5f} to {}".format(*toy_distances(args, x), args.data))
         elif args.fid_ref or isinstance(data, Pixels):
             ref, what = ref or (to_uint8(data.x.float() / 127.5 - 1), f"the {len(data)} training images")
-            if (score := fid(x, ref, device)) is not None:
+            if min(N, 2 if isinstance(ref, tuple) else len(ref)) < 2:  # one image: no covariance
+                print(f"FID skipped: {N} samples against {what}; it needs at least 2 on each side (papers: 50000)")
+            elif (score := fid(x, ref, device)) is not None:
                 labels = f"labels balanced over {len(np.unique(y))} classes" if y is not None else "unconditional"
                 print(f"FID {score:.2f} of {N} samples ({labels}) against {what}, with pytorch-fid's Inception. "
                       f"The number to compare with papers: the ADM evaluator (guided-diffusion evaluations/"
