@@ -1137,12 +1137,12 @@ def test_batches_are_a_function_of_the_step_and_split_over_processes(tmp_path):
     assert not torch.equal(order[:40], order[40:])
 
 
-def tiny_vae(folder):
+def tiny_vae(folder, levels=4):
     """A randomly initialised AutoencoderKL with SD's layout (4 levels: 256 -> 32, 4 latent channels), tiny widths."""
     from diffusers.models import AutoencoderKL
 
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(4, 4, 4, 4),
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
+                        up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=(4,) * levels,
                         layers_per_block=1, latent_channels=4, norm_num_groups=2, sample_size=256)
     vae.save_pretrained(folder)
     return vae.eval()
@@ -1165,7 +1165,7 @@ def test_imagenet_latents_prepare_load_train_sample(tmp_path, capsys):
                                  "--num-shards", 2, "--vae", tmp_path / "vae", "--workers", 0], capsys)
         assert code == 0, err
     assert sorted(os.listdir(out)) == ["labels-00000-of-00002.npy", "labels-00001-of-00002.npy",
-                                       "shard-00000-of-00002.npy", "shard-00001-of-00002.npy"]
+                                       "shard-00000-of-00002.npy", "shard-00001-of-00002.npy", "tree-of-00002.json"]
     # a restarted job skips the shards that are complete (encoding ImageNet takes hours)
     stamp = os.stat(out / "shard-00000-of-00002.npy").st_mtime_ns
     code, text, err = run_main(["--prepare-imagenet", tmp_path / "train", "--data-path", out, "--shard", 0,
@@ -1176,7 +1176,7 @@ def test_imagenet_latents_prepare_load_train_sample(tmp_path, capsys):
     code, _, err = run_main(["--prepare-imagenet", tmp_path / "train", "--data-path", out, "--vae", tmp_path / "vae",
                              "--workers", 0], capsys)
     assert_one_line_error(code, err, "another preparation", "shard-00000-of-00002.npy")
-    assert len(os.listdir(out)) == 4
+    assert len(os.listdir(out)) == 5
     shutil.copytree(out, tmp_path / "mixed")  # two sets in one folder: the error names both and the fix
     np.save(tmp_path / "mixed" / "shard-00000-of-00001.npy", np.zeros((1, 2, 2, 4, 32, 32), np.float16))
     with pytest.raises(train.Fail, match=r"mixes the shards of several preparations \(shard-\*-of-00001 and -of-00002.npy\); delete"):
@@ -1191,7 +1191,7 @@ def test_imagenet_latents_prepare_load_train_sample(tmp_path, capsys):
         code, _, err = run_main(["--prepare-imagenet", tmp_path / "bad", "--data-path", tmp_path / "badlat", "--vae",
                                  tmp_path / "vae", "--workers", 0], capsys)
         assert_one_line_error(code, err, bad, "is not a readable image", "remove or replace it")
-        assert os.listdir(tmp_path / "badlat") == []
+        assert not os.path.exists(tmp_path / "badlat")  # the folder it made goes too
         shutil.rmtree(tmp_path / "bad")
     code, _, err = run_main(["--prepare-imagenet", tmp_path / "nowhere", "--data-path", tmp_path / "nolat"], capsys)
     default = train.get_args(["--prepare-imagenet", str(tmp_path / "train"), "--data-path", str(out)]).workers
@@ -2152,6 +2152,8 @@ BAD_NUMBERS = [
     (["--fid-ref", "ref.npz"], ["--fid-ref", "--sample"]), (["--sample", 2, "--resume"], ["--sample", "--resume"]),
     (["--sample-steps", 2], ["--sample-steps", "--sample"]), (["--workers", 2], ["--workers", "--prepare-imagenet"]),
     (["--model", ""], ["unknown --model ''"]),
+    # an empty path read as a flag left out (--data-path '': Debian's copy; --fid-ref '': the training images)
+    *[([flag, ""], [f"{flag} is empty"]) for flag in ("--data-path", "--prepare-imagenet", "--vae", "--fid-ref")],
 ]
 
 
@@ -4357,6 +4359,47 @@ def test_sample_with_a_batch_below_the_number_of_processes(tmp_path, monkeypatch
 # train.py: tests for what a robustness review (a user trying to break train.py) found
 
 
+def test_counts_beyond_int64_indices_are_refused(capsys):
+    """--batch-size or --sample of 2^63 passed the range check, then overflowed torch (a traceback)."""
+    for flag in ("--batch-size", "--sample", "--steps"):
+        code, _, err = run_main([flag, 2**63], capsys)
+        assert_one_line_error(code, err, f"{flag} {2**63} is out of range", "below 2^31")
+    assert train.get_args(["--batch-size", str(2**31 - 1)]).batch_size == 2**31 - 1
+
+
+def test_a_first_step_that_diverges_keeps_the_run_it_would_overwrite(tmp_path, capsys):
+    """--overwrite deleted the old run before the new one's first step, whose loss was inf (an in-range --set p=100:
+    the adaptive weight overflows): the old run was lost to a refused one. The line blamed the lr (no update yet)."""
+    common = ["--steps", 2, *TOY_RUN, "--out", tmp_path]
+    assert run_main(common, capsys)[0] == 0
+    before = _listing(tmp_path)
+    code, _, err = run_main(common + ["--overwrite", "--set", "p=100"], capsys)
+    assert_one_line_error(code, err, "the loss is inf at step 1", "before any update, so not the lr", "--set value")
+    assert _listing(tmp_path) == before
+    assert run_main(common + ["--overwrite", "--seed", 1], capsys)[0] == 0 and _listing(tmp_path) != before
+
+
+def test_resume_refuses_a_log_window_or_log_line_of_other_numbers(tmp_path, capsys):
+    """A checkpoint's log window of other numbers, or a log line without the loss curves' numbers, raised a
+    traceback (the log line's only after training, when the pictures were drawn): now one line, and a gap."""
+    common = ["--steps", 3, *TOY_RUN, "--out", tmp_path]
+    assert run_main(common + ["--stop-at", 1], capsys)[0] == 0
+    saved = (tmp_path / "ckpt.pt").read_bytes()
+    for window in ({"acc": 5}, {"acc": [[1, 2]], "seconds": 0.0}, {"acc": [], "seconds": "x"}):
+        ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+        ckpt["log_window"] = window
+        torch.save(ckpt, tmp_path / "ckpt.pt")
+        code, _, err = run_main(common + ["--resume"], capsys)
+        assert_one_line_error(code, err, "has a log window of other numbers", "the run's own checkpoint")
+        (tmp_path / "ckpt.pt").write_bytes(saved)
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": "high"}\n')
+    code, _, err = run_main(common + ["--resume"], capsys)
+    assert_one_line_error(code, err, "log.jsonl line 1 is not a log line")
+    assert (tmp_path / "ckpt.pt").read_bytes() == saved
+    (tmp_path / "log.jsonl").write_text('{"step": 1}\n')  # no numbers: a gap in the curves, not a KeyError
+    assert run_main(common + ["--resume"], capsys)[0] == 0 and os.path.exists(tmp_path / "step-0000003.png")
+
+
 def test_resume_refuses_changed_knobs_and_dropout(tmp_path, capsys):
     """--resume without the run's --set (or with another value, or another --dropout) would silently train another
     run (a DTD stage past the new dtd_stages even ended in a NaN blamed on --lr): one line naming the knob."""
@@ -4455,7 +4498,7 @@ def test_an_odd_log_does_not_crash_resume(tmp_path, capsys):
 
 def test_the_nan_message_names_more_than_the_lr(tmp_path, capsys):
     code, _, err = run_main(["--steps", 3, *TOY_RUN, "--set", "p=1e300", "--out", tmp_path], capsys)
-    assert_one_line_error(code, err, "the loss is", "--lr", "check the data and the --set values")
+    assert_one_line_error(code, err, "the loss is", "not the lr", "a --set value", "or the data")
 
 
 def test_sample_never_replaces_an_earlier_npz(tmp_path, capsys):
@@ -4494,8 +4537,170 @@ def test_imagenet_latents_labels_and_dtype_are_checked(tmp_path, capsys):
         np.save(tmp_path / name / "shard-00000-of-00001.npy", np.zeros((2, 2, 2, 4, 32, 32), dtype))
         np.save(tmp_path / name / "labels-00000-of-00001.npy", labels)
         code, _, err = run_main(run[:2] + ["--data-path", tmp_path / name] + run[2:], capsys)
-        assert_one_line_error(code, err, "integer labels (N,)", "--prepare-imagenet")
+        assert_one_line_error(code, err, "integer labels (N) in each shard", "--prepare-imagenet")
     assert not os.path.exists(tmp_path / "run")
+
+
+def _image_tree(root, counts, hidden=False):  # a class-per-folder tree: counts[k] small JPEGs in class folder k
+    from PIL import Image
+
+    for k, n in enumerate(counts):
+        os.makedirs(root / f"n{k:04d}", exist_ok=True)
+        for i in range(n):
+            Image.fromarray(np.full((256, 256, 3), 40 * k + i, np.uint8)).save(root / f"n{k:04d}" / f"{i}.JPEG")
+    if hidden:
+        os.makedirs(root / ".ipynb_checkpoints")
+
+
+def _listing(folder):  # names and contents: what a refused run must leave as it was
+    return {f: (folder / f).read_bytes() for f in sorted(os.listdir(folder))}
+
+
+@pytest.mark.skipif(not HAVE_DIFFUSERS, reason="diffusers is optional (pip install diffusers); ImageNet latents use it")
+def test_prepare_imagenet_never_mixes_two_image_trees(tmp_path, capsys):
+    """Two trees prepared with the same shard count into one folder trained as one set (label k a different class in
+    each shard), and a finished shard of other images was encoded over without a word: both refused, files as they
+    were. Hidden folders are no classes (one more folder shifted every label); more than 1000 classes are refused."""
+    _image_tree(tmp_path / "A", [3, 3], hidden=True)
+    _image_tree(tmp_path / "B", [2, 3, 3])
+    tiny_vae(str(tmp_path / "vae"))
+    prep = ["--num-shards", 2, "--vae", tmp_path / "vae", "--workers", 0, "--data-path", tmp_path / "lat"]
+    for shard in (0, 1):
+        assert run_main(["--prepare-imagenet", tmp_path / "A", "--shard", shard] + prep, capsys)[0] == 0
+    assert json.loads((tmp_path / "lat" / "tree-of-00002.json").read_text())["classes"] == 2  # not the hidden one
+    assert np.load(tmp_path / "lat" / "labels-00000-of-00002.npy").tolist() == [0, 0, 1]
+    before = _listing(tmp_path / "lat")
+    no_vae = prep[:3] + [tmp_path / "no-vae"] + prep[4:]
+    code, _, err = run_main(["--prepare-imagenet", tmp_path / "B", "--shard", 0] + no_vae, capsys)  # before the VAE
+    assert_one_line_error(code, err, "another image tree", "6 images of 2 classes, not 8 of 3", "delete its shard-*")
+    # a folder of an older preparation (no record): the finished shard of other images is refused, not replaced
+    os.remove(tmp_path / "lat" / "tree-of-00002.json")
+    code, _, err = run_main(["--prepare-imagenet", tmp_path / "B", "--shard", 0] + prep, capsys)
+    assert_one_line_error(code, err, "shard-00000-of-00002.npy holds latents", "of other images", "delete it")
+    del before["tree-of-00002.json"]
+    assert _listing(tmp_path / "lat") == before
+    _image_tree(tmp_path / "C", [0] * 1001)
+    code, _, err = run_main(["--prepare-imagenet", tmp_path / "C"] + no_vae, capsys)
+    assert_one_line_error(code, err, "holds 1001 class folders, not ImageNet's 1000 or fewer")
+    # a VAE of other latents (3 levels: 64 x 64) is named while encoding, not found by the training run
+    tiny_vae(str(tmp_path / "vae3"), levels=3)
+    code, _, err = run_main(["--prepare-imagenet", tmp_path / "B", "--vae", tmp_path / "vae3", "--workers", 0,
+                             "--data-path", tmp_path / "lat3"], capsys)
+    assert_one_line_error(code, err, "(4, 64, 64) latents, not the SD-VAE's (4, 32, 32)", "--vae")
+    assert not os.path.exists(tmp_path / "lat3")
+
+
+def test_prepare_imagenet_shards_exist_and_have_one_writer(tmp_path, capsys, monkeypatch):
+    """--shard 1 of the default single shard wrote a shard no training run could use (and the advice looped);
+    the same --shard under torchrun had every process write it; two writers of a shard shared its temporary."""
+    _image_tree(tmp_path / "A", [3])
+    prep = ["--prepare-imagenet", tmp_path / "A", "--vae", tmp_path / "no-vae", "--data-path", tmp_path / "lat"]
+    assert_one_line_error(*run_main(prep + ["--shard", 1], capsys)[::2], "--shard 1 is not among --num-shards 1",
+                          "the number of processes", "pass shards 0 to 0")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert_one_line_error(*run_main(prep + ["--shard", 0], capsys)[::2], "under torchrun", "leave --shard out")
+    assert_one_line_error(*run_main(prep + ["--num-shards", 1], capsys)[::2], "--shard 1 is not among --num-shards 1")
+    monkeypatch.delenv("RANK")
+    os.makedirs(tmp_path / "lat")
+    lock, _ = train.lock_file(str(tmp_path / "lat" / "shard-00000-of-00001.lock"))  # a live writer of shard 0
+    try:
+        code, _, err = run_main(prep, capsys)
+        assert_one_line_error(code, err, "shard 0 of 1 is being encoded by another process", f"pid {os.getpid()}")
+    finally:
+        train.unlock_file(str(tmp_path / "lat" / "shard-00000-of-00001.lock"), lock)
+    assert os.listdir(tmp_path / "lat") == []
+    # an image over PIL's decompression-bomb limit is named, as an unreadable one (it raised past the check)
+    monkeypatch.setattr("PIL.Image.MAX_IMAGE_PIXELS", 1000)
+    bad = train.load_images([str(tmp_path / "A" / "n0000" / "0.JPEG")])
+    assert isinstance(bad, tuple) and "DecompressionBombError" in bad[1]
+
+
+def test_imagenet_latents_are_checked_shard_by_shard(tmp_path, capsys):
+    """Labels one short in one shard and one over in the other passed (only the totals were compared); a 0-d
+    shard raised a TypeError; labels of any integer type passed and failed at step 1 (the embedding takes int64)."""
+    run = ["--data", "imagenet-latents", "--model", "Ti/4", "--batch-size", 4, "--steps", 1, "--vae", tmp_path / "no"]
+    lat = np.zeros((3, 2, 2, 4, 32, 32), np.float16)
+    for name, shards in (("swapped", [(lat, [0, 1]), (lat[:2], [0, 1, 2])]), ("0-d", [(np.float16(0), [0])])):
+        for i, (a, labels) in enumerate(shards):
+            os.makedirs(tmp_path / name, exist_ok=True)
+            np.save(tmp_path / name / f"shard-{i:05d}-of-{len(shards):05d}.npy", a)
+            np.save(tmp_path / name / f"labels-{i:05d}-of-{len(shards):05d}.npy", np.array(labels))
+        code, _, err = run_main(run + ["--data-path", tmp_path / name, "--out", tmp_path / "run"], capsys)
+        assert_one_line_error(code, err, "integer labels (N) in each shard", "--prepare-imagenet")
+    for dtype in (np.uint8, np.int16, np.uint32):
+        os.makedirs(tmp_path / dtype.__name__)
+        np.save(tmp_path / dtype.__name__ / "shard-00000-of-00001.npy", lat)
+        np.save(tmp_path / dtype.__name__ / "labels-00000-of-00001.npy", np.array([0, 5, 200], dtype))
+        code, _, err = run_main(run + ["--data-path", tmp_path / dtype.__name__, "--out", tmp_path / dtype.__name__ /
+                                       "run"], capsys)
+        assert code == 0, err
+
+
+def test_cifar10_pixels_of_another_layout_and_foreign_pickles_are_refused(tmp_path, capsys):
+    """(N, 32, 32, 3) pixels or rows of 6144 were reshaped into scrambled images (and twice the images of the
+    labels); a pickle naming another class was built (a pickle may run anything: here print) or crashed."""
+    run = ["--data", "cifar10", "--model", "Ti/4", "--batch-size", 4, "--steps", 1, "--out", tmp_path / "run"]
+    cases = {"hwc": {b"data": np.zeros((6, 32, 32, 3), np.uint8), b"labels": [0] * 6},
+             "6144": {b"data": np.zeros((6, 6144), np.uint8), b"labels": [0] * 6}}
+    for name, d in cases.items():
+        os.makedirs(tmp_path / name)
+        with tarfile.open(tmp_path / name / "cifar-10-python.tar.gz", "w:gz") as tar:
+            add_pickle(tar, "cifar-10-batches-py/data_batch_1", d)
+        code, _, err = run_main(run[:2] + ["--data-path", tmp_path / name] + run[2:], capsys)
+        assert_one_line_error(code, err, "not the CIFAR-10 python tarball", "data_batch_1", str(d[b"data"].shape))
+    for name, raw in (("print", b"cbuiltins\nprint\n(S'ran code from a pickle'\ntR."),
+                      ("missing", b"cnomodule\nThing\n)R.")):
+        os.makedirs(tmp_path / name)
+        with tarfile.open(tmp_path / name / "cifar-10-python.tar.gz", "w:gz") as tar:
+            info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+        code, out, err = run_main(run[:2] + ["--data-path", tmp_path / name] + run[2:], capsys)
+        assert_one_line_error(code, err, "not the CIFAR-10 python tarball", "UnpicklingError")
+        assert "ran code" not in out + err
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_fashion_mnist_path_given_is_read_and_a_cut_download_tries_the_mirror(tmp_path, monkeypatch):
+    """--data-path data/fashion-mnist, written out, read Debian's copy instead; a transfer cut off (IncompleteRead,
+    not an OSError) raised past the one-line error and never tried the mirror."""
+    import http.client
+
+    folder = fashion_default_path(tmp_path, monkeypatch)
+    make_fashion(str(tmp_path / "no-debian"), n=20)  # stands in for Debian's copy
+    make_fashion(folder, n=40)
+    args = ["--data", "fashion-mnist", "--model", "Ti/4"]
+    assert len(train.load_data(train.get_args(args), 0)) == 20  # the default: Debian's copy
+    assert len(train.load_data(train.get_args(args + ["--data-path", folder]), 0)) == 40  # given: that folder
+    x, _ = make_fashion(str(tmp_path / "server"))
+    files = {n: (tmp_path / "server" / n).read_bytes() for n in train.FASHION_MD5}
+    monkeypatch.setattr(train, "FASHION_MD5", {n: hashlib.md5(raw).hexdigest() for n, raw in files.items()})
+    main, mirror = train.FASHION_URLS
+    served, requested = {main + n: b for n, b in files.items()}, []
+    served[mirror + "train-images-idx3-ubyte.gz"] = files["train-images-idx3-ubyte.gz"]
+    urlopen = fake_urlopen(served, requested)
+
+    class Cut(io.BytesIO):
+        def read(self, *a):
+            raise http.client.IncompleteRead(b"0123456789", 99990)
+
+    monkeypatch.setattr(train.urllib.request, "urlopen", lambda url, timeout=None: Cut() if url == main +
+                        "train-images-idx3-ubyte.gz" else urlopen(url, timeout))
+    train.download_fashion_mnist(str(tmp_path / "dl"))
+    assert (tmp_path / "dl" / "train-images-idx3-ubyte.gz").read_bytes() == files["train-images-idx3-ubyte.gz"]
+    assert mirror + "train-images-idx3-ubyte.gz" in requested
+
+
+def test_notebook_03_calls_the_cifar10_loader_as_train_py_defines_it(tmp_path):
+    """CI runs the notebooks on Fashion-MNIST only: its CIFAR-10 line (MEANFLOW_DATASET=cifar10) passed rank=0 to a
+    loader whose argument is local_rank, a TypeError before any training."""
+    x, y = make_cifar_tarball(str(tmp_path))
+    with open(os.path.join(HERE, "notebooks", "03_images.ipynb")) as f:
+        cells = [c for c in json.load(f)["cells"] if c["cell_type"] == "code"]
+    line = next(s for c in cells for s in c["source"] if "train.load_cifar10(" in s)
+    got = eval(line.split("=", 1)[1].split("#")[0], {"train": train, "DATA_PATH": str(tmp_path)})
+    assert np.array_equal(got[0], x) and np.array_equal(got[1], y)
 
 
 def test_prepare_imagenet_checks_its_folder_first_and_reserves_the_shard(tmp_path, capsys, monkeypatch):
@@ -4519,7 +4724,7 @@ def test_prepare_imagenet_checks_its_folder_first_and_reserves_the_shard(tmp_pat
     monkeypatch.setattr(os, "posix_fallocate", full)
     code, _, err = run_main(prep[:-1] + [tmp_path / "vae", "--data-path", tmp_path / "lat"], capsys)
     assert_one_line_error(code, err, "could not write", "No space left on device", "run --prepare-imagenet again")
-    assert os.listdir(tmp_path / "lat") == []
+    assert not os.path.exists(tmp_path / "lat")  # the folder it made goes too
 
 
 def test_a_failed_claim_of_out_leaves_nothing(tmp_path, capsys, monkeypatch):

@@ -29,6 +29,7 @@ import functools
 import glob
 import gzip
 import hashlib
+import http.client
 import inspect
 import json
 import math
@@ -109,7 +110,8 @@ class Stopped(Exception):
 
 # Every numeric argument, checked before any work: what it must be (float ones must also be finite). A new
 # numeric argument gets its line here (a test checks that none is missing).
-COUNT, NONNEG, POSITIVE = (lambda v: v >= 1, "1 or more"), (lambda v: v >= 0, "0 or more"), (lambda v: v > 0, "> 0")
+COUNT = (lambda v: 1 <= v < 2**31, "1 or more, below 2^31")  # (larger ones overflow torch's int64 indices)
+NONNEG, POSITIVE = (lambda v: v >= 0, "0 or more"), (lambda v: v > 0, "> 0")
 UNIT, FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: 0 <= v < 1, "in [0, 1)")
 NUMBERS = dict(
     steps=COUNT, batch_size=COUNT, lr=POSITIVE, warmup=NONNEG, weight_decay=NONNEG, ema=FRACTION, seed=NONNEG,
@@ -225,6 +227,9 @@ def get_args(argv=None):
         raise Fail(f"--model {args.model} does not fit --data {args.data}: 'mlp' is for 2-D data, a DiT for images")
     own = DATA_RECIPES.get(args.data, {})  # the dataset's own recipe, then the papers' ImageNet settings
     args.recipe = (own.get("recipe") or (TOY if toy else PAPER)["recipe"]) if args.recipe is None else args.recipe
+    for flag in ("data_path", "prepare_imagenet", "vae", "fid_ref"):  # '' would read as not given (a default)
+        if getattr(args, flag) == "":
+            raise Fail(f"--{flag.replace('_', '-')} is empty; pass a path, or leave the flag out")
     if args.recipe not in mf.RECIPES:
         raise Fail(f"unknown --recipe {args.recipe!r}; choose one of: {', '.join(mf.RECIPES)}")
     imf = mf.RECIPES[args.recipe]["imf"]
@@ -245,6 +250,7 @@ def get_args(argv=None):
     if args.dropout and (imf or toy):
         raise Fail(f"--dropout is an option of the MeanFlow DiT, not of the {'iMF network' if imf else 'toy MLP'}")
     args.knobs, args.set_knobs = own.get("knobs", {}), parse_sets(args.set, args.recipe)
+    args.default_data_path = args.data_path is None  # fashion-mnist: Debian's copy, or a download
     args.data_path = args.data_path or DATA_PATHS.get("imagenet-latents" if args.prepare_imagenet else args.data)
     out_given = args.out
     if args.out == "":
@@ -268,8 +274,14 @@ def get_args(argv=None):
         raise Fail(f"--stop-at {args.stop_at} is beyond --steps {args.steps}; pass a step within the run")
     if args.t_lo is not None and args.t_hi is not None and args.t_lo > args.t_hi:  # the flags, before any work
         raise Fail(f"--t-lo {args.t_lo} is above --t-hi {args.t_hi}; the guidance interval needs t_lo <= t_hi")
-    if args.shard is not None and args.num_shards is not None and args.shard >= args.num_shards:
-        raise Fail(f"--shard {args.shard} is not among --num-shards {args.num_shards}; pass 0 to {args.num_shards - 1}")
+    if args.shard is not None and world > 1:  # every process would encode that one shard
+        raise Fail("--shard picks the shard of a single process; under torchrun each process encodes the shard of its "
+                   "rank: leave --shard out")
+    shards = args.num_shards or world  # --prepare-imagenet: --shard of a single process, else each process's rank
+    if args.shard is not None and args.shard >= shards or args.prepare_imagenet and world > shards:
+        shard = args.shard if args.shard is not None else world - 1
+        raise Fail(f"--shard {shard} is not among --num-shards {shards}" + (" (its default: the number of processes)"
+                   if args.num_shards is None else "") + f"; pass shards 0 to {shards - 1}, or more --num-shards")
     if args.overwrite and (args.resume or args.sample is not None):
         raise Fail("--overwrite starts a new run: it does not go with --resume or --sample")
     if args.resume and args.sample is not None:
@@ -414,8 +426,8 @@ def fetch(urls, md5):
             if hashlib.md5(raw).hexdigest() == md5:
                 return raw
             errors.append("md5 mismatch")
-        except OSError as err:
-            errors.append(str(err))
+        except (OSError, http.client.HTTPException) as err:  # IncompleteRead: a transfer cut off
+            errors.append(str(err) or type(err).__name__)
     raise OSError(errors[0])
 
 
@@ -433,17 +445,17 @@ def download_fashion_mnist(path, files=None):
         save_atomic(os.path.join(path, name), lambda f: f.write(raw))
 
 
-def load_fashion_mnist(path, local_rank=0):
-    """The training split as (N, 1, 32, 32) uint8 images and (N,) labels. The default path (DATA_PATHS) reads
-    Debian's copy when installed, else downloads the official files once (process 0 of each machine: data/ may be
-    local to it); another path must hold them."""
+def load_fashion_mnist(path, local_rank=0, default=None):
+    """The training split as (N, 1, 32, 32) uint8 images and (N,) labels. The default path (DATA_PATHS; default:
+    whether path is it, unless told) reads Debian's copy when installed, else downloads the official files once
+    (process 0 of each machine: data/ may be local to it); a path the user gave must hold them."""
     names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 
     def find(folder):  # the two files, plain or gzipped; None where one is missing
         return [next((f for f in (os.path.join(folder, n), os.path.join(folder, n + ".gz")) if os.path.exists(f)),
                      None) for n in names]
 
-    if path == DATA_PATHS["fashion-mnist"]:
+    if path == DATA_PATHS["fashion-mnist"] if default is None else default:
         if None not in find(FASHION_DEBIAN):
             path = FASHION_DEBIAN
         else:
@@ -462,6 +474,17 @@ def load_fashion_mnist(path, local_rank=0):
     if x.ndim != 3 or x.shape[1:] != (28, 28) or y.shape != (len(x),):
         raise Fail(f"Fashion-MNIST in {path} has images {x.shape} and labels {y.shape}, not (N, 28, 28) and (N,)")
     return np.pad(x, ((0, 0), (2, 2), (2, 2)))[:, None], y  # (N, 1, 32, 32): padded with background to 32x32
+
+
+class NumpyUnpickler(pickle.Unpickler):
+    """CIFAR-10's pickles hold dicts, lists and numpy arrays: nothing else is built (a pickle can run any code)."""
+
+    def find_class(self, module, name):
+        if (module.split(".")[0] == "numpy" and name in ("_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer")
+                or (module, name) in (("_codecs", "encode"), ("__builtin__", "bytes"), ("builtins", "bytes"))):
+            # (protocol 2 from Python 3 writes bytes with these)
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"a pickle of {module}.{name}, not of numpy arrays")
 
 
 def load_cifar10(path, local_rank):
@@ -487,12 +510,12 @@ def load_cifar10(path, local_rank):
         with tarfile.open(tar_path) as tar:
             for m in sorted(tar.getmembers(), key=lambda m: m.name):
                 if os.path.basename(m.name).startswith("data_batch_"):
-                    d = pickle.load(tar.extractfile(m), encoding="bytes")
+                    d = NumpyUnpickler(tar.extractfile(m), encoding="bytes").load()
                     x, y = np.asarray(d[b"data"]), np.asarray(d[b"labels"])
-                    if x.dtype != np.uint8 or y.ndim != 1 or len(x) != len(y) \
+                    if x.dtype != np.uint8 or x.shape != (len(y), 3 * 32 * 32) or y.ndim != 1 \
                             or (len(y) and not np.issubdtype(y.dtype, np.integer)):
-                        raise ValueError(f"{m.name}: {x.dtype} data of {len(x)} rows, {len(y)} labels")
-                    xs.append(x.reshape(-1, 3, 32, 32))
+                        raise ValueError(f"{m.name}: {x.dtype} data {x.shape}, {len(y)} labels")
+                    xs.append(x.reshape(-1, 3, 32, 32))  # rows of 1024 red, 1024 green, 1024 blue
                     ys.append(y.astype(np.int64))
     except (OSError, tarfile.TarError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError,
             AttributeError) as err:  # TypeError: a member that is not a file, or a pickle of something else
@@ -549,16 +572,17 @@ class ImageNetLatents:
                        f"run train.py --prepare-imagenet IMAGENET/train --data-path {path}")
         try:
             self.lat = [np.load(f, mmap_mode="r") for f in files]
-            self.labels = np.concatenate([np.load(labels_path(f)) for f in files])
+            labels = [np.load(labels_path(f)) for f in files]
         except (OSError, ValueError) as err:
             raise Fail(f"latents in {path} are unreadable ({type(err).__name__}); re-run --prepare-imagenet")
-        self.start = np.cumsum([0] + [len(a) for a in self.lat])
         C, H, _ = IMAGE_DATA["imagenet-latents"]  # each row: 2 flips x (mean, std) x (C, H, H)
-        if self.start[-1] != len(self.labels) or any(a.shape[1:] != (2, 2, C, H, H) for a in self.lat) \
-                or any(a.dtype not in (np.float16, np.float32) for a in self.lat) or self.labels.ndim != 1 \
-                or not np.issubdtype(self.labels.dtype, np.integer):
-            raise Fail(f"latents in {path} are not float16/32 (N, 2, 2, {C}, {H}, {H}) with N integer labels (N,); "
-                       f"re-run --prepare-imagenet")
+        if any(a.shape[1:] != (2, 2, C, H, H) or a.dtype not in (np.float16, np.float32) or l.shape != a.shape[:1]
+               or not np.issubdtype(l.dtype, np.integer) for a, l in zip(self.lat, labels)):  # shard by shard
+            raise Fail(f"latents in {path} are not float16/32 (N, 2, 2, {C}, {H}, {H}) with N integer labels (N) "
+                       f"in each shard; delete them and re-run --prepare-imagenet (with the SD-VAE of {C} x {H} x {H} "
+                       f"latents)")
+        self.labels = np.concatenate(labels).astype(np.int64)  # any integer type: the label embedding takes int64
+        self.start = np.cumsum([0] + [len(a) for a in self.lat])
 
     def __len__(self):
         return len(self.labels)
@@ -581,12 +605,12 @@ class ImageNetLatents:
 def load_data(args, local_rank):  # local_rank 0: the process of each machine that downloads
     if args.data in toy_data.DATASETS:
         return None
-    downloads = args.data == "cifar10" or (args.data, args.data_path) == ("fashion-mnist", DATA_PATHS["fashion-mnist"])
+    downloads = args.data == "cifar10" or (args.data == "fashion-mnist" and args.default_data_path)
     if not downloads and not os.path.isdir(args.data_path):
         what = "is a file, not a folder" if os.path.exists(args.data_path) else "does not exist"
         raise Fail(f"--data-path {args.data_path} {what}; pass the folder that holds {args.data}")
     if args.data == "fashion-mnist":
-        return Pixels(*load_fashion_mnist(args.data_path, local_rank), flip=False)
+        return Pixels(*load_fashion_mnist(args.data_path, local_rank, args.default_data_path), flip=False)
     if args.data == "cifar10":
         return Pixels(*load_cifar10(args.data_path, local_rank), flip=True)
     return ImageNetLatents(args.data_path, imf=mf.RECIPES[args.recipe]["imf"])
@@ -602,8 +626,9 @@ def check_data(data, args):
         raise Fail(f"{where} holds no images; re-install or re-download it, or pass another --data-path")
     lo, hi = int(data.labels.min()), int(data.labels.max())
     if lo < 0 or hi >= K:
+        fix = "delete them and re-run --prepare-imagenet" if args.data == "imagenet-latents" else "re-download them"
         raise Fail(f"{where} has labels {lo} to {hi}, not 0 to {K - 1}: the files are corrupt or of another data "
-                   f"set; re-download them")
+                   f"set; {fix}")
 
 
 def get_batch(args, data, step, rank, world):
@@ -757,7 +782,14 @@ def resume(args, job):
         job.history = history = read_log(job.log_path, step)
         job.elapsed = ckpt["time"] if "time" in ckpt else history[-1].get("time", 0.0) if history else 0.0
         window = ckpt.get("log_window", {})  # the steps since the last log line: their means go on (older: none)
-        job.acc, job.window_seconds = [list(a) for a in window.get("acc", [])], float(window.get("seconds", 0.0))
+        try:
+            job.acc = [[float(v) for v in a] for a in window.get("acc", [])]
+            job.window_seconds = float(window.get("seconds", 0.0))
+            if any(len(a) != len(LOG_KEYS) for a in job.acc):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise Fail(f"{job.ckpt_path} has a log window of other numbers (not of this train.py); pass the run's "
+                       "own checkpoint")
         if job.rank == 0:  # drop the lines logged after the checkpoint
             save_atomic(job.log_path, lambda f: f.write("".join(map(log_line, history)).encode()), run_folder=True)
     if args.data == "imagenet-latents" and job.rank == 0:
@@ -787,6 +819,9 @@ def train_step(args, job, loss_fn, x, y):
                "is not finite again at once, its weights are already ruined: a lower --lr and --overwrite)"
                if job.ckpt_step is not None else "no checkpoint yet; run again with a lower --lr and --overwrite")
         fix += " (or, if the lr is not the cause, check the data and the --set values)"
+        if job.step == 0:  # no update yet: the lr cannot be the cause
+            fix = ("before any update, so not the lr: a --set value or guidance flag (--omega, --kappa) too far out "
+                   "for float32, or the data; pass the defaults and change one at a time")
         raise Fail(f"the loss is {stats[0]} at step {job.step + 1}; stopped, {fix}")
     job.opt.zero_grad(set_to_none=True)
     loss.backward()  # under DDP: gradients averaged over the processes here
@@ -878,6 +913,9 @@ def train(args, job):
             x, y = get_batch(args, job.data, job.step, job.rank, job.world)
             x, y = x.to(job.device, non_blocking=True), None if y is None else y.to(job.device, non_blocking=True)
             job.acc.append(train_step(args, job, loss_fn, x, y))
+            for f in job.replaced:  # --overwrite: the old run goes once this one has a finite loss (before any write)
+                os.remove(os.path.join(args.out, f))
+            job.replaced = []
             bar.update()
             step = job.step
             window_ends = step % args.log_every == 0 or step == args.steps
@@ -911,9 +949,8 @@ def train(args, job):
 
 
 def run(args, replaced=()):
-    job = set_up(args)  # every check of the method, data and network: only then does an --overwrite delete
-    for f in replaced:
-        os.remove(os.path.join(args.out, f))
+    job = set_up(args)  # every check of the method, data and network; an --overwrite deletes after its first step
+    job.replaced = list(replaced)
     if args.sample is not None:  # --sample: the EMA weights of the checkpoint draw samples into an .npz
         try:
             job.net.load_state_dict(job.ckpt["ema"])
@@ -1076,13 +1113,21 @@ def read_log(path, step):
     for i, s in enumerate(lines):
         try:
             h = json.loads(s)
-            if not isinstance(h.get("step"), int):
+            if not isinstance(h.get("step"), int) or not all(  # the loss curves' numbers (null: NaN; none: a gap)
+                    isinstance(h.get(k, 0.0), (int, float, type(None))) for k in ("loss", "v_loss", "u_loss")):
                 raise ValueError
         except (ValueError, AttributeError):
             raise Fail(f"{path} line {i + 1} is not a log line; delete that line and run again")
         if h["step"] <= step:
             history.append({k: math.nan if v is None else v for k, v in h.items()})
     return history
+
+
+def missing_folders(path):  # the folders that os.makedirs(path) would create, deepest first
+    new, d = [], os.path.abspath(path)
+    while not os.path.exists(d):
+        new, d = new + [d], os.path.dirname(d)
+    return new
 
 
 def remove_empty(folders):  # the folders a run created, deepest first, as long as they are empty
@@ -1103,10 +1148,8 @@ def claim_out(args):
         raise Fail(f"--out {out} is a file, not a folder; pass a folder")
     if rank or (args.sample is not None and not os.path.isdir(out)):  # --sample: load_checkpoint says what is amiss
         return (lambda: None), []
-    new, d = [], os.path.abspath(out)  # the folders this run creates, deepest first: removed again if left empty
-    while not os.path.exists(d):
-        new, d = new + [d], os.path.dirname(d)
-    lock, path = None, os.path.join(out, "train.lock")
+    new = missing_folders(out)  # the folders this run creates: removed again if left empty
+    path = os.path.join(out, "train.lock")
     try:
         os.makedirs(out, exist_ok=True)
         if args.sample is not None:  # sampling only adds its .npz; check now that it will be able to
@@ -1115,37 +1158,16 @@ def claim_out(args):
             if os.path.exists(npz):
                 raise Fail(f"{npz} exists (an earlier --sample); move it away first, or pass another --out")
             return (lambda: None), []
-        while lock is None:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 200).decode(errors="replace").strip()
-                os.close(fd)
-                raise Fail(f"another run ({holder or 'just starting'}) is training in --out {out}; wait for it, "
-                           f"stop it (Ctrl-C saves its checkpoint), or pass another --out")
-            try:  # its holder may have removed the file between our open and flock: then take a new one
-                lock = fd if os.stat(path).st_ino == os.fstat(fd).st_ino else None
-            except FileNotFoundError:
-                pass
-            if lock is None:
-                os.close(fd)
-        os.ftruncate(lock, 0)
-        os.write(lock, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        lock, holder = lock_file(path)
+        if lock is None:
+            raise Fail(f"another run ({holder}) is training in --out {out}; wait for it, stop it (Ctrl-C saves its "
+                       f"checkpoint), or pass another --out")
     except OSError as err:  # (a full disk, no permission): leave nothing behind
-        if lock is not None:
-            os.close(lock)
-        if (lock is not None or new) and os.path.isfile(path) and os.path.getsize(path) == 0:  # ours, left empty
-            os.remove(path)
         remove_empty(new)
         raise Fail(f"cannot write to --out {out} ({err.strerror}); pass a writable folder (or make room there)")
 
     def release():
-        try:  # removed before the unlock: a run that opened it meanwhile sees it gone, retries
-            os.remove(path)
-        except OSError:  # gone, or the folder became read-only: closing the file still releases the lock
-            pass
-        os.close(lock)
+        unlock_file(path, lock)
         remove_empty(new)
 
     pictures = sorted(f for f in os.listdir(out) if re.fullmatch(r"step-\d{7,}\.png", f))  # evaluate's names only
@@ -1159,6 +1181,38 @@ def claim_out(args):
         if re.search(r"\.tmp-\d+-[0-9a-f]{8}$", f) and not f.startswith("samples-"):
             os.remove(os.path.join(out, f))
     return release, held if args.overwrite else []
+
+
+def lock_file(path):
+    """(fd, None): an exclusive lock on the file path (created if absent; it says who holds it), or (None, those
+    words) if a live process holds it. The system drops a lock when its process dies, even by kill -9."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip()
+            os.close(fd)
+            return None, holder or "just starting"
+        try:  # its holder may have removed the file between our open and flock: then take a new one
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+                return fd, None
+        except FileNotFoundError:
+            pass
+        except OSError:  # (a full disk): our lock file, left empty, goes
+            unlock_file(path, fd)
+            raise
+        os.close(fd)
+
+
+def unlock_file(path, fd):
+    try:  # removed before the unlock: a process that opened it meanwhile sees it gone, and retries
+        os.remove(path)
+    except OSError:  # gone, or the folder became read-only: closing the file still releases the lock
+        pass
+    os.close(fd)
 
 
 # The signals that stop a run with a checkpoint: Ctrl-C; SIGTERM (what SLURM, Kubernetes and torchrun send before
@@ -1287,7 +1341,7 @@ def save_figure(path, panels, history, squares=()):
         ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect="equal")
         ax.set_title(title, fontsize=9)
     for k in ("v_loss", "u_loss", "loss"):  # v, u: squared error per element; loss: after the adaptive weight
-        axes[0, -1].plot([h["step"] for h in history], [h[k] for h in history], label=k)
+        axes[0, -1].plot([h["step"] for h in history], [h.get(k, math.nan) for h in history], label=k)
     axes[0, -1].set(xlabel="step", yscale="log", title="loss")
     axes[0, -1].legend()
     fig.tight_layout()
@@ -1464,8 +1518,8 @@ def load_images(files):
         try:
             with Image.open(f) as img:
                 images.append(torch.tensor(center_crop(img)).permute(2, 0, 1))
-        except (OSError, ValueError) as err:  # not an image, truncated, or an image PIL cannot decode
-            return f, f"{type(err).__name__}: {err}"
+        except (OSError, ValueError, Image.DecompressionBombError) as err:  # not an image, truncated, an image
+            return f, f"{type(err).__name__}: {err}"  # PIL cannot decode, or one of over 179M pixels (PIL's limit)
     return torch.stack(images).float() / 127.5 - 1
 
 
@@ -1475,51 +1529,103 @@ def prepare_imagenet(args):
     s = args.shard if args.shard is not None else rank
     if not os.path.isdir(root):
         raise Fail(f"--prepare-imagenet {root} is not a folder; pass ImageNet's train folder (one folder per class)")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    files = [(os.path.join(root, c, f), k) for k, c in enumerate(classes)
-             for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith((".jpeg", ".jpg", ".png"))][s::n]
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    K = IMAGE_DATA["imagenet-latents"][2]
+    if len(classes) > K:  # the labels are the folders' places in name order: one folder more shifts them all
+        raise Fail(f"--prepare-imagenet {root} holds {len(classes)} class folders, not ImageNet's {K} or fewer; "
+                   "move the others out (labels are the folders' places in name order)")
+    tree = [(os.path.join(c, f), k) for k, c in enumerate(classes)  # (class/file, label) of every image
+            for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith((".jpeg", ".jpg", ".png"))]
+    files = tree[s::n]
     if not files:
-        raise Fail(f"shard {s} of {n} of {root} holds no images; pass a class-per-folder tree of .jpeg/.jpg/.png")
+        raise Fail(f"shard {s} of {n} of {root} holds no images ({len(tree)} in all); pass a class-per-folder tree of "
+                   ".jpeg/.jpg/.png" + (f" with at least {n} images, or fewer --num-shards" if tree else ""))
     name = os.path.join(args.data_path, f"shard-{s:05d}-of-{n:05d}.npy")
-    labels = np.array([k for _, k in files])
-    if os.path.exists(name):  # written last, atomically: a shard there is complete (a restarted job skips it)
-        try:
-            done = len(np.load(name, mmap_mode="r")) == len(files) and np.array_equal(
-                np.load(labels_path(name)), labels)
-        except (OSError, ValueError):
-            done = False
-        if done:
-            print(f"shard {s} of {n}: already in {name}; delete it to encode it again")
-            return
     other = sorted(f for f in glob.glob(os.path.join(glob.escape(args.data_path), "shard-*-of-*.npy"))
                    if not f.endswith(f"-of-{n:05d}.npy"))
     if other:  # a set of another shard count would mix with this one
         raise Fail(f"--data-path {args.data_path} holds shards of another preparation ({os.path.basename(other[0])}); "
                    "delete them (and their labels-*) or pass another --data-path")
-    try:  # before the VAE loads
-        os.makedirs(args.data_path, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.data_path).close()
-    except OSError as err:
-        raise Fail(f"cannot write to --data-path {args.data_path} ({err.strerror}); pass a writable folder")
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    vae = load_vae(args, device)
-    loader = torch.utils.data.DataLoader([f for f, _ in files], batch_size=32, num_workers=args.workers,
-                                         collate_fn=load_images)
+    record = same_tree(args.data_path, n, tree)  # before the VAE loads
+    made, lock_path = missing_folders(args.data_path), name[:-len(".npy")] + ".lock"
     try:
-        encode_shard(vae, loader, name + ".tmp", len(files), device, desc=f"shard {s} of {n}")
-    except BaseException as err:  # a bad image, a full disk, Ctrl-C: no partial shard stays behind
-        if os.path.exists(name + ".tmp"):
-            os.remove(name + ".tmp")
-        if isinstance(err, OSError):
-            raise Fail(f"could not write {name} ({err.strerror}); nothing of it was kept; make room in "
-                       f"{args.data_path} and run --prepare-imagenet again (finished shards are kept)") from None
-        raise
-    save_atomic(labels_path(name), lambda f: np.save(f, labels))
-    os.replace(name + ".tmp", name)  # the latents last: a shard is there once both files are complete
-    print(f"shard {s} of {n}: {len(files)} images of {len(classes)} classes -> {name}")
+        os.makedirs(args.data_path, exist_ok=True)
+        lock, holder = lock_file(lock_path)  # one writer per shard: two would share its temporary
+    except OSError as err:
+        remove_empty(made)
+        raise Fail(f"cannot write to --data-path {args.data_path} ({err.strerror}); pass a writable folder")
+    if lock is None:
+        raise Fail(f"shard {s} of {n} is being encoded by another process ({holder}); wait for it, or stop it")
+    try:
+        labels = np.array([k for _, k in files])
+        if shard_done(name, labels):
+            print(f"shard {s} of {n}: already in {name}; delete it to encode it again")
+            return
+        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+        vae = load_vae(args, device)
+        loader = torch.utils.data.DataLoader([os.path.join(root, f) for f, _ in files], batch_size=32,
+                                             num_workers=args.workers, collate_fn=load_images)
+        try:
+            encode_shard(vae, loader, name + ".tmp", len(files), device, f"shard {s} of {n}", args.vae)
+            same_tree(args.data_path, n, tree, record)  # written with the first finished shard
+        except BaseException as err:  # a bad image, a full disk, Ctrl-C: no partial shard stays behind
+            if os.path.exists(name + ".tmp"):
+                os.remove(name + ".tmp")
+            if isinstance(err, OSError):
+                raise Fail(f"could not write {name} ({err.strerror}); nothing of it was kept; make room in "
+                           f"{args.data_path} and run --prepare-imagenet again (finished shards are kept)") from None
+            raise
+        save_atomic(labels_path(name), lambda f: np.save(f, labels))
+        os.replace(name + ".tmp", name)  # the latents last: a shard is there once both files are complete
+        print(f"shard {s} of {n}: {len(files)} images of {len(classes)} classes -> {name}")
+    finally:
+        unlock_file(lock_path, lock)
+        remove_empty(made)  # a run that failed before writing anything leaves no new empty folder
 
 
-def encode_shard(vae, loader, path, n, device, desc):
+def same_tree(folder, n, tree, record=None):
+    """The image tree (names and labels) of the shards in folder, recorded by the first shard that is finished
+    (tree-of-n.json): a shard of another tree there would mix silently with this one (label k another class in
+    each). Without record: compares, and returns the record of this tree. With it: also writes it if absent."""
+    mine = dict(images=len(tree), classes=tree[-1][1] + 1,
+                sha256=hashlib.sha256("\n".join(f"{f} {k}" for f, k in tree).encode()).hexdigest())
+    path = os.path.join(folder, f"tree-of-{n:05d}.json")
+    if record is not None and not os.path.exists(path):
+        try:
+            save_atomic(path, lambda f: f.write(json.dumps(record).encode()), new=True)
+        except Fail:  # another shard's process wrote it first (then compared below), or a failed write
+            if not os.path.exists(path):
+                raise
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = {}
+        if old != mine:
+            raise Fail(f"--data-path {folder} holds latents of another image tree ({path}: {old.get('images')} images "
+                       f"of {old.get('classes')} classes, not {len(tree)} of {mine['classes']}, or other names); "
+                       "delete its shard-*, labels-* and tree-* files, or pass another --data-path")
+    return mine
+
+
+def shard_done(name, labels):
+    """Is a finished shard of these images there (written last, atomically: a restarted job skips it)? None, or
+    an unreadable one: no (encoded again). One of other images or latents is refused, not replaced."""
+    if not os.path.exists(name):
+        return False
+    try:
+        lat, old = np.load(name, mmap_mode="r"), np.load(labels_path(name))
+    except (OSError, ValueError):
+        return False
+    C, H, _ = IMAGE_DATA["imagenet-latents"]
+    if lat.shape != (len(labels), 2, 2, C, H, H) or lat.dtype != np.float16 or not np.array_equal(old, labels):
+        raise Fail(f"{name} holds latents {lat.dtype} {lat.shape} of other images (or of another VAE), not of these "
+                   f"{len(labels)}; delete it and {os.path.basename(labels_path(name))} to encode it again")
+    return True
+
+
+def encode_shard(vae, loader, path, n, device, desc, args_vae=None):
     """The posterior (mean, std) of every image and its mirror image, into a float16 .npy at path."""
     lat, i = None, 0
     with torch.no_grad():
@@ -1529,6 +1635,10 @@ def encode_shard(vae, loader, path, n, device, desc):
                            "--prepare-imagenet again")
             post = vae.encode(torch.cat([x, x.flip(3)]).to(device)).latent_dist  # image and mirror in one pass
             both = torch.stack([post.mean, post.std], 1).unflatten(0, (2, len(x))).transpose(0, 1)  # (B, 2, 2, C, h, w)
+            C, H, _ = IMAGE_DATA["imagenet-latents"]
+            if both.shape[1:] != (2, 2, C, H, H):  # a VAE of other latents: training would refuse the shards
+                raise Fail(f"--vae {args_vae} encodes 256 x 256 images to {tuple(both.shape[3:])} latents, not the "
+                           f"SD-VAE's ({C}, {H}, {H}); pass that VAE (stabilityai/sd-vae-ft-mse or a local copy)")
             if lat is None:  # float16: half the disk (42 GB for ImageNet), rounding 5e-4 relative
                 lat = np.lib.format.open_memmap(path, "w+", np.float16, (n, *both.shape[1:]))
                 if hasattr(os, "posix_fallocate"):  # the file is sparse: a write into it on a full disk would end
