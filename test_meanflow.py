@@ -1190,7 +1190,7 @@ def test_imagenet_latents_prepare_load_train_sample(tmp_path, capsys):
         (tmp_path / "bad" / "n01" / bad).write_bytes(content)
         code, _, err = run_main(["--prepare-imagenet", tmp_path / "bad", "--data-path", tmp_path / "badlat", "--vae",
                                  tmp_path / "vae", "--workers", 0], capsys)
-        assert_one_line_error(code, err, bad, "is not a readable image", "remove or replace it")
+        assert_one_line_error(code, err, bad, "is not a readable image", "replace it with a readable copy", "delete the finished shards")
         assert not os.path.exists(tmp_path / "badlat")  # the folder it made goes too
         shutil.rmtree(tmp_path / "bad")
     code, _, err = run_main(["--prepare-imagenet", tmp_path / "nowhere", "--data-path", tmp_path / "nolat"], capsys)
@@ -1936,7 +1936,8 @@ def test_fid_needs_two_images_on_each_side(tmp_path, monkeypatch, capsys):
 
 def test_sample_never_replaces_an_npz_that_appears_while_it_samples(tmp_path, monkeypatch, capsys):
     """The check at the start is not enough: another --sample into the same folder (say of the same run at
-    another --sample-omega: the same file name) may finish first. Its file stays; this run says so."""
+    another --sample-omega: the same file name) may finish first. Its file stays; this run's samples take another
+    name, and it says so."""
     common = ["--steps", 2, "--batch-size", 32, "--out", tmp_path]
     assert run_main(common, capsys)[0] == 0
     npz, generate = tmp_path / "samples-50-nfe1.npz", train.generate
@@ -1946,12 +1947,14 @@ def test_sample_never_replaces_an_npz_that_appears_while_it_samples(tmp_path, mo
         return generate(*a, **k)
 
     monkeypatch.setattr(train, "generate", and_another_run_finishes)
-    code, _, err = run_main(common + ["--sample", 50], capsys)
-    assert_one_line_error(code, err, str(npz), "appeared while")
+    code, out, err = run_main(common + ["--sample", 50], capsys)
+    assert code == 0 and f"{npz} appeared while sampling" in err, err
+    ours = re.search(r"these samples go to (\S+\.npz)", err)[1]  # both kept: sampling 50k images takes hours
+    assert os.path.dirname(ours) == str(tmp_path) and np.load(ours)["arr_0"].shape == (50, 2) and ours in out
     assert npz.read_bytes() == b"the other run's samples" and leftovers(tmp_path) == []
     # the same on a file system without hard links (a rename after one last look)
     monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(PermissionError(1, "Operation not permitted")))
-    with pytest.raises(train.Fail, match="appeared while"):
+    with pytest.raises(FileExistsError):
         train.save_atomic(str(npz), lambda f: f.write(b"ours"), new=True)
     train.save_atomic(str(tmp_path / "fresh.npz"), lambda f: f.write(b"ours"), new=True)
     assert npz.read_bytes() == b"the other run's samples" and (tmp_path / "fresh.npz").read_bytes() == b"ours"
@@ -4376,6 +4379,18 @@ def test_a_first_step_that_diverges_keeps_the_run_it_would_overwrite(tmp_path, c
     code, _, err = run_main(common + ["--overwrite", "--set", "p=100"], capsys)
     assert_one_line_error(code, err, "the loss is inf at step 1", "before any update, so not the lr", "--set value")
     assert _listing(tmp_path) == before
+    step = train.train_step  # Ctrl-C during the first step (minutes, with torch.compile): the old run stays too
+
+    def interrupted(*a):
+        os.kill(os.getpid(), signal.SIGINT)
+        return step(*a)
+
+    train.train_step = interrupted
+    try:
+        code, _, err = run_main(common + ["--overwrite", "--seed", 1], capsys)
+    finally:
+        train.train_step = step
+    assert code == 130 and "stopped by SIGINT outside the training loop" in err and _listing(tmp_path) == before
     assert run_main(common + ["--overwrite", "--seed", 1], capsys)[0] == 0 and _listing(tmp_path) != before
 
 
@@ -4560,8 +4575,10 @@ def _listing(folder):  # names and contents: what a refused run must leave as it
 def test_prepare_imagenet_never_mixes_two_image_trees(tmp_path, capsys):
     """Two trees prepared with the same shard count into one folder trained as one set (label k a different class in
     each shard), and a finished shard of other images was encoded over without a word: both refused, files as they
-    were. Hidden folders are no classes (one more folder shifted every label); more than 1000 classes are refused."""
+    were. Hidden folders are no classes (one more folder shifted every label), hidden files no images; more than
+    1000 classes are refused."""
     _image_tree(tmp_path / "A", [3, 3], hidden=True)
+    (tmp_path / "A" / "n0000" / "._0.JPEG").write_bytes(b"macOS metadata, not an image")
     _image_tree(tmp_path / "B", [2, 3, 3])
     tiny_vae(str(tmp_path / "vae"))
     prep = ["--num-shards", 2, "--vae", tmp_path / "vae", "--workers", 0, "--data-path", tmp_path / "lat"]
@@ -4596,11 +4613,11 @@ def test_prepare_imagenet_shards_exist_and_have_one_writer(tmp_path, capsys, mon
     _image_tree(tmp_path / "A", [3])
     prep = ["--prepare-imagenet", tmp_path / "A", "--vae", tmp_path / "no-vae", "--data-path", tmp_path / "lat"]
     assert_one_line_error(*run_main(prep + ["--shard", 1], capsys)[::2], "--shard 1 is not among --num-shards 1",
-                          "the number of processes", "pass shards 0 to 0")
+                          "its default: 1", "pass shards 0 to 0")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert_one_line_error(*run_main(prep + ["--shard", 0], capsys)[::2], "under torchrun", "leave --shard out")
-    assert_one_line_error(*run_main(prep + ["--num-shards", 1], capsys)[::2], "--shard 1 is not among --num-shards 1")
+    for extra in (["--shard", 0], ["--num-shards", 1], ["--num-shards", 4]):  # shards none or two processes encode
+        assert_one_line_error(*run_main(prep + extra, capsys)[::2], "under torchrun", "leave --shard and --num-shards")
     monkeypatch.delenv("RANK")
     os.makedirs(tmp_path / "lat")
     lock, _ = train.lock_file(str(tmp_path / "lat" / "shard-00000-of-00001.lock"))  # a live writer of shard 0
@@ -4725,6 +4742,18 @@ def test_prepare_imagenet_checks_its_folder_first_and_reserves_the_shard(tmp_pat
     code, _, err = run_main(prep[:-1] + [tmp_path / "vae", "--data-path", tmp_path / "lat"], capsys)
     assert_one_line_error(code, err, "could not write", "No space left on device", "run --prepare-imagenet again")
     assert not os.path.exists(tmp_path / "lat")  # the folder it made goes too
+
+
+def test_a_file_system_without_locks_warns_and_trains(tmp_path, capsys, monkeypatch):
+    """flock failing with ENOLCK (NFS without lockd; Lustre without -o flock) left the lock file and the folders
+    behind and refused the run as 'cannot write': a warning now, and the run goes on."""
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(train.fcntl, "flock", no_locks)
+    code, _, err = run_main(["--steps", 1, *TOY_RUN, "--out", tmp_path / "new" / "run"], capsys)
+    assert code == 0 and "warning: no file locks in" in err and "another process writing there is not detected" in err
+    assert "train.lock" not in os.listdir(tmp_path / "new" / "run")
 
 
 def test_a_failed_claim_of_out_leaves_nothing(tmp_path, capsys, monkeypatch):

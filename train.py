@@ -49,7 +49,7 @@ import time
 import urllib.request
 import zipfile
 import zlib
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from types import SimpleNamespace
 
 import numpy as np
@@ -274,14 +274,13 @@ def get_args(argv=None):
         raise Fail(f"--stop-at {args.stop_at} is beyond --steps {args.steps}; pass a step within the run")
     if args.t_lo is not None and args.t_hi is not None and args.t_lo > args.t_hi:  # the flags, before any work
         raise Fail(f"--t-lo {args.t_lo} is above --t-hi {args.t_hi}; the guidance interval needs t_lo <= t_hi")
-    if args.shard is not None and world > 1:  # every process would encode that one shard
-        raise Fail("--shard picks the shard of a single process; under torchrun each process encodes the shard of its "
-                   "rank: leave --shard out")
     shards = args.num_shards or world  # --prepare-imagenet: --shard of a single process, else each process's rank
-    if args.shard is not None and args.shard >= shards or args.prepare_imagenet and world > shards:
-        shard = args.shard if args.shard is not None else world - 1
-        raise Fail(f"--shard {shard} is not among --num-shards {shards}" + (" (its default: the number of processes)"
-                   if args.num_shards is None else "") + f"; pass shards 0 to {shards - 1}, or more --num-shards")
+    if args.prepare_imagenet and world > 1 and (args.shard is not None or shards != world):
+        raise Fail("under torchrun each process encodes the shard of its rank, one of --num-shards = the number of "
+                   f"processes ({world}): leave --shard and --num-shards out (or run single processes with --shard)")
+    if args.prepare_imagenet and args.shard is not None and args.shard >= shards:
+        raise Fail(f"--shard {args.shard} is not among --num-shards {shards}" + (" (its default: 1)" if args.num_shards
+                   is None else "") + f"; pass shards 0 to {shards - 1}, or more --num-shards")
     if args.overwrite and (args.resume or args.sample is not None):
         raise Fail("--overwrite starts a new run: it does not go with --resume or --sample")
     if args.resume and args.sample is not None:
@@ -347,7 +346,8 @@ def save_atomic(path, write, run_folder=False, new=False):
     or half-written file, and two writers never share a temporary. On any failure the temporary goes; a failed
     write (disk full) is one line, and the file at path, if any, is unchanged. run_folder: path is a training run's
     checkpoint, log or picture, and the line says how to continue that run. new: never replace a file at path, even
-    one that appeared while we wrote (a hard link fails where a name exists; a rename would replace it)."""
+    one that appeared while we wrote (a hard link fails where a name exists; a rename would replace it): then
+    FileExistsError, and nothing written."""
     tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"  # not the random module: its state is checkpointed
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -363,8 +363,7 @@ def save_atomic(path, write, run_folder=False, new=False):
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(err, FileExistsError) and new:
-            raise Fail(f"{path} appeared while this run wrote it (another run writing into the same --out?); it was "
-                       "left as it is and nothing was written; move it away, or pass another --out") from None
+            raise
         cause = err  # torch.save reports a failed write as a RuntimeError whose context is the OSError
         while cause is not None and not isinstance(cause, OSError):
             cause = cause.__cause__ or cause.__context__
@@ -566,7 +565,7 @@ class ImageNetLatents:
         sets = sorted({f.rsplit("-of-", 1)[1][:-4] for f in files})  # shard-i-of-n.npy: the n of each file
         if len(sets) > 1:
             raise Fail(f"{path} mixes the shards of several preparations (shard-*-of-{' and -of-'.join(sets)}.npy); "
-                       "delete the set you do not want (and its labels-*), or the folder")
+                       "delete the set you do not want (and its labels-* and tree-*), or the folder")
         if not files or sets != [f"{len(files):05d}"]:  # as --prepare-imagenet names them
             raise Fail(f"{path} holds {len(files)} latent shards, not a complete set; "
                        f"run train.py --prepare-imagenet IMAGENET/train --data-path {path}")
@@ -904,7 +903,7 @@ def train(args, job):
 
     if args.compile:
         loss_fn = torch.compile(loss_fn)
-    figure, first = None, job.step
+    figure, first, step_one = None, job.step, True
     job.t_start = time.time() - job.elapsed
     with StopSignals() as signals, tqdm(total=args.steps, initial=job.step, disable=job.rank != 0,
                                         dynamic_ncols=True) as bar:
@@ -913,9 +912,13 @@ def train(args, job):
             x, y = get_batch(args, job.data, job.step, job.rank, job.world)
             x, y = x.to(job.device, non_blocking=True), None if y is None else y.to(job.device, non_blocking=True)
             job.acc.append(train_step(args, job, loss_fn, x, y))
-            for f in job.replaced:  # --overwrite: the old run goes once this one has a finite loss (before any write)
-                os.remove(os.path.join(args.out, f))
-            job.replaced = []
+            if args.overwrite and step_one:  # the old run goes once this one has a finite loss, before any write,
+                if stop := signals.agreed(job.device):  # unless a stop came meanwhile (a collective: every process)
+                    raise KeyboardInterrupt(stop)  # the old run stays; the new one wrote nothing
+                for f in job.replaced:
+                    with suppress(FileNotFoundError):
+                        os.remove(os.path.join(args.out, f))
+            step_one = False
             bar.update()
             step = job.step
             window_ends = step % args.log_every == 0 or step == args.steps
@@ -950,7 +953,7 @@ def train(args, job):
 
 def run(args, replaced=()):
     job = set_up(args)  # every check of the method, data and network; an --overwrite deletes after its first step
-    job.replaced = list(replaced)
+    job.replaced = replaced
     if args.sample is not None:  # --sample: the EMA weights of the checkpoint draw samples into an .npz
         try:
             job.net.load_state_dict(job.ckpt["ema"])
@@ -1142,7 +1145,8 @@ def claim_out(args):
     """--out checked before any work, by process 0. Training: it must be a writable folder not in use by a live
     run (a lock file, which the system releases when a process dies, even by kill -9), and hold no run (a
     checkpoint, log or pictures) unless --resume or --overwrite. Returns a function that releases it and, with
-    --overwrite, the old run's files, which run() deletes only once every other check has passed."""
+    --overwrite, the old run's files, which train() deletes only once every other check has passed and the new
+    run's first step has a finite loss."""
     out, rank = args.out, processes()[0]
     if os.path.exists(out) and not os.path.isdir(out):
         raise Fail(f"--out {out} is a file, not a folder; pass a folder")
@@ -1185,7 +1189,8 @@ def claim_out(args):
 
 def lock_file(path):
     """(fd, None): an exclusive lock on the file path (created if absent; it says who holds it), or (None, those
-    words) if a live process holds it. The system drops a lock when its process dies, even by kill -9."""
+    words) if a live process holds it. The system drops a lock when its process dies, even by kill -9. On a file
+    system without locks: a warning, and (fd, None) all the same."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -1194,6 +1199,9 @@ def lock_file(path):
             holder = os.read(fd, 200).decode(errors="replace").strip()
             os.close(fd)
             return None, holder or "just starting"
+        except OSError as err:  # no locks on this file system (NFS without lockd, Lustre without -o flock): go on
+            print(f"train.py: warning: no file locks in {os.path.dirname(path) or '.'} ({err.strerror}): another "
+                  "process writing there is not detected", file=sys.stderr)
         try:  # its holder may have removed the file between our open and flock: then take a new one
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 os.ftruncate(fd, 0)
@@ -1471,7 +1479,16 @@ def sample_to_npz(args, method, net, data, rank, world, device):
             for r in range(world):
                 os.remove(part(r))
     if rank == 0:
-        save_atomic(path, lambda f: np.savez(f, arr_0=x, **({} if y is None else {"arr_1": y})), new=True)
+        def write(f):
+            np.savez(f, arr_0=x, **({} if y is None else {"arr_1": y}))
+
+        try:
+            save_atomic(path, write, new=True)
+        except FileExistsError:  # another run took the name while this one sampled: both files stay
+            taken, path = path, f"{path[:-4]}-{os.urandom(3).hex()}.npz"
+            save_atomic(path, write, new=True)
+            print(f"train.py: {taken} appeared while sampling (another --sample into this folder?); it is left as "
+                  f"it is, and these samples go to {path}", file=sys.stderr)
         print(f"wrote {N} samples ({k}-NFE) to {path}: arr_0 {x.dtype} {x.shape}")
         if args.data not in IMAGE_DATA:
             print("energy distance {:.5f}, sliced Wasserstein {:.5f} to {}".format(*toy_distances(args, x), args.data))
@@ -1535,7 +1552,8 @@ def prepare_imagenet(args):
         raise Fail(f"--prepare-imagenet {root} holds {len(classes)} class folders, not ImageNet's {K} or fewer; "
                    "move the others out (labels are the folders' places in name order)")
     tree = [(os.path.join(c, f), k) for k, c in enumerate(classes)  # (class/file, label) of every image
-            for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith((".jpeg", ".jpg", ".png"))]
+            for f in sorted(os.listdir(os.path.join(root, c)))
+            if f.lower().endswith((".jpeg", ".jpg", ".png")) and not f.startswith(".")]  # ._x.JPEG: macOS metadata
     files = tree[s::n]
     if not files:
         raise Fail(f"shard {s} of {n} of {root} holds no images ({len(tree)} in all); pass a class-per-folder tree of "
@@ -1545,7 +1563,7 @@ def prepare_imagenet(args):
                    if not f.endswith(f"-of-{n:05d}.npy"))
     if other:  # a set of another shard count would mix with this one
         raise Fail(f"--data-path {args.data_path} holds shards of another preparation ({os.path.basename(other[0])}); "
-                   "delete them (and their labels-*) or pass another --data-path")
+                   "delete them (and their labels-* and tree-*) or pass another --data-path")
     record = same_tree(args.data_path, n, tree)  # before the VAE loads
     made, lock_path = missing_folders(args.data_path), name[:-len(".npy")] + ".lock"
     try:
@@ -1619,7 +1637,8 @@ def shard_done(name, labels):
     except (OSError, ValueError):
         return False
     C, H, _ = IMAGE_DATA["imagenet-latents"]
-    if lat.shape != (len(labels), 2, 2, C, H, H) or lat.dtype != np.float16 or not np.array_equal(old, labels):
+    if lat.shape != (len(labels), 2, 2, C, H, H) or lat.dtype not in (np.float16, np.float32) \
+            or not np.array_equal(old, labels):
         raise Fail(f"{name} holds latents {lat.dtype} {lat.shape} of other images (or of another VAE), not of these "
                    f"{len(labels)}; delete it and {os.path.basename(labels_path(name))} to encode it again")
     return True
@@ -1631,8 +1650,9 @@ def encode_shard(vae, loader, path, n, device, desc, args_vae=None):
     with torch.no_grad():
         for x in tqdm(loader, desc=desc):
             if isinstance(x, tuple):
-                raise Fail(f"{x[0]} is not a readable image ({x[1]}); remove or replace it, then run "
-                           "--prepare-imagenet again")
+                raise Fail(f"{x[0]} is not a readable image ({x[1]}); replace it with a readable copy, then run "
+                           "--prepare-imagenet again (removing it changes the tree: then delete the finished shards, "
+                           "labels-* and tree-* too)")
             post = vae.encode(torch.cat([x, x.flip(3)]).to(device)).latent_dist  # image and mirror in one pass
             both = torch.stack([post.mean, post.std], 1).unflatten(0, (2, len(x))).transpose(0, 1)  # (B, 2, 2, C, h, w)
             C, H, _ = IMAGE_DATA["imagenet-latents"]
