@@ -2215,10 +2215,18 @@ def wait_for_log(proc, folder, lines, timeout=120):
         time.sleep(0.02)
 
 
+def heed_stop_signals():
+    """The stop signals at their default action, as a terminal's foreground job gets them: the suite run as a
+    background job (which starts with SIGINT ignored) or under nohup (SIGHUP) would pass those on, and train.py keeps
+    an ignored signal ignored."""
+    for s in train.STOP_SIGNALS:
+        signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+
+
 def start(argv):
     """python train.py argv in a process of its own."""
     return subprocess.Popen([str(a) for a in argv], env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=heed_stop_signals)
 
 
 def start_toy_run(folder, *extra, steps=100_000):
@@ -4385,11 +4393,14 @@ def test_a_first_step_that_diverges_keeps_the_run_it_would_overwrite(tmp_path, c
         os.kill(os.getpid(), signal.SIGINT)
         return step(*a)
 
-    train.train_step = interrupted
+    train.train_step, old = interrupted, {s: signal.getsignal(s) for s in train.STOP_SIGNALS}
     try:
+        heed_stop_signals()
         code, _, err = run_main(common + ["--overwrite", "--seed", 1], capsys)
     finally:
         train.train_step = step
+        for s, handler in old.items():
+            signal.signal(s, handler)
     assert code == 130 and "stopped by SIGINT outside the training loop" in err and _listing(tmp_path) == before
     assert run_main(common + ["--overwrite", "--seed", 1], capsys)[0] == 0 and _listing(tmp_path) != before
 
