@@ -1018,6 +1018,11 @@ def assert_one_line_error(code, err, *words):
         assert w in lines[-1], (w, lines[-1])
 
 
+def listing(folder):
+    """Names and contents of the files in folder: what a refused run must leave as it was."""
+    return {f: (folder / f).read_bytes() for f in os.listdir(folder)}
+
+
 def leftovers(folder):
     """Temporary files that an interrupted write would leave behind."""
     return [f for f in os.listdir(folder) if ".tmp" in f or ".part" in f] if os.path.isdir(folder) else []
@@ -2190,16 +2195,16 @@ def test_stop_at_beyond_the_default_epochs_of_an_image_run(tmp_path, capsys):
 def test_a_rerun_refuses_a_folder_holding_a_run(tmp_path, capsys):
     out = tmp_path / "run"
     assert run_main(TOY_RUN + ["--steps", 4, "--out", out], capsys)[0] == 0
-    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    before = listing(out)
     for argv in (["--steps", 2], ["--steps", 2, "--recipe", "improved-dtd"]):
         code, _, err = run_main(TOY_RUN + argv + ["--out", out], capsys)
         assert_one_line_error(code, err, "already holds a run", "--resume", "--overwrite")
     code, _, err = run_main(TOY_RUN + ["--steps", 2, "--resume", "--out", out], capsys)  # behind the checkpoint
     assert_one_line_error(code, err, "step 4", "--steps 2")
-    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before  # nothing touched
+    assert listing(out) == before  # nothing touched
     code, _, err = run_main(TOY_RUN + ["--steps", 2, "--overwrite", "--omega", 2, "--out", out], capsys)
     assert_one_line_error(code, err, "unconditional")  # a check after the folder's: the old run is still whole
-    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    assert listing(out) == before
     code, _, err = run_main(TOY_RUN + ["--steps", 2, "--overwrite", "--out", out], capsys)  # on purpose
     assert code == 0, err
     assert ckpt_step(out) == 2 and [strict_json(s)["step"] for s in open(out / "log.jsonl")] == [1, 2]
@@ -2467,10 +2472,10 @@ def test_checkpoint_contents_are_checked_before_use(tmp_path, capsys):
         name = next(iter(ckpt[part]))
         ckpt[part][name] = torch.zeros(3, 3)  # the same args, other shapes: a checkpoint of other code
     torch.save(ckpt, out / "ckpt.pt")
-    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    before = listing(out)
     assert_one_line_error(*run_main(common + ["--sample", 5], capsys)[::2], "does not fit", "other shapes")
     assert_one_line_error(*run_main(common[:1] + [8] + common[2:] + ["--resume"], capsys)[::2], "does not fit")
-    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    assert listing(out) == before
 
 
 def test_a_folder_with_a_runs_pictures_is_a_used_folder(tmp_path, capsys):
@@ -4383,10 +4388,10 @@ def test_a_first_step_that_diverges_keeps_the_run_it_would_overwrite(tmp_path, c
     the adaptive weight overflows): the old run was lost to a refused one. The line blamed the lr (no update yet)."""
     common = ["--steps", 2, *TOY_RUN, "--out", tmp_path]
     assert run_main(common, capsys)[0] == 0
-    before = _listing(tmp_path)
+    before = listing(tmp_path)
     code, _, err = run_main(common + ["--overwrite", "--set", "p=100"], capsys)
     assert_one_line_error(code, err, "the loss is inf at step 1", "before any update, so not the lr", "--set value")
-    assert _listing(tmp_path) == before
+    assert listing(tmp_path) == before
     step = train.train_step  # Ctrl-C during the first step (minutes, with torch.compile): the old run stays too
 
     def interrupted(*a):
@@ -4401,8 +4406,8 @@ def test_a_first_step_that_diverges_keeps_the_run_it_would_overwrite(tmp_path, c
         train.train_step = step
         for s, handler in old.items():
             signal.signal(s, handler)
-    assert code == 130 and "stopped by SIGINT outside the training loop" in err and _listing(tmp_path) == before
-    assert run_main(common + ["--overwrite", "--seed", 1], capsys)[0] == 0 and _listing(tmp_path) != before
+    assert code == 130 and "stopped by SIGINT outside the training loop" in err and listing(tmp_path) == before
+    assert run_main(common + ["--overwrite", "--seed", 1], capsys)[0] == 0 and listing(tmp_path) != before
 
 
 def test_resume_refuses_a_log_window_or_log_line_of_other_numbers(tmp_path, capsys):
@@ -4567,7 +4572,7 @@ def test_imagenet_latents_labels_and_dtype_are_checked(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "run")
 
 
-def _image_tree(root, counts, hidden=False):  # a class-per-folder tree: counts[k] small JPEGs in class folder k
+def make_image_tree(root, counts, hidden=False):  # a class-per-folder tree: counts[k] small JPEGs in class folder k
     from PIL import Image
 
     for k, n in enumerate(counts):
@@ -4578,26 +4583,22 @@ def _image_tree(root, counts, hidden=False):  # a class-per-folder tree: counts[
         os.makedirs(root / ".ipynb_checkpoints")
 
 
-def _listing(folder):  # names and contents: what a refused run must leave as it was
-    return {f: (folder / f).read_bytes() for f in sorted(os.listdir(folder))}
-
-
 @pytest.mark.skipif(not HAVE_DIFFUSERS, reason="diffusers is optional (pip install diffusers); ImageNet latents use it")
 def test_prepare_imagenet_never_mixes_two_image_trees(tmp_path, capsys):
     """Two trees prepared with the same shard count into one folder trained as one set (label k a different class in
     each shard), and a finished shard of other images was encoded over without a word: both refused, files as they
     were. Hidden folders are no classes (one more folder shifted every label), hidden files no images; more than
     1000 classes are refused."""
-    _image_tree(tmp_path / "A", [3, 3], hidden=True)
+    make_image_tree(tmp_path / "A", [3, 3], hidden=True)
     (tmp_path / "A" / "n0000" / "._0.JPEG").write_bytes(b"macOS metadata, not an image")
-    _image_tree(tmp_path / "B", [2, 3, 3])
+    make_image_tree(tmp_path / "B", [2, 3, 3])
     tiny_vae(str(tmp_path / "vae"))
     prep = ["--num-shards", 2, "--vae", tmp_path / "vae", "--workers", 0, "--data-path", tmp_path / "lat"]
     for shard in (0, 1):
         assert run_main(["--prepare-imagenet", tmp_path / "A", "--shard", shard] + prep, capsys)[0] == 0
     assert json.loads((tmp_path / "lat" / "tree-of-00002.json").read_text())["classes"] == 2  # not the hidden one
     assert np.load(tmp_path / "lat" / "labels-00000-of-00002.npy").tolist() == [0, 0, 1]
-    before = _listing(tmp_path / "lat")
+    before = listing(tmp_path / "lat")
     no_vae = prep[:3] + [tmp_path / "no-vae"] + prep[4:]
     code, _, err = run_main(["--prepare-imagenet", tmp_path / "B", "--shard", 0] + no_vae, capsys)  # before the VAE
     assert_one_line_error(code, err, "another image tree", "6 images of 2 classes, not 8 of 3", "delete its shard-*")
@@ -4606,8 +4607,8 @@ def test_prepare_imagenet_never_mixes_two_image_trees(tmp_path, capsys):
     code, _, err = run_main(["--prepare-imagenet", tmp_path / "B", "--shard", 0] + prep, capsys)
     assert_one_line_error(code, err, "shard-00000-of-00002.npy holds latents", "of other images", "delete it")
     del before["tree-of-00002.json"]
-    assert _listing(tmp_path / "lat") == before
-    _image_tree(tmp_path / "C", [0] * 1001)
+    assert listing(tmp_path / "lat") == before
+    make_image_tree(tmp_path / "C", [0] * 1001)
     code, _, err = run_main(["--prepare-imagenet", tmp_path / "C"] + no_vae, capsys)
     assert_one_line_error(code, err, "holds 1001 class folders, not ImageNet's 1000 or fewer")
     # a VAE of other latents (3 levels: 64 x 64) is named while encoding, not found by the training run
@@ -4621,7 +4622,7 @@ def test_prepare_imagenet_never_mixes_two_image_trees(tmp_path, capsys):
 def test_prepare_imagenet_shards_exist_and_have_one_writer(tmp_path, capsys, monkeypatch):
     """--shard 1 of the default single shard wrote a shard no training run could use (and the advice looped);
     the same --shard under torchrun had every process write it; two writers of a shard shared its temporary."""
-    _image_tree(tmp_path / "A", [3])
+    make_image_tree(tmp_path / "A", [3])
     prep = ["--prepare-imagenet", tmp_path / "A", "--vae", tmp_path / "no-vae", "--data-path", tmp_path / "lat"]
     assert_one_line_error(*run_main(prep + ["--shard", 1], capsys)[::2], "--shard 1 is not among --num-shards 1",
                           "its default: 1", "pass shards 0 to 0")
@@ -5325,15 +5326,8 @@ def test_latent_batches_draw_flips_then_noise(tmp_path):
     assert torch.equal(x, (a[:, 0] + a[:, 1] * noise - shift) * scale) and y.tolist() == [5, 0, 3, 3]
 
 
-def make_image_folders(root, n):  # n black 8 x 8 JPEGs in two class folders, n00 and n01
-    from PIL import Image
-    for i in range(n):
-        os.makedirs(root / f"n0{i % 2}", exist_ok=True)
-        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / f"n0{i % 2}" / f"img{i}.JPEG")
-
-
 def test_prepare_imagenet_shard_is_the_global_rank(tmp_path, capsys, monkeypatch):
-    make_image_folders(tmp_path / "train", 4)  # sorted: n00/img0, n00/img2, n01/img1, n01/img3; shard 1 of 2: labels 0, 1
+    make_image_tree(tmp_path / "train", [2, 2])  # sorted: n0000/0, n0000/1, n0001/0, n0001/1; shard 1 of 2: labels 0, 1
     out = tmp_path / "lat"
     out.mkdir()
     np.save(out / "shard-00001-of-00002.npy", np.zeros((2, 2, 2, 4, 32, 32), np.float16))
@@ -5346,7 +5340,7 @@ def test_prepare_imagenet_shard_is_the_global_rank(tmp_path, capsys, monkeypatch
 
 
 def test_prepare_imagenet_sees_another_preparation_in_any_folder_name(tmp_path, capsys):
-    make_image_folders(tmp_path / "train", 1)
+    make_image_tree(tmp_path / "train", [1])
     out = tmp_path / "lat[1]"
     out.mkdir()
     np.save(out / "shard-00000-of-00002.npy", np.zeros((1, 2, 2, 4, 32, 32), np.float16))

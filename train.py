@@ -903,7 +903,7 @@ def train(args, job):
 
     if args.compile:
         loss_fn = torch.compile(loss_fn)
-    figure, first, step_one = None, job.step, True
+    figure, first = None, job.step
     job.t_start = time.time() - job.elapsed
     with StopSignals() as signals, tqdm(total=args.steps, initial=job.step, disable=job.rank != 0,
                                         dynamic_ncols=True) as bar:
@@ -912,13 +912,12 @@ def train(args, job):
             x, y = get_batch(args, job.data, job.step, job.rank, job.world)
             x, y = x.to(job.device, non_blocking=True), None if y is None else y.to(job.device, non_blocking=True)
             job.acc.append(train_step(args, job, loss_fn, x, y))
-            if args.overwrite and step_one:  # the old run goes once this one has a finite loss, before any write,
-                if stop := signals.agreed(job.device):  # unless a stop came meanwhile (a collective: every process)
+            if args.overwrite and job.step == first + 1:  # the old run goes once this one's loss is finite, before
+                if stop := signals.agreed(job.device):  # any write, unless a stop came (a collective: every process)
                     raise KeyboardInterrupt(stop)  # the old run stays; the new one wrote nothing
                 for f in job.replaced:
                     with suppress(FileNotFoundError):
                         os.remove(os.path.join(args.out, f))
-            step_one = False
             bar.update()
             step = job.step
             window_ends = step % args.log_every == 0 or step == args.steps
@@ -1254,11 +1253,16 @@ class StopSignals:
 
     def agreed(self, device):
         """The signal any process got (0: none), the same number in every process."""
-        if not dist.is_initialized():
-            return self.signum
-        flag = torch.full((), float(self.signum), device=device)  # filled on the device: no host copy
-        dist.all_reduce(flag, dist.ReduceOp.MAX)
-        return int(flag.item())
+        return most(self.signum, device)
+
+
+def most(value, device):
+    """The largest of an int over the processes (value itself in one process): a verdict every process shares."""
+    if not dist.is_initialized():
+        return value
+    flag = torch.full((), float(value), device=device)  # filled on the device: no host copy
+    dist.all_reduce(flag, dist.ReduceOp.MAX)
+    return int(flag.item())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1453,11 +1457,8 @@ def sample_to_npz(args, method, net, data, rank, world, device):
             ref = fid_reference(args.fid_ref)
         except Fail as err:
             refused = err
-    if args.fid_ref and world > 1:  # every process stops before it writes anything
-        flag = torch.full((), float(refused is not None), device=device)
-        dist.all_reduce(flag)
-        if flag.item() and refused is None:
-            raise Fail(f"process 0 refused --fid-ref {args.fid_ref} (its line says why); nothing was written")
+    if args.fid_ref and most(refused is not None, device) and refused is None:  # all stop before writing anything
+        raise Fail(f"process 0 refused --fid-ref {args.fid_ref} (its line says why); nothing was written")
     if refused is not None:
         raise refused
     if args.data == "imagenet-latents":  # the samples are images: decoded by the VAE
@@ -1564,7 +1565,7 @@ def prepare_imagenet(args):
     if other:  # a set of another shard count would mix with this one
         raise Fail(f"--data-path {args.data_path} holds shards of another preparation ({os.path.basename(other[0])}); "
                    "delete them (and their labels-* and tree-*) or pass another --data-path")
-    record = same_tree(args.data_path, n, tree)  # before the VAE loads
+    same_tree(args.data_path, n, tree)  # before the VAE loads
     made, lock_path = missing_folders(args.data_path), name[:-len(".npy")] + ".lock"
     try:
         os.makedirs(args.data_path, exist_ok=True)
@@ -1585,7 +1586,7 @@ def prepare_imagenet(args):
                                              num_workers=args.workers, collate_fn=load_images)
         try:
             encode_shard(vae, loader, name + ".tmp", len(files), device, f"shard {s} of {n}", args.vae)
-            same_tree(args.data_path, n, tree, record)  # written with the first finished shard
+            same_tree(args.data_path, n, tree, write=True)  # recorded by the first finished shard
         except BaseException as err:  # a bad image, a full disk, Ctrl-C: no partial shard stays behind
             if os.path.exists(name + ".tmp"):
                 os.remove(name + ".tmp")
@@ -1601,16 +1602,16 @@ def prepare_imagenet(args):
         remove_empty(made)  # a run that failed before writing anything leaves no new empty folder
 
 
-def same_tree(folder, n, tree, record=None):
-    """The image tree (names and labels) of the shards in folder, recorded by the first shard that is finished
-    (tree-of-n.json): a shard of another tree there would mix silently with this one (label k another class in
-    each). Without record: compares, and returns the record of this tree. With it: also writes it if absent."""
+def same_tree(folder, n, tree, write=False):
+    """Refuse a folder whose shards are of another image tree (names and labels), as recorded by the first shard
+    that is finished (tree-of-n.json; write: record it if absent): they would mix silently with this one (label k
+    another class in each)."""
     mine = dict(images=len(tree), classes=tree[-1][1] + 1,
                 sha256=hashlib.sha256("\n".join(f"{f} {k}" for f, k in tree).encode()).hexdigest())
     path = os.path.join(folder, f"tree-of-{n:05d}.json")
-    if record is not None and not os.path.exists(path):
+    if write and not os.path.exists(path):
         try:
-            save_atomic(path, lambda f: f.write(json.dumps(record).encode()), new=True)
+            save_atomic(path, lambda f: f.write(json.dumps(mine).encode()), new=True)
         except Fail:  # another shard's process wrote it first (then compared below), or a failed write
             if not os.path.exists(path):
                 raise
@@ -1624,7 +1625,6 @@ def same_tree(folder, n, tree, record=None):
             raise Fail(f"--data-path {folder} holds latents of another image tree ({path}: {old.get('images')} images "
                        f"of {old.get('classes')} classes, not {len(tree)} of {mine['classes']}, or other names); "
                        "delete its shard-*, labels-* and tree-* files, or pass another --data-path")
-    return mine
 
 
 def shard_done(name, labels):
