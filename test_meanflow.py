@@ -4619,6 +4619,24 @@ def test_prepare_imagenet_never_mixes_two_image_trees(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "lat3")
 
 
+def test_two_shards_finishing_together_both_keep_their_record(tmp_path, monkeypatch):
+    """Another shard's process may record the tree between our look and our write: that record is ours too (the
+    write's FileExistsError once escaped, and the finished shard was discarded as 'could not write')."""
+    tree = [("n0000/0.JPEG", 0), ("n0001/0.JPEG", 1)]
+    publish = train.publish_new
+
+    def the_other_process_first(tmp, path):
+        monkeypatch.setattr(train, "publish_new", publish)
+        train.same_tree(str(tmp_path), 2, tree, write=True)  # the other shard's process, a moment earlier
+        publish(tmp, path)
+
+    monkeypatch.setattr(train, "publish_new", the_other_process_first)
+    train.same_tree(str(tmp_path), 2, tree, write=True)
+    assert json.loads((tmp_path / "tree-of-00002.json").read_text())["images"] == 2 and leftovers(tmp_path) == []
+    with pytest.raises(train.Fail, match="another image tree"):  # and a record of another tree is still refused
+        train.same_tree(str(tmp_path), 2, tree[:1], write=True)
+
+
 def test_prepare_imagenet_shards_exist_and_have_one_writer(tmp_path, capsys, monkeypatch):
     """--shard 1 of the default single shard wrote a shard no training run could use (and the advice looped);
     the same --shard under torchrun had every process write it; two writers of a shard shared its temporary."""

@@ -1612,9 +1612,8 @@ def same_tree(folder, n, tree, write=False):
     if write and not os.path.exists(path):
         try:
             save_atomic(path, lambda f: f.write(json.dumps(mine).encode()), new=True)
-        except Fail:  # another shard's process wrote it first (then compared below), or a failed write
-            if not os.path.exists(path):
-                raise
+        except FileExistsError:  # another shard's process recorded it first: compared below
+            pass
     if os.path.exists(path):
         try:
             with open(path) as f:
