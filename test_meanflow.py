@@ -4337,8 +4337,33 @@ def test_train_step_logs_the_mean_over_processes(monkeypatch):  # T1: the logged
     monkeypatch.setattr(train.dist, "all_reduce", lambda t, *a, **k: t.mul_(2))  # two processes, equal numbers
     job, loss_fn = _step_job([])
     job.world = 2
-    stats = train.train_step(SimpleNamespace(lr=1.0, warmup=0, steps=10, ema=0.5), job, loss_fn, torch.ones(1, 2), None)
-    assert stats[0] == 1.0
+    stats, stop = train.train_step(SimpleNamespace(lr=1.0, warmup=0, steps=10, ema=0.5), job, loss_fn,
+                                   torch.ones(1, 2), None)
+    assert stats[0] == 1.0 and stop == 0
+
+
+def _step_stop_worker(rank, world, port, out):
+    with gloo(rank, world, port):
+        job, loss_fn = _step_job([])
+        job.world, reduced, all_reduce = world, [], train.dist.all_reduce
+        train.dist.all_reduce = lambda t, *a, **k: reduced.append(t.numel()) or all_reduce(t, *a, **k)
+        args = SimpleNamespace(lr=1.0, warmup=0, steps=10, ema=0.5)
+        seen = []
+        for noted in ([signal.SIGINT, signal.SIGINT, 0], [0, 0, 0], [signal.SIGINT, signal.SIGTERM, 0]):
+            stats, stop = train.train_step(args, job, loss_fn, torch.ones(1, 2), None, noted[rank])
+            seen.append((stats, stop))
+        torch.save((seen, reduced), os.path.join(out, f"{rank}.pt"))
+
+
+def test_train_step_agrees_on_a_stop_in_its_one_all_reduce(tmp_path):
+    """The processes' stop signals travel in the step's all-reduce of the logged numbers (a second collective each step
+    waited for the GPU once more): every process gets the same signal, the largest noted (as most() decides), and
+    the logged numbers are still the mean."""
+    mp.spawn(_step_stop_worker, args=(3, free_port(), str(tmp_path)), nprocs=3)
+    for r in range(3):
+        seen, reduced = torch.load(tmp_path / f"{r}.pt")
+        assert [stop for _, stop in seen] == [signal.SIGINT, 0, signal.SIGTERM] and reduced == [9, 9, 9]
+        assert all(stats[0] == 1.0 for stats, _ in seen)
 
 
 def test_ema_follows_the_weights_after_the_step():  # T3: the EMA was updated before opt.step, one step behind

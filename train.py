@@ -798,21 +798,28 @@ def resume(args, job):
             print(f"no VAE to decode latents ({err}); the grids show latent channels 0-2", file=sys.stderr)
 
 
-def train_step(args, job, loss_fn, x, y):
-    """One optimizer step; returns the logged numbers (LOG_KEYS), averaged over the processes."""
+def train_step(args, job, loss_fn, x, y, signum=0):
+    """One optimizer step; returns the logged numbers (LOG_KEYS), averaged over the processes, and the stop signal
+    (STOP_SIGNALS) that any process had noted by this step (0: none), the same in every process."""
     for group in job.opt.param_groups:
         group["lr"] = get_lr(job.step, args)
     loss, logs = loss_fn(x, y, job.step / args.steps)
-    # A tiny all-reduce of the logged numbers (one more, of the stop signal, follows each step): they are global,
-    # and all processes see a non-finite loss at the same step and stop before the weights are touched. (DTD
-    # advances inside method.loss.)
+    # One tiny all-reduce a step, of the logged numbers and of a count per stop signal: the numbers are global, all
+    # processes see a non-finite loss at the same step and stop before the weights are touched, and they agree on a
+    # stop without a second collective (each one waits for the GPU). (DTD advances inside method.loss.)
     # (Python numbers such as the DTD stage are filled in on the device: a copy from the host would wait for the GPU)
-    stats = torch.stack([v.float() if torch.is_tensor(v) else torch.full((), float(v), device=job.device)
-                         for v in (logs.get(k, 1.0 if k == "beta" else math.nan) for k in LOG_KEYS)])  # no beta: 1
+    logged = [v.float() if torch.is_tensor(v) else torch.full((), float(v), device=job.device)
+              for v in (logs.get(k, 1.0 if k == "beta" else math.nan) for k in LOG_KEYS)]  # no beta: 1
+    noted = torch.zeros(len(STOP_SIGNALS), device=job.device)  # this process's stop signal, one-hot
+    if signum:
+        noted[STOP_SIGNALS.index(signum)] = 1
+    stats = torch.cat([torch.stack(logged), noted])
     if job.world > 1:
         dist.all_reduce(stats)
         stats /= job.world
     stats = stats.tolist()
+    stop = max((int(s) for s, n in zip(STOP_SIGNALS, stats[len(LOG_KEYS):]) if n > 0), default=0)  # as most()
+    stats = stats[:len(LOG_KEYS)]
     if not math.isfinite(stats[0]):
         fix = (f"{job.ckpt_path} (step {job.ckpt_step}) is the last checkpoint; lower --lr and --resume (if the loss "
                "is not finite again at once, its weights are already ruined: a lower --lr and --overwrite)"
@@ -827,7 +834,7 @@ def train_step(args, job, loss_fn, x, y):
     job.opt.step()
     update_ema(job.ema, job.net, args.ema)
     job.step += 1
-    return stats
+    return stats, stop
 
 
 def log_window(args, job, seconds):
@@ -911,10 +918,11 @@ def train(args, job):
             t_step = time.time()
             x, y = get_batch(args, job.data, job.step, job.rank, job.world)
             x, y = x.to(job.device, non_blocking=True), None if y is None else y.to(job.device, non_blocking=True)
-            job.acc.append(train_step(args, job, loss_fn, x, y))
+            stats, stop = train_step(args, job, loss_fn, x, y, signals.signum)
+            job.acc.append(stats)
             if args.overwrite and job.step == first + 1:  # the old run goes once this one's loss is finite, before
-                if stop := signals.agreed(job.device):  # any write, unless a stop came (a collective: every process)
-                    raise KeyboardInterrupt(stop)  # the old run stays; the new one wrote nothing
+                if noted := signals.agreed(job.device):  # any write, unless a stop came (even during the backward)
+                    raise KeyboardInterrupt(noted)  # the old run stays; the new one wrote nothing
                 for f in job.replaced:
                     with suppress(FileNotFoundError):
                         os.remove(os.path.join(args.out, f))
@@ -931,7 +939,7 @@ def train(args, job):
                                 img_s=f"{line['img_per_s']:.0f}")
                 job.acc, job.window_seconds = [], 0.0
             last = step in (args.steps, args.stop_at)  # the run ends here anyway
-            stop = signals.agreed(job.device) if not last else 0  # STOP_SIGNALS
+            stop = stop if not last else 0  # STOP_SIGNALS, agreed in the step
             if step % args.ckpt_every == 0 or last or stop:  # before the pictures: a failure there loses no step
                 checkpoint(args, job)
                 if not stop and not last:  # a signal during a long write: stop on this step's checkpoint, not one
