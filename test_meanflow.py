@@ -2182,6 +2182,12 @@ def test_bad_environment_and_empty_out(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RANK", "0")  # torchrun's variables (WORLD_SIZE alone is not read)
     assert_one_line_error(*run_main(["--out", tmp_path / "run"], capsys)[::2], "WORLD_SIZE='0'")
     assert os.listdir(tmp_path) == []
+    for k, v in dict(WORLD_SIZE="abc", RANK="x", LOCAL_RANK="-1").items():  # int() raised a traceback (exit 1)
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv(k, v)
+        assert_one_line_error(*run_main(["--out", tmp_path / "run"], capsys)[::2], f"{k}={v!r}", "unset it")
+        assert os.listdir(tmp_path) == []
 
 
 def test_stop_at_beyond_the_default_epochs_of_an_image_run(tmp_path, capsys):

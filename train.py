@@ -140,8 +140,8 @@ class Parser(argparse.ArgumentParser):
 # MeanFlow() also checks. A new knob gets its line there (tested).
 ANY = (lambda v: True, "")
 KNOBS = mf.KNOB_RANGES
-# Flags that only a training run reads: refused with --prepare-imagenet. --sample accepts and ignores them, so that,
-# like --resume, it can take the run's own command.
+# Flags that only a training run reads: refused with --prepare-imagenet. --sample accepts and ignores them (but
+# --batch-size: its chunk of samples), so that, like --resume, it can take the run's own command.
 TRAINING_ONLY = ("steps", "stop_at", "lr", "warmup", "weight_decay", "ema", "log_every", "eval_every", "ckpt_every",
                  "batch_size", "compile")
 
@@ -151,7 +151,12 @@ def processes():
     process (a WORLD_SIZE left in the environment by something else does not make a distributed run)."""
     if "RANK" not in os.environ:
         return 0, 1, 0
-    return int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    env = {k: os.environ.get(k, "1" if k == "WORLD_SIZE" else "0") for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    for k, v in env.items():  # checked before any process group exists: all fail alike
+        if not v.isdigit() or (k == "WORLD_SIZE" and int(v) < 1):
+            what = "a number of processes" if k == "WORLD_SIZE" else "a process number"
+            raise Fail(f"{k}={v!r} in the environment is not {what}; unset it, or use torchrun")
+    return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
 
 
 def get_args(argv=None):
@@ -261,11 +266,7 @@ def get_args(argv=None):
             if v is not None and not (math.isfinite(v) and ok(v)):
                 finite = "finite " if isinstance(v, float) else ""
                 raise Fail(f"--{k.replace('_', '-')} {v} is out of range: pass a {finite}value {must}")
-    world = os.environ.get("WORLD_SIZE", "1") if "RANK" in os.environ else "1"  # torchrun's, checked before any
-    #                                                                               process group exists: all fail alike
-    if not world.isdigit() or int(world) < 1:
-        raise Fail(f"WORLD_SIZE={world!r} in the environment is not a number of processes; unset it, or use torchrun")
-    world = int(world)
+    world = processes()[1]
     if args.batch_size % world and not args.prepare_imagenet and args.sample is None:
         raise Fail(f"--batch-size {args.batch_size} does not split over {world} processes; pass a multiple of {world}")
     if args.seed * world + world > 2**32:  # numpy seeds process k with seed * world + k
@@ -454,7 +455,7 @@ def load_fashion_mnist(path, local_rank=0, default=None):
         return [next((f for f in (os.path.join(folder, n), os.path.join(folder, n + ".gz")) if os.path.exists(f)),
                      None) for n in names]
 
-    if path == DATA_PATHS["fashion-mnist"] if default is None else default:
+    if (path == DATA_PATHS["fashion-mnist"]) if default is None else default:
         if None not in find(FASHION_DEBIAN):
             path = FASHION_DEBIAN
         else:
@@ -637,15 +638,14 @@ def get_batch(args, data, step, rank, world):
     if data is None:  # fresh toy samples every step
         return toy_data.sample(args.data, B, generator=g)[mine], None
     pos = step * B + torch.arange(B)  # places in the endless sequence of per-epoch permutations
-    idx = torch.empty(B, dtype=torch.long)
-    for epoch in (pos // len(data)).unique().tolist():
-        idx[pos // len(data) == epoch] = epoch_order(args.seed, epoch, len(data))[pos[pos // len(data) == epoch] %
-                                                                                  len(data)]
+    epoch, place, idx = pos // len(data), pos % len(data), torch.empty(B, dtype=torch.long)
+    for e in epoch.unique().tolist():
+        idx[epoch == e] = epoch_order(args.seed, e, len(data))[place[epoch == e]]
     x, y = data.get(idx, g, mine)  # this process reads its own rows only
     return x, y if args.class_cond else None
 
 
-@functools.lru_cache(maxsize=2)  # a batch spans at most two epochs; drawn once (1.28M ImageNet rows: ~20 ms each)
+@functools.lru_cache(maxsize=2)  # a batch <= the data spans at most two epochs; drawn once (1.28M rows: ~20 ms each)
 def epoch_order(seed, epoch, n):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
@@ -675,7 +675,7 @@ def make_method(args):
     except ValueError as err:
         raise Fail(f"{err} (from --recipe {args.recipe} and --set)")
     inert = () if method.dtd_stages else ("dtd_patience", "dtd_share", "dtd_window")  # (MeanFlow() refuses the
-    for k in sorted(args.set_knobs.keys() & set(inert)):  # guidance knobs with iMF, omega_max/omega_beta without it)
+    if k := min(args.set_knobs.keys() & set(inert), default=None):  # guidance knobs with iMF, omega_max/beta without)
         raise Fail(f"--set {k} does nothing with --recipe {args.recipe} and these knobs (DTD only, and dtd_stages is "
                    "0); leave it out")
     return method
@@ -821,20 +821,25 @@ def train_step(args, job, loss_fn, x, y, signum=0):
     stop = max((int(s) for s, n in zip(STOP_SIGNALS, stats[len(LOG_KEYS):]) if n > 0), default=0)  # as most()
     stats = stats[:len(LOG_KEYS)]
     if not math.isfinite(stats[0]):
-        fix = (f"{job.ckpt_path} (step {job.ckpt_step}) is the last checkpoint; lower --lr and --resume (if the loss "
-               "is not finite again at once, its weights are already ruined: a lower --lr and --overwrite)"
-               if job.ckpt_step is not None else "no checkpoint yet; run again with a lower --lr and --overwrite")
-        fix += " (or, if the lr is not the cause, check the data and the --set values)"
-        if job.step == 0:  # no update yet: the lr cannot be the cause
-            fix = ("before any update, so not the lr: a --set value or guidance flag (--omega, --kappa) too far out "
-                   "for float32, or the data; pass the defaults and change one at a time")
-        raise Fail(f"the loss is {stats[0]} at step {job.step + 1}; stopped, {fix}")
+        raise diverged(job, stats[0])
     job.opt.zero_grad(set_to_none=True)
     loss.backward()  # under DDP: gradients averaged over the processes here
     job.opt.step()
     update_ema(job.ema, job.net, args.ema)
     job.step += 1
     return stats, stop
+
+
+def diverged(job, loss):
+    """The line for a non-finite loss, before the weights moved: where to go on from, and the likely cause."""
+    fix = (f"{job.ckpt_path} (step {job.ckpt_step}) is the last checkpoint; lower --lr and --resume (if the loss "
+           "is not finite again at once, its weights are already ruined: a lower --lr and --overwrite)"
+           if job.ckpt_step is not None else "no checkpoint yet; run again with a lower --lr and --overwrite")
+    fix += " (or, if the lr is not the cause, check the data and the --set values)"
+    if job.step == 0:  # no update yet: the lr cannot be the cause
+        fix = ("before any update, so not the lr: a --set value or guidance flag (--omega, --kappa) too far out "
+               "for float32, or the data; pass the defaults and change one at a time")
+    return Fail(f"the loss is {loss} at step {job.step + 1}; stopped, {fix}")
 
 
 def log_window(args, job, seconds):
@@ -1149,9 +1154,9 @@ def remove_empty(folders):  # the folders a run created, deepest first, as long 
 
 
 def claim_out(args):
-    """--out checked before any work, by process 0. Training: it must be a writable folder not in use by a live
-    run (a lock file, which the system releases when a process dies, even by kill -9), and hold no run (a
-    checkpoint, log or pictures) unless --resume or --overwrite. Returns a function that releases it and, with
+    """--out checked before any work (the lock and the writes by process 0). Training: it must be a writable folder
+    not in use by a live run (a lock file, which the system releases when a process dies, even by kill -9), and hold
+    no run (a checkpoint, log or pictures) unless --resume or --overwrite. Returns a function that releases it and, with
     --overwrite, the old run's files, which train() deletes only once every other check has passed and the new
     run's first step has a finite loss."""
     out, rank = args.out, processes()[0]
@@ -1421,13 +1426,9 @@ def inception_features(images, device):
 def fid(images, ref, device):
     """FID of uint8 images against ref: uint8 images, or the (mu, sigma) of the reference's features (as the ADM
     reference batch stores those of the whole ImageNet training set). None without the Inception network."""
-    feats = inception_features(images, device)
-    if feats is None:
-        return None
-    if isinstance(ref, tuple):  # (mu, sigma) of 2048-d features: checked by fid_reference
-        return frechet_distance(feats, ref)
-    ref_feats = inception_features(ref, device)
-    return None if ref_feats is None else frechet_distance(feats, ref_feats)
+    feats = inception_features(images, device)  # (mu, sigma) of 2048-d features: checked by fid_reference
+    ref = ref if feats is None or isinstance(ref, tuple) else inception_features(ref, device)
+    return None if feats is None or ref is None else frechet_distance(feats, ref)
 
 
 def fid_reference(path):
@@ -1459,59 +1460,83 @@ def sample_path(args):
 
 def sample_to_npz(args, method, net, data, rank, world, device):
     """--sample N: the EMA model's samples as the ADM evaluator reads them (arr_0 images, arr_1 labels)."""
-    N, k, vae, ref, refused = args.sample, args.sample_steps, None, None, None
-    if args.fid_ref and rank == 0:  # read once (50,000 reference images are 9.8 GB), before any sample is drawn
-        try:
-            ref = fid_reference(args.fid_ref)
-        except Fail as err:
-            refused = err
-    if args.fid_ref and most(refused is not None, device) and refused is None:  # all stop before writing anything
-        raise Fail(f"process 0 refused --fid-ref {args.fid_ref} (its line says why); nothing was written")
-    if refused is not None:
-        raise refused
-    if args.data == "imagenet-latents":  # the samples are images: decoded by the VAE
-        vae = load_vae(args, device)
+    N, k, ref = args.sample, args.sample_steps, fid_reference_once(args, rank, device)
+    vae = load_vae(args, device) if args.data == "imagenet-latents" else None  # latents: decoded to images
     x, y = generate(args, method, net, range(rank * N // world, (rank + 1) * N // world), k, device, vae,
                     batch=-(-args.batch_size // world))
-    path = sample_path(args)
-    if world > 1:  # every process leaves its part, process 0 joins them in order
-        run_id = torch.tensor(int.from_bytes(os.urandom(7), "big"), device=device)  # process 0's, for all: part
-        dist.broadcast(run_id, 0)  # names of this run alone (another --sample into this folder has its own)
-        part = f"{path}.{int(run_id):x}.part{{}}".format
-        save_atomic(part(rank), lambda f: np.savez(f, x=x, y=np.zeros(0) if y is None else y))
-        dist.barrier()
-        if rank == 0:
-            parts = [dict(np.load(part(r))) for r in range(world)]
-            parts = [p for p in parts if len(p["x"])]  # empty parts (N below the number of processes)
-            x, y = (np.concatenate([p[key] for p in parts]) for key in "xy")
-            y = y if args.data in IMAGE_DATA and args.class_cond else None
-            for r in range(world):
-                os.remove(part(r))
+    if world > 1:
+        x, y = join_parts(args, x, y, rank, world, device)
     if rank == 0:
-        def write(f):
-            np.savez(f, arr_0=x, **({} if y is None else {"arr_1": y}))
-
-        try:
-            save_atomic(path, write, new=True)
-        except FileExistsError:  # another run took the name while this one sampled: both files stay
-            taken, path = path, f"{path[:-4]}-{os.urandom(3).hex()}.npz"
-            save_atomic(path, write, new=True)
-            print(f"train.py: {taken} appeared while sampling (another --sample into this folder?); it is left as "
-                  f"it is, and these samples go to {path}", file=sys.stderr)
+        path = save_samples(sample_path(args), x, y)
         print(f"wrote {N} samples ({k}-NFE) to {path}: arr_0 {x.dtype} {x.shape}")
-        if args.data not in IMAGE_DATA:
-            print("energy distance {:.5f}, sliced Wasserstein {:.5f} to {}".format(*toy_distances(args, x), args.data))
-        elif args.fid_ref or isinstance(data, Pixels):
-            ref, what = ref or (to_uint8(data.x.float() / 127.5 - 1), f"the {len(data)} training images")
-            if min(N, 2 if isinstance(ref, tuple) else len(ref)) < 2:  # one image: no covariance
-                print(f"FID skipped: {N} samples against {what}; it needs at least 2 on each side (papers: 50000)")
-            elif (score := fid(x, ref, device)) is not None:
-                labels = f"labels balanced over {len(np.unique(y))} classes" if y is not None else "unconditional"
-                print(f"FID {score:.2f} of {N} samples ({labels}) against {what}, with pytorch-fid's Inception. "
-                      f"The number to compare with papers: the ADM evaluator (guided-diffusion evaluations/"
-                      f"evaluator.py) on {path} and the same reference")
-        else:
-            print("FID skipped: pass --fid-ref VIRTUAL_imagenet256_labeled.npz (the ADM reference batch)")
+        report_quality(args, x, y, data, ref, path, device)
+
+
+def fid_reference_once(args, rank, device):
+    """fid_reference(--fid-ref), read by process 0 alone (50,000 reference images are 9.8 GB) before any sample is
+    drawn; when it refuses, every process stops before writing anything. None without --fid-ref or on others."""
+    if not args.fid_ref:
+        return None
+    ref = refused = None
+    try:
+        ref = fid_reference(args.fid_ref) if rank == 0 else None
+    except Fail as err:
+        refused = err
+    if most(refused is not None, device):
+        raise refused or Fail(f"process 0 refused --fid-ref {args.fid_ref} (its line says why); nothing was written")
+    return ref
+
+
+def join_parts(args, x, y, rank, world, device):
+    """Every process leaves its samples in a part file; process 0 joins them in order (the others get theirs back)."""
+    run_id = torch.tensor(int.from_bytes(os.urandom(7), "big"), device=device)  # process 0's, for all: part
+    dist.broadcast(run_id, 0)  # names of this run alone (another --sample into this folder has its own)
+    part = f"{sample_path(args)}.{int(run_id):x}.part{{}}".format
+    save_atomic(part(rank), lambda f: np.savez(f, x=x, y=np.zeros(0) if y is None else y))
+    dist.barrier()
+    if rank == 0:
+        parts = [dict(np.load(part(r))) for r in range(world)]
+        parts = [p for p in parts if len(p["x"])]  # empty parts (N below the number of processes)
+        x, y = (np.concatenate([p[key] for p in parts]) for key in "xy")
+        y = y if args.data in IMAGE_DATA and args.class_cond else None
+        for r in range(world):
+            os.remove(part(r))
+    return x, y
+
+
+def save_samples(path, x, y):
+    """The .npz at path, never over another file: if another run took the name while this one sampled, both files
+    stay and these samples go to a new name. Returns the path written."""
+    def write(f):
+        np.savez(f, arr_0=x, **({} if y is None else {"arr_1": y}))
+
+    try:
+        save_atomic(path, write, new=True)
+    except FileExistsError:
+        taken, path = path, f"{path[:-4]}-{os.urandom(3).hex()}.npz"
+        save_atomic(path, write, new=True)
+        print(f"train.py: {taken} appeared while sampling (another --sample into this folder?); it is left as "
+              f"it is, and these samples go to {path}", file=sys.stderr)
+    return path
+
+
+def report_quality(args, x, y, data, ref, path, device):
+    """The samples' distance to the data: energy distance and sliced Wasserstein on 2-D toys, else FID against
+    --fid-ref or the training images (ImageNet latents: only with --fid-ref)."""
+    N = args.sample
+    if args.data not in IMAGE_DATA:
+        print("energy distance {:.5f}, sliced Wasserstein {:.5f} to {}".format(*toy_distances(args, x), args.data))
+    elif args.fid_ref or isinstance(data, Pixels):
+        ref, what = ref or (to_uint8(data.x.float() / 127.5 - 1), f"the {len(data)} training images")
+        if min(N, 2 if isinstance(ref, tuple) else len(ref)) < 2:  # one image: no covariance
+            print(f"FID skipped: {N} samples against {what}; it needs at least 2 on each side (papers: 50000)")
+        elif (score := fid(x, ref, device)) is not None:
+            labels = f"labels balanced over {len(np.unique(y))} classes" if y is not None else "unconditional"
+            print(f"FID {score:.2f} of {N} samples ({labels}) against {what}, with pytorch-fid's Inception. "
+                  f"The number to compare with papers: the ADM evaluator (guided-diffusion evaluations/"
+                  f"evaluator.py) on {path} and the same reference")
+    else:
+        print("FID skipped: pass --fid-ref VIRTUAL_imagenet256_labeled.npz (the ADM reference batch)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1681,13 +1706,14 @@ def interrupt(signum, frame):
 
 
 def main(argv=None):
-    release, (rank, world, _) = None, processes()
+    release, rank, world = None, 0, 1
     # The other stop signals outside the training loop unwind as Ctrl-C does (lock, temporaries removed). Not under
     # torchrun: a Python handler cannot run while a process waits in a collective for a failed peer, and torchrun's
     # SIGTERM must end such a process at once, as the default action does.
     single = threading.current_thread() is threading.main_thread() and "RANK" not in os.environ
     old = {s: signal.signal(s, interrupt) for s in heeded(STOP_SIGNALS) if s != signal.SIGINT} if single else {}
     try:
+        rank, world, _ = processes()
         args = get_args(argv)
         if args.prepare_imagenet:
             prepare_imagenet(args)
