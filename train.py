@@ -159,7 +159,8 @@ def processes():
     return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
 
 
-def get_args(argv=None):
+def make_parser():
+    """The flags and their help; get_args checks and completes what they parse."""
     p = Parser(description=__doc__.split("\n")[0])
     a = p.add_argument
     a("--data", default="checkerboard", help=f"{', '.join(toy_data.DATASETS)} (2-D) or {', '.join(IMAGE_DATA)}")
@@ -219,6 +220,13 @@ def get_args(argv=None):
     a("--num-shards", type=int, help="--prepare-imagenet: number of shards (default WORLD_SIZE, else 1)")
     a("--vae", default="stabilityai/sd-vae-ft-mse", help="diffusers AutoencoderKL name or folder (default: paper's)")
     a("--workers", type=int, help="--prepare-imagenet: image-decoding processes (default 4, at most the CPU cores)")
+    return p
+
+
+def get_args(argv=None):
+    """The command line parsed, every flag checked against the others, the defaults of the data and recipe filled
+    in (toy, paper, iMF, the dataset's own); a bad one is one Fail that names it and the fix."""
+    p = make_parser()
     p.argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
 
