@@ -2182,12 +2182,17 @@ def test_bad_environment_and_empty_out(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RANK", "0")  # torchrun's variables (WORLD_SIZE alone is not read)
     assert_one_line_error(*run_main(["--out", tmp_path / "run"], capsys)[::2], "WORLD_SIZE='0'")
     assert os.listdir(tmp_path) == []
-    for k, v in dict(WORLD_SIZE="abc", RANK="x", LOCAL_RANK="-1").items():  # int() raised a traceback (exit 1)
+    for k, v in dict(WORLD_SIZE="abc", RANK="x", LOCAL_RANK="-1", RANK_="\u00b2").items():  # int() raised tracebacks
+        k = k.rstrip("_")  # ("²".isdigit() is True, yet int("²") raises)
         monkeypatch.setenv("WORLD_SIZE", "1")
         monkeypatch.setenv("RANK", "0")
         monkeypatch.setenv(k, v)
         assert_one_line_error(*run_main(["--out", tmp_path / "run"], capsys)[::2], f"{k}={v!r}", "unset it")
         assert os.listdir(tmp_path) == []
+        assert_one_line_error(*run_main(["--lr", -1], capsys)[::2], "--lr -1.0 is out of range")  # its own error first
+        with pytest.raises(SystemExit) as help:
+            train.main(["--help"])
+        assert help.value.code == 0 and "--data" in capsys.readouterr().out
 
 
 def test_stop_at_beyond_the_default_epochs_of_an_image_run(tmp_path, capsys):
@@ -3983,6 +3988,34 @@ def test_a_signal_during_a_periodic_checkpoint_stops_on_that_checkpoint(tmp_path
     assert written == [2] and ckpt_step(tmp_path) == 2
 
 
+@pytest.mark.parametrize("during", ["forward", "update"])
+def test_a_signal_stops_after_its_step_or_the_next(tmp_path, capsys, monkeypatch, during):
+    """The processes agree on a stop in the step's one all-reduce (after the forward): a signal during step 3's
+    forward stops the run after step 3; one during its update (backward, optimizer, EMA) after step 4, as README
+    says; never later. Near the end, the run finishes instead (exit 0)."""
+    calls, loss, update_ema = [], mf.MeanFlow.loss, train.update_ema
+
+    def signal_on_third(real):
+        def f(*a, **k):
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*a, **k)
+        return f
+
+    if during == "forward":
+        monkeypatch.setattr(mf.MeanFlow, "loss", signal_on_third(loss))
+    else:
+        monkeypatch.setattr(train, "update_ema", signal_on_third(update_ema))
+    code, _, err = run_main(["--steps", 100, *TOY_RUN, "--out", tmp_path / "a"], capsys)
+    step = 3 if during == "forward" else 4
+    assert code == 128 + signal.SIGTERM and f"stopped by SIGTERM after step {step} of 100" in err, err[-500:]
+    assert ckpt_step(tmp_path / "a") == step
+    calls.clear()  # a stop due after the last step: the run ends as it would have, with its last checkpoint
+    code, _, err = run_main(["--steps", step, *TOY_RUN, "--out", tmp_path / "b"], capsys)
+    assert code == 0 and "stopped" not in err and ckpt_step(tmp_path / "b") == step and len(calls) >= 3
+
+
 # ----------------------------------------------------------------------------------------------------------
 # train.py: tests for bugs a second mutation audit (train.py: arguments, data, sampling, metrics, schedule, logs,
 # resume, signals) found the suite missing; each comment names the mutant it kills.
@@ -4356,7 +4389,8 @@ def _step_stop_worker(rank, world, port, out):
         args = SimpleNamespace(lr=1.0, warmup=0, steps=10, ema=0.5)
         seen = []
         for noted in ([signal.SIGINT, signal.SIGINT, 0], [0, 0, 0], [signal.SIGINT, signal.SIGTERM, 0]):
-            stats, stop = train.train_step(args, job, loss_fn, torch.ones(1, 2), None, noted[rank])
+            stats, stop = train.train_step(args, job, loss_fn, torch.ones(1, 2), None,
+                                           SimpleNamespace(signum=noted[rank]))
             seen.append((stats, stop))
         torch.save((seen, reduced), os.path.join(out, f"{rank}.pt"))
 

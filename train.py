@@ -153,7 +153,7 @@ def processes():
         return 0, 1, 0
     env = {k: os.environ.get(k, "1" if k == "WORLD_SIZE" else "0") for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     for k, v in env.items():  # checked before any process group exists: all fail alike
-        if not v.isdigit() or (k == "WORLD_SIZE" and int(v) < 1):
+        if not v.isdecimal() or (k == "WORLD_SIZE" and int(v) < 1):  # (isdigit takes '²', which int() refuses)
             what = "a number of processes" if k == "WORLD_SIZE" else "a process number"
             raise Fail(f"{k}={v!r} in the environment is not {what}; unset it, or use torchrun")
     return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
@@ -806,9 +806,10 @@ def resume(args, job):
             print(f"no VAE to decode latents ({err}); the grids show latent channels 0-2", file=sys.stderr)
 
 
-def train_step(args, job, loss_fn, x, y, signum=0):
+def train_step(args, job, loss_fn, x, y, signals=None):
     """One optimizer step; returns the logged numbers (LOG_KEYS), averaged over the processes, and the stop signal
-    (STOP_SIGNALS) that any process had noted by this step (0: none), the same in every process."""
+    (STOP_SIGNALS) that any process had noted by the end of this step's forward (0: none; signals.signum is this
+    process's), the same in every process."""
     for group in job.opt.param_groups:
         group["lr"] = get_lr(job.step, args)
     loss, logs = loss_fn(x, y, job.step / args.steps)
@@ -819,8 +820,8 @@ def train_step(args, job, loss_fn, x, y, signum=0):
     logged = [v.float() if torch.is_tensor(v) else torch.full((), float(v), device=job.device)
               for v in (logs.get(k, 1.0 if k == "beta" else math.nan) for k in LOG_KEYS)]  # no beta: 1
     noted = torch.zeros(len(STOP_SIGNALS), device=job.device)  # this process's stop signal, one-hot
-    if signum:
-        noted[STOP_SIGNALS.index(signum)] = 1
+    if signals is not None and signals.signum:  # read after the forward: a signal during it stops on this step
+        noted[STOP_SIGNALS.index(signals.signum)] = 1
     stats = torch.cat([torch.stack(logged), noted])
     if job.world > 1:
         dist.all_reduce(stats)
@@ -931,7 +932,7 @@ def train(args, job):
             t_step = time.time()
             x, y = get_batch(args, job.data, job.step, job.rank, job.world)
             x, y = x.to(job.device, non_blocking=True), None if y is None else y.to(job.device, non_blocking=True)
-            stats, stop = train_step(args, job, loss_fn, x, y, signals.signum)
+            stats, stop = train_step(args, job, loss_fn, x, y, signals)
             job.acc.append(stats)
             if args.overwrite and job.step == first + 1:  # the old run goes once this one's loss is finite, before
                 if noted := signals.agreed(job.device):  # any write, unless a stop came (even during the backward)
@@ -1255,8 +1256,9 @@ def heeded(signals):
 
 
 class StopSignals:
-    """While training, a STOP_SIGNALS signal only takes a note: the step finishes, all processes agree, the
-    checkpoint is written, then Stopped. Repeats are ignored: under torchrun each process gets the terminal's Ctrl-C
+    """While training, a STOP_SIGNALS signal only takes a note: the step finishes (and the next one, for a signal
+    after the step's forward: the agreement rides on the step's all-reduce), all processes agree, the checkpoint is
+    written, then Stopped. Repeats are ignored: under torchrun each process gets the terminal's Ctrl-C
     and torchrun's copy of it."""
 
     def __enter__(self):
@@ -1721,7 +1723,8 @@ def main(argv=None):
     single = threading.current_thread() is threading.main_thread() and "RANK" not in os.environ
     old = {s: signal.signal(s, interrupt) for s in heeded(STOP_SIGNALS) if s != signal.SIGINT} if single else {}
     try:
-        rank, world, _ = processes()
+        with suppress(Fail):  # else get_args says so, after the arguments' own errors (and never for --help)
+            rank, world, _ = processes()
         args = get_args(argv)
         if args.prepare_imagenet:
             prepare_imagenet(args)
