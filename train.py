@@ -1436,7 +1436,8 @@ def inception_features(images, device):
 def fid(images, ref, device):
     """FID of uint8 images against ref: uint8 images, or the (mu, sigma) of the reference's features (as the ADM
     reference batch stores those of the whole ImageNet training set). None without the Inception network."""
-    feats = inception_features(images, device)  # (mu, sigma) of 2048-d features: checked by fid_reference
+    feats = inception_features(images, device)  # None: no Inception network (then ref is not read either)
+    # ref as a tuple: (mu, sigma) of 2048-d features, checked by fid_reference
     ref = ref if feats is None or isinstance(ref, tuple) else inception_features(ref, device)
     return None if feats is None or ref is None else frechet_distance(feats, ref)
 
