@@ -1050,7 +1050,7 @@ def make_fashion(folder, n=40, gz=True):
     return x, y
 
 
-def make_cifar_tarball(folder, per_batch=6, batches=2, members_reversed=False):
+def make_cifar_tarball(folder, per_batch=3, batches=5, members_reversed=False):
     """cifar-10-python.tar.gz as the official one: Python pickles {b'data': uint8 (N, 3072), b'labels': [..]}.
     Returns the training batches in name order (data_batch_1 first), whatever the order of the members."""
     os.makedirs(folder, exist_ok=True)
@@ -1111,13 +1111,13 @@ def test_cifar10_loader_reads_the_python_tarball(tmp_path):
     x, y = make_cifar_tarball(str(tmp_path))
     data = train.load_data(train.get_args(["--data", "cifar10", "--data-path", str(tmp_path), "--model", "Ti/4"]), 0)
     assert torch.equal(data.x, torch.from_numpy(x)) and torch.equal(data.labels, torch.from_numpy(y))
-    xb, _ = data.get(torch.arange(12), torch.Generator().manual_seed(0))
+    xb, _ = data.get(torch.arange(len(x)), torch.Generator().manual_seed(0))
     ref = torch.from_numpy(x).float() / 127.5 - 1
     flipped = (xb == ref.flip(3)).flatten(1).all(1)
-    assert ((xb == ref).flatten(1).all(1) | flipped).all() and 0 < flipped.sum() < 12  # random flips, both seen
+    assert ((xb == ref).flatten(1).all(1) | flipped).all() and 0 < flipped.sum() < len(x)  # random flips, both seen
     # the batches in name order (data_batch_1 .. 5) even where the tarball holds them in another order: every
     # image keeps its index, so a run's batches do not depend on how the tarball was packed
-    x, y = make_cifar_tarball(str(tmp_path / "rev"), batches=3, members_reversed=True)
+    x, y = make_cifar_tarball(str(tmp_path / "rev"), members_reversed=True)
     data = train.load_data(train.get_args(["--data", "cifar10", "--data-path", str(tmp_path / "rev"), "--model",
                                            "Ti/4"]), 0)
     assert torch.equal(data.x, torch.from_numpy(x)) and torch.equal(data.labels, torch.from_numpy(y))
@@ -2402,12 +2402,13 @@ def corrupt_gzip(path):
     open(path, "wb").write(bytes(raw))
 
 
-def cifar_tarball(folder, labels):
-    """cifar-10-python.tar.gz with one data batch of these labels."""
+def cifar_tarball(folder, labels, batches=(1, 2, 3, 4, 5)):
+    """cifar-10-python.tar.gz whose data batches (these numbers) each hold these labels."""
     os.makedirs(folder, exist_ok=True)
     d = {b"data": np.zeros((len(labels), 3072), np.uint8), b"labels": list(labels)}
     with tarfile.open(os.path.join(folder, "cifar-10-python.tar.gz"), "w:gz") as tar:
-        add_pickle(tar, "cifar-10-batches-py/data_batch_1", d)
+        for i in batches:
+            add_pickle(tar, f"cifar-10-batches-py/data_batch_{i}", d)
 
 
 def test_bad_data_files_are_one_line_errors(tmp_path, capsys):
@@ -2432,6 +2433,12 @@ def test_bad_data_files_are_one_line_errors(tmp_path, capsys):
     cifar_tarball(str(tmp_path / "c2"), [])
     code, _, err = run_main(["--data", "cifar10", "--data-path", tmp_path / "c2"] + run, capsys)
     assert_one_line_error(code, err, "holds no images")
+    for name, batches, held in (("c5", (1, 2, 4, 5), "holds data_batch_1, data_batch_2, data_batch_4, data_batch_5,"),
+                                ("c6", (1, 2, 3, 4, 5, 5), "data_batch_5, data_batch_5, not"), ("c7", (), "holds no")):
+        cifar_tarball(str(tmp_path / name), [0, 1], batches)  # a batch missing (it used to train on the rest), twice
+        code, _, err = run_main(["--data", "cifar10", "--data-path", tmp_path / name] + run, capsys)
+        assert_one_line_error(code, err, held, "data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5")
+        assert not os.path.exists(tmp_path / "run")
     for name, member in (("c3", [1, 2, 3]), ("c4", None)):  # a batch that unpickles to a list; one that is a folder
         os.makedirs(tmp_path / name)
         with tarfile.open(tmp_path / name / "cifar-10-python.tar.gz", "w:gz") as tar:
@@ -5420,6 +5427,28 @@ def test_prepare_imagenet_shard_is_the_global_rank(tmp_path, capsys, monkeypatch
     code, text, err = run_main(["--prepare-imagenet", tmp_path / "train", "--data-path", out,
                                 "--vae", tmp_path / "no-vae", "--workers", 0], capsys)
     assert code == 0 and "shard 1 of 2: already in" in text, err
+
+
+def test_prepare_imagenet_under_torchrun_leaves_no_partial_shard_on_sigterm(tmp_path):
+    """torchrun ends its workers with SIGTERM. Training keeps the default action under torchrun (a handler cannot run
+    inside a collective); --prepare-imagenet has none, so there it unwinds: the shard's temporary and lock went
+    with the process's default death before (a .npy.tmp left behind)."""
+    make_image_tree(tmp_path / "train", [2])
+    code = f"""if True:
+        import os, signal, sys
+        sys.path.insert(0, {HERE!r})
+        import train
+        def encode(vae, loader, path, *args):  # the shard half written, then torchrun's SIGTERM
+            open(path, "wb").write(b"partial")
+            os.kill(os.getpid(), signal.SIGTERM)
+        train.load_vae, train.encode_shard = (lambda args, device: None), encode
+        sys.exit(train.main(["--prepare-imagenet", {str(tmp_path / "train")!r}, "--data-path",
+                             {str(tmp_path / "lat")!r}, "--workers", "0"]))"""
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # as torchrun starts each process
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 128 + signal.SIGTERM, (p.returncode, p.stderr[-2000:])
+    assert "stopped by SIGTERM outside the training loop" in p.stderr
+    assert not os.path.exists(tmp_path / "lat")  # no shard-*.npy.tmp, no lock, and the folder it made is gone
 
 
 def test_prepare_imagenet_sees_another_preparation_in_any_folder_name(tmp_path, capsys):

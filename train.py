@@ -71,6 +71,7 @@ FASHION_MD5 = {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
                "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe"}
 FASHION_TEST_MD5 = {"t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",  # the test split: only the
                     "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}  # convergence study reads it
+CIFAR_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]  # the training split, 10,000 images each
 CIFAR_URL, CIFAR_MD5 = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"
 LATENT_SCALE = 0.18215  # SD-VAE latents times this have about unit variance (as DiT, MeanFlow)
 VAE_BATCH = 16  # images the SD-VAE decodes at once (pictures, --sample)
@@ -513,7 +514,7 @@ def load_cifar10(path, local_rank):
     if not os.path.exists(tar_path):  # a process that did not download: process 0 of its machine failed
         raise Fail(f"no cifar-10-python.tar.gz in {path}: its download failed (see process 0's line); put the file "
                    f"from {CIFAR_URL} there")
-    xs, ys = [], []
+    xs, ys, names = [], [], []
     try:  # data_batch_1..5: Python-2 pickles of {b'data': uint8 (10000, 3072), b'labels': [int]}
         with tarfile.open(tar_path) as tar:
             for m in sorted(tar.getmembers(), key=lambda m: m.name):
@@ -525,12 +526,14 @@ def load_cifar10(path, local_rank):
                         raise ValueError(f"{m.name}: {x.dtype} data {x.shape}, {len(y)} labels")
                     xs.append(x.reshape(-1, 3, 32, 32))  # rows of 1024 red, 1024 green, 1024 blue
                     ys.append(y.astype(np.int64))
+                    names.append(os.path.basename(m.name))
     except (OSError, tarfile.TarError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError,
             AttributeError) as err:  # TypeError: a member that is not a file, or a pickle of something else
         what = type(err).__name__ + (f": {err}" if isinstance(err, ValueError) and ": " in str(err) else "")
         raise Fail(f"{tar_path} is not the CIFAR-10 python tarball ({what}); delete it to re-download")
-    if not xs:
-        raise Fail(f"{tar_path} holds no data_batch_* files; delete it to re-download")
+    if names != CIFAR_BATCHES:  # one batch fewer would train on 40,000 images without a word
+        raise Fail(f"{tar_path} holds {', '.join(names) or 'no data_batch_* files'}, not the official tarball's "
+                   f"{', '.join(CIFAR_BATCHES)}; delete it to re-download")
     return np.concatenate(xs), np.concatenate(ys)
 
 
@@ -1716,18 +1719,24 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt(signum)
 
 
+def unwind_on_stop_signals():  # the stop signals other than Ctrl-C raise as Ctrl-C does; returns the old handlers
+    return {s: signal.signal(s, interrupt) for s in heeded(STOP_SIGNALS) if s != signal.SIGINT}
+
+
 def main(argv=None):
     release, rank, world = None, 0, 1
     # The other stop signals outside the training loop unwind as Ctrl-C does (lock, temporaries removed). Not under
     # torchrun: a Python handler cannot run while a process waits in a collective for a failed peer, and torchrun's
-    # SIGTERM must end such a process at once, as the default action does.
-    single = threading.current_thread() is threading.main_thread() and "RANK" not in os.environ
-    old = {s: signal.signal(s, interrupt) for s in heeded(STOP_SIGNALS) if s != signal.SIGINT} if single else {}
+    # SIGTERM must end such a process at once, as the default action does. --prepare-imagenet has no collectives:
+    # there they unwind under torchrun too (no partial shard stays).
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = unwind_on_stop_signals() if main_thread and "RANK" not in os.environ else {}
     try:
         with suppress(Fail):  # else get_args says so, after the arguments' own errors (and never for --help)
             rank, world, _ = processes()
         args = get_args(argv)
         if args.prepare_imagenet:
+            old = old or (unwind_on_stop_signals() if main_thread else {})
             prepare_imagenet(args)
         else:
             release, replaced = claim_out(args)
