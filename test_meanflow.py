@@ -5431,8 +5431,8 @@ def test_prepare_imagenet_shard_is_the_global_rank(tmp_path, capsys, monkeypatch
 
 def test_prepare_imagenet_under_torchrun_leaves_no_partial_shard_on_sigterm(tmp_path):
     """torchrun ends its workers with SIGTERM. Training keeps the default action under torchrun (a handler cannot run
-    inside a collective); --prepare-imagenet has none, so there it unwinds: the shard's temporary and lock went
-    with the process's default death before (a .npy.tmp left behind)."""
+    inside a collective); --prepare-imagenet has none, so there it unwinds. Before, the default action ended the
+    process at once and left the shard's .npy.tmp and its lock behind."""
     make_image_tree(tmp_path / "train", [2])
     code = f"""if True:
         import os, signal, sys
