@@ -252,8 +252,8 @@ def main():
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the training step")
     ap.add_argument("--pairwise", action="store_true", help="time each recipe in its own process, taking turns with "
-                    "flow matching (two networks in memory instead of all seven kinds': for big models; XL/2's weights, "
-                    "gradients and AdamW state alone are 10 GiB a kind, 72 GiB for all)")
+                    "flow matching (two networks in memory instead of all seven kinds': for big models; XL/2's "
+                    "weights, gradients and AdamW state alone are 10 GiB a kind, 72 GiB for all)")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "KINDS"), help=argparse.SUPPRESS)  # internal
     ap.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)

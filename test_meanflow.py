@@ -374,7 +374,8 @@ def test_time_sampler_invariants(ratio):
 
 def test_lambda_and_beta():
     method = mf.MeanFlow("improved-dtd")
-    assert abs(method.lam - 1.3045) < 5e-4  # an independent Monte-Carlo estimate (10^8 draws of logit-normal(-0.4, 1)): 1.30454
+    # an independent Monte-Carlo estimate (10^8 draws of logit-normal(-0.4, 1)): 1.30454
+    assert abs(method.lam - 1.3045) < 5e-4
     assert abs(mf.MeanFlow("meanflow", time_sampler="uniform").lam - 1.5) < 1e-6
     torch.manual_seed(0)
     t, r = mf.MeanFlow("meanflow", ratio_r_neq_t=1.0).sample_t_r(200_000)
@@ -436,7 +437,8 @@ def test_zero_initialised_dit_outputs_zero(kw):
     assert all(o.abs().max() == 0 for o in out) and out[0].shape == z.shape
 
 
-@pytest.mark.parametrize("name,paper", [("B/2", 131e6), ("B/4", 131e6), ("M/2", 308e6), ("L/2", 459e6), ("XL/2", 676e6)])
+@pytest.mark.parametrize("name,paper",
+                         [("B/2", 131e6), ("B/4", 131e6), ("M/2", 308e6), ("L/2", 459e6), ("XL/2", 676e6)])
 def test_parameter_counts_match_the_meanflow_paper(name, paper):
     with torch.device("meta"):
         net = mf.DiT_models[name](input_size=32, in_channels=4, num_classes=1000)
@@ -462,7 +464,8 @@ def test_every_recipe_runs_loss_backward_sample(recipe, net_kind, labels):
     assert torch.isfinite(loss) and set(logs) >= {"loss", "v_loss", "u_loss", "dtd_stage"}
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
     e = torch.randn_like(x)
-    for x0 in (method.sample(net, e, y, steps=1), method.sample(net, e, y, steps=2), method.sample_euler(net, e, y, steps=4)):
+    for x0 in (method.sample(net, e, y, steps=1), method.sample(net, e, y, steps=2),
+               method.sample_euler(net, e, y, steps=4)):
         assert x0.shape == x.shape and torch.isfinite(x0).all()
 
 
@@ -1184,7 +1187,8 @@ def test_imagenet_latents_prepare_load_train_sample(tmp_path, capsys):
     assert len(os.listdir(out)) == 5
     shutil.copytree(out, tmp_path / "mixed")  # two sets in one folder: the error names both and the fix
     np.save(tmp_path / "mixed" / "shard-00000-of-00001.npy", np.zeros((1, 2, 2, 4, 32, 32), np.float16))
-    with pytest.raises(train.Fail, match=r"mixes the shards of several preparations \(shard-\*-of-00001 and -of-00002.npy\); delete"):
+    mixed = r"mixes the shards of several preparations \(shard-\*-of-00001 and -of-00002.npy\); delete"
+    with pytest.raises(train.Fail, match=mixed):
         train.ImageNetLatents(str(tmp_path / "mixed"))
     # an unreadable image (not an image; a truncated JPEG): one line naming it, no partial shard left
     for bad, content in (("zz.JPEG", b"not an image"), ("zz.jpg", open(tmp_path / "train" / "n00" / "img0.JPEG",
@@ -1195,7 +1199,8 @@ def test_imagenet_latents_prepare_load_train_sample(tmp_path, capsys):
         (tmp_path / "bad" / "n01" / bad).write_bytes(content)
         code, _, err = run_main(["--prepare-imagenet", tmp_path / "bad", "--data-path", tmp_path / "badlat", "--vae",
                                  tmp_path / "vae", "--workers", 0], capsys)
-        assert_one_line_error(code, err, bad, "is not a readable image", "replace it with a readable copy", "delete the finished shards")
+        assert_one_line_error(code, err, bad, "is not a readable image", "replace it with a readable copy",
+                              "delete the finished shards")
         assert not os.path.exists(tmp_path / "badlat")  # the folder it made goes too
         shutil.rmtree(tmp_path / "bad")
     code, _, err = run_main(["--prepare-imagenet", tmp_path / "nowhere", "--data-path", tmp_path / "nolat"], capsys)
@@ -1636,7 +1641,8 @@ def imf_count(depth, D, heads, p=2, C=4, K=1000):
     and two final layers (RMSNorm + linear)."""
     F = int(D * (8 / 3))
     block = 4 * D * D + 2 * (D // heads) + 3 * D * F + 4 * D
-    rest = 4 * (256 * D + D + D * D + D) + (K + 1) * D + 20 * D + (p * p * C * D + D) + 2 * (D + D * p * p * C + p * p * C)
+    rest = (4 * (256 * D + D + D * D + D) + (K + 1) * D + 20 * D + (p * p * C * D + D)
+            + 2 * (D + D * p * p * C + p * p * C))
     return depth * block + rest
 
 
@@ -1696,7 +1702,8 @@ def test_imf_rope_is_the_complex_rotation_of_channel_pairs_and_relative():
     cos, sin = mf.rope_cos_sin(8, 10)
     rot = mf.apply_rope(x, cos, sin)
     # ground truth: pairs (2i, 2i+1) as complex numbers times exp(i * pos * 10000^(-2i/d))
-    angles = torch.arange(10, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    freqs = 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    angles = torch.arange(10, dtype=torch.float64)[:, None] * freqs
     ref = torch.view_as_real(torch.view_as_complex(x.reshape(2, 3, 10, 4, 2).contiguous()) * torch.polar(
         torch.ones_like(angles), angles)).reshape(x.shape)
     assert torch.allclose(rot, ref, atol=1e-6)
@@ -1794,7 +1801,8 @@ def test_sampling_and_recipe_flags_fail_in_one_line(tmp_path, capsys, argv, word
 
 def test_cifar10_gets_its_own_recipe_and_never_imagenet_guidance():
     args = train.get_args(["--data", "cifar10", "--model", "B/2"])
-    assert (args.class_cond, args.dropout, args.lr, args.batch_size, args.recipe) == (False, 0.2, 6e-4, 1024, "meanflow")
+    assert ((args.class_cond, args.dropout, args.lr, args.batch_size, args.recipe)
+            == (False, 0.2, 6e-4, 1024, "meanflow"))
     m = train.make_method(args)
     assert (m.P_mean, m.P_std, m.p, m.c, m.ratio_r_neq_t) == (-2.0, 2.0, 0.75, 1e-3, 0.75)
     assert (m.omega, m.kappa, m.t_lo, m.t_hi) == (1.0, 0.0, 0.0, 1.0)  # not paper_guidance["B/2"]
@@ -1904,7 +1912,8 @@ def test_fid_uses_the_reference_mu_sigma_when_the_file_has_them(tmp_path, monkey
         code, _, err = run_main(common + ["--sample", 20, "--fid-ref", tmp_path / bad], capsys)
         assert_one_line_error(code, err, f"--fid-ref {tmp_path / bad}")
     assert sorted(os.listdir(tmp_path / "run")) == before
-    np.savez(tmp_path / "ref32.npz", arr_0=np.zeros((2, 32, 32, 3), np.uint8), mu=fb.mean(0), sigma=np.cov(fb, rowvar=False))
+    np.savez(tmp_path / "ref32.npz", arr_0=np.zeros((2, 32, 32, 3), np.uint8), mu=fb.mean(0),
+             sigma=np.cov(fb, rowvar=False))
     code, out, err = run_main(common + ["--sample", 20, "--fid-ref", tmp_path / "ref32.npz"], capsys)
     assert code == 0, err
     assert "the mu/sigma stored in" in out and "pytorch-fid's Inception" in out and "ADM evaluator" in out
@@ -2478,7 +2487,8 @@ def test_checkpoint_contents_are_checked_before_use(tmp_path, capsys):
             assert_one_line_error(*run_main(common + [flag, value] + mode, capsys)[::2], f"was trained with {flag}")
     assert (out / "ckpt.pt").read_bytes() == saved
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    for key, value in (("ema", torch.zeros(3)), ("step", -1), ("time", "noon"), ("rng", 5), ("dtd_acc", {})):  # wrong kinds
+    # wrong kinds
+    for key, value in (("ema", torch.zeros(3)), ("step", -1), ("time", "noon"), ("rng", 5), ("dtd_acc", {})):
         torch.save({**ckpt, key: value}, out / "ckpt.pt")
         for mode in (["--resume", "--steps", 8], ["--sample", 5]):
             assert_one_line_error(*run_main(common + mode, capsys)[::2], "not a train.py checkpoint")
@@ -2902,7 +2912,8 @@ def test_study_runner_images(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     write_idx(os.path.join(folder, "t10k-images-idx3-ubyte.gz"), rng.integers(0, 256, (60, 28, 28)))
     write_idx(os.path.join(folder, "t10k-labels-idx1-ubyte.gz"), np.arange(60) % 10)
-    monkeypatch.setattr(study, "N_PER_CLASS", 2)  # 2 real test images per class for the floor, the other 4 the reference
+    # 2 real test images per class for the floor, the other 4 the reference
+    monkeypatch.setattr(study, "N_PER_CLASS", 2)
     monkeypatch.setattr(study, "NET", dict(patch_size=8, depth=1, hidden_size=32, num_heads=2))
     out = tmp_path / "study.jsonl"
     argv = ["--part", "images", "--out", str(out), "--steps", "2", "--eval-every", "1", "--classifier-steps", "2",
@@ -3005,7 +3016,7 @@ def test_loss_and_gradients_match_whole_batch_reference_fp64(recipe, labels, rul
     B, K = 16, 3
     net = randomize(tiny_dit(num_classes=K if labels else 0, **method.net_kwargs)).double()
     g = torch.Generator().manual_seed(0)
-    x, e = torch.randn(B, 2, 8, 8, generator=g, dtype=torch.float64), torch.randn(B, 2, 8, 8, generator=g, dtype=torch.float64)
+    x, e = (torch.randn(B, 2, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
     y = torch.randint(0, K, (B,), generator=g) if labels else None
     torch.manual_seed(1)
     t, r = (a.double() for a in method.sample_t_r(B))
@@ -3022,7 +3033,8 @@ def test_loss_and_gradients_match_whole_batch_reference_fp64(recipe, labels, rul
     differs = lambda g_other: sum((a - b).norm() for a, b in zip(g_other, g_ref) if a is not None) > 1e-3 * sum(
         b.norm() for b in g_ref if b is not None)
     if labels:  # the test has teeth: other label drops give other gradients
-        g_other = torch.autograd.grad(reference_loss(method, ref_net, x, y, t, r, e, 0.5, seed=3), list(ref_net.parameters()))
+        g_other = torch.autograd.grad(reference_loss(method, ref_net, x, y, t, r, e, 0.5, seed=3),
+                                      list(ref_net.parameters()))
         assert differs(g_other)
     if rules == "stock":  # and without the stop-gradient another gradient
         no_sg = reference_loss(method, ref_net, x, y, t, r, e, 0.5, seed=2, stop_gradient=False)
@@ -3033,7 +3045,8 @@ def test_loss_and_gradients_match_whole_batch_reference_fp64(recipe, labels, rul
 def test_sampled_and_given_t_r_give_the_same_loss(recipe, B):
     """loss() takes the r != t rows as the first round(ratio * B) rows that sample_t_r put there; the same (t, r, e)
     given explicitly (rows counted from the data) must give the same loss, also where ratio * B is fractional."""
-    method = mf.MeanFlow(recipe, p=0.0)  # the plain squared error: with p = 1 every row's loss is ~1, whatever its target
+    # the plain squared error: with p = 1 every row's loss is ~1, whatever its target
+    method = mf.MeanFlow(recipe, p=0.0)
     net = randomize(mf.MLP(dim=2, hidden=16, num_classes=3, **method.net_kwargs))
     x, y = torch.randn(B, 2), torch.randint(0, 3, (B,))
     torch.manual_seed(0)
@@ -3051,7 +3064,7 @@ def test_rows_in_any_order_give_the_same_loss():
     method = mf.MeanFlow("improved-minsnr", omega=1.0, kappa=0.5, class_dropout=0.0)
     net = randomize(tiny_dit(num_classes=3)).double()
     g = torch.Generator().manual_seed(0)
-    x, e = torch.randn(12, 2, 8, 8, generator=g, dtype=torch.float64), torch.randn(12, 2, 8, 8, generator=g, dtype=torch.float64)
+    x, e = (torch.randn(12, 2, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
     y, t, r = torch.randint(0, 3, (12,), generator=g), *(a.double() for a in method.sample_t_r(12))
     perm = torch.randperm(12, generator=g)
     a = method.loss(net, x, y, 0.3, t, r, e)[0]
@@ -3144,10 +3157,12 @@ def _ddp_loss_worker(rank, world, port, out):
             model.register_comm_hook(None, lambda _, bucket: fired.append(1) or dist.all_reduce(
                 bucket.buffer().div_(world), async_op=True).get_future().then(lambda f: f.value()[0]))
             torch.manual_seed(2)  # the same iMF conditions in every process
-            results[recipe] = dict(ddp=_ddp_grads(net, method, model, slice(rank * 4, rank * 4 + 4), data), fired=len(fired))
+            results[recipe] = dict(ddp=_ddp_grads(net, method, model, slice(rank * 4, rank * 4 + 4), data),
+                                   fired=len(fired))
             if rank == 0:  # one process, the two halves of the global batch: the mean of their gradients
                 single = copy.deepcopy(net)
-                halves = [torch.manual_seed(2) and _ddp_grads(single, method, single, slice(i, i + 4), data) for i in (0, 4)]
+                halves = [torch.manual_seed(2) and _ddp_grads(single, method, single, slice(i, i + 4), data)
+                          for i in (0, 4)]
                 results[recipe]["global"] = [(a + b) / 2 for a, b in zip(*halves)]
                 results[recipe]["own"] = halves[0]
             del model  # freed while its process group lives (freed after it, gloo hung at exit: 2 in ~38 runs)
@@ -3228,9 +3243,9 @@ def test_meanflow_without_appendix_computes_the_same(tmp_path):
 LECTURE_DELETE = ["drop_labels", "guided_velocity",  # guidance
                   "_expect", "beta", "_alpha_raw", "weights", "dtd_step", "_dtd_reset", "state_dict",
                   "load_state_dict",  # improved training
-                  "sample_imf_conditions", "imf_guided_velocity", "imf_loss", "rope_cos_sin", "apply_rope", "RMSNorm", "iMFAttention",
-                  "SwiGLU", "iMFBlock", "iMFFinalLayer", "iMFDiT", "iMF_sizes", "iMF_models", "imf_guidance",
-                  "imf_guidance_2nfe"]  # iMF
+                  "sample_imf_conditions", "imf_guided_velocity", "imf_loss", "rope_cos_sin", "apply_rope", "RMSNorm",
+                  "iMFAttention", "SwiGLU", "iMFBlock", "iMFFinalLayer", "iMFDiT", "iMF_sizes", "iMF_models",
+                  "imf_guidance", "imf_guidance_2nfe"]  # iMF
 LECTURE_REPLACE = [("y_in, drop = ", "y_in = y"), ("v_g = self.guided_velocity(", "v_g = v"),
                    ("w = self.weights(", "w = 1"), ("RECIPES = {", 'RECIPES = {"meanflow": _meanflow}')]
 
@@ -3420,7 +3435,8 @@ def test_imf_omega_law_for_beta_not_one():  # 12d: p(omega) ~ omega^-1/2 on [1, 
     assert abs(omega.median().item() - median) < 0.03 and 7.9 < omega.max() <= 8 and omega.min() >= 1
 
 
-def test_unpatchify_puts_each_token_back_at_its_patch():  # 17a (the order inside a patch is free: the linear layers absorb it)
+def test_unpatchify_puts_each_token_back_at_its_patch():
+    # 17a (the order inside a patch is free: the linear layers absorb it)
     net = tiny_dit()
     ids = torch.arange(16.0).view(1, 1, 4, 4).repeat_interleave(2, 2).repeat_interleave(2, 3)  # (1, 1, 8, 8): patch ids
     z = ids.expand(2, 2, 8, 8)  # every pixel and channel of a patch holds the patch's id
@@ -3637,7 +3653,8 @@ def test_imf_warms_up_for_its_ten_official_epochs(tmp_path):
     overrides them; MeanFlow and the toys do not warm up unless asked."""
     make_fashion(str(tmp_path))  # 40 images
     common = ["--data", "fashion-mnist", "--data-path", str(tmp_path), "--model", "Ti/4", "--batch-size", "12"]
-    for argv, expected in ((common + ["--recipe", "imf"], 34),  # 10 x 40 / 12 = 33.3: a started step counts, as --epochs
+    # imf: 10 epochs x 40 images / batch 12 = 33.3 steps; a started step counts, as --epochs
+    for argv, expected in ((common + ["--recipe", "imf"], 34),
                            (common + ["--recipe", "imf", "--warmup", "3"], 3), (common + ["--recipe", "meanflow"], 0),
                            (common, 0), (["--recipe", "imf"], 0)):  # the last: the 2-D toy
         args = train.get_args(argv)
@@ -3916,7 +3933,8 @@ def test_study_downloads_the_test_split_md5_checked_and_a_failure_is_one_line(tm
     monkeypatch.setattr(train, "FASHION_TEST_MD5", {n: md5[n] for n in train.FASHION_TEST_MD5})
     main = train.FASHION_URLS[0]
     requested = []
-    monkeypatch.setattr(train.urllib.request, "urlopen", fake_urlopen({main + n: b for n, b in files.items()}, requested))
+    monkeypatch.setattr(train.urllib.request, "urlopen",
+                        fake_urlopen({main + n: b for n, b in files.items()}, requested))
     (tr_x, tr_y), (te_x, te_y) = study.fashion_mnist()
     assert np.array_equal(tr_x[:, 0, 2:30, 2:30], x) and np.array_equal(tr_y, y)
     assert np.array_equal(te_x[:, 0, 2:30, 2:30], tx) and np.array_equal(te_y, ty)
@@ -4074,7 +4092,8 @@ def test_flipped_images_and_latent_draws_split_over_processes(tmp_path):
         for step in (0, 1):  # step 1 spans two epochs of the 24 rows
             x, y = train.get_batch(args, data, step, 0, 1)
             halves = [train.get_batch(args, data, step, r, 2) for r in range(2)]
-            assert torch.equal(torch.cat([h[0] for h in halves]), x) and torch.equal(torch.cat([h[1] for h in halves]), y)
+            assert torch.equal(torch.cat([h[0] for h in halves]), x)
+            assert torch.equal(torch.cat([h[1] for h in halves]), y)
 
 
 def test_toy_batch_is_split_over_processes_not_repeated():  # B6: every process drew the same B / world points
@@ -4954,7 +4973,8 @@ def test_loss_and_samplers_check_their_inputs():
     x, y, t, r = torch.randn(16, 2), torch.randint(0, 3, (16,)), torch.full((16,), 0.6), torch.full((16,), 0.2)
     bad = [(dict(net=net, y=y), "num_classes=0"),  # labels silently ignored by a network without classes
            (dict(net=cnet, y=y[:10]), "one per row"), (dict(net=cnet, y=torch.randint(0, 3, (20,))), "one per row"),
-           (dict(r=r), "t and r together"), (dict(t=t), "t and r together"), (dict(e=torch.randn(8, 2), t=t, r=r), "e of x"),
+           (dict(r=r), "t and r together"), (dict(t=t), "t and r together"),
+           (dict(e=torch.randn(8, 2), t=t, r=r), "e of x"),
            (dict(t=t[:8], r=r[:8]), "(16,) each"), (dict(t=r, r=t), "0 <= r <= t <= 1"), (dict(t=t + 1, r=r), "<= 1"),
            (dict(progress=1.5), "progress=1.5"), (dict(progress=math.nan), "progress=nan")]
     for kwargs, words in bad:
@@ -5098,7 +5118,8 @@ def test_study_runner_refuses_an_out_folder_and_runs_each_job_once(tmp_path, cap
 # survivors: data sets whose moments are right but whose shape, noise, weights or widths are not, a square side that
 # is not the scored one, a zero std accepted, the sliced-Wasserstein generator ignored).
 def _robust_std(x):
-    # median absolute deviation, scaled to the std of a normal: blind to the few points a window borrows from a neighbour
+    # median absolute deviation, scaled to the std of a normal: blind to the few points a window borrows from a
+    # neighbour
     return 1.4826 * (x - x.median()).abs().median().item()
 
 
@@ -5268,7 +5289,8 @@ def test_imf_sampler_passes_omega_and_the_whole_interval():  # S2
 def test_guidance_scalars_pass_the_given_interval_through():  # S3
     t = torch.rand(5)
     w, lo, hi = mf.guidance_scalars(t, torch.full_like(t, 4.0), torch.zeros(5), torch.full_like(t, 0.05))
-    assert torch.equal(w, torch.full_like(t, 0.75)) and torch.equal(lo, torch.zeros(5)) and torch.equal(hi, torch.full_like(t, 0.05))
+    assert torch.equal(w, torch.full_like(t, 0.75)) and torch.equal(lo, torch.zeros(5))
+    assert torch.equal(hi, torch.full_like(t, 0.05))
 
 
 def test_imf_init_scales_as_the_official_code():  # N2, N8
@@ -5301,7 +5323,8 @@ def test_imf_every_norm_weight_is_used():  # N3, N7
 def test_imf_rope_tables_use_theta_10000():  # N5
     net = tiny_imf(num_classes=3)
     d, n = 16, 20 + 16  # head dim 32 / 2; 20 condition tokens + 16 patches
-    angles = torch.arange(n, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    freqs = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = torch.arange(n, dtype=torch.float64)[:, None] * freqs
     assert torch.allclose(net.rope_cos, angles.cos().float()) and torch.allclose(net.rope_sin, angles.sin().float())
 
 

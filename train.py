@@ -1321,7 +1321,8 @@ def generate(args, method, net, numbers, steps, device, vae=None, batch=256):
     """Samples number `numbers` of one fixed stream (noise and class depend on the number alone, so any split
     over processes gives the same set): (points (n, 2) float, None) or (images (n, H, W, 3) uint8, labels).
     Labels are balanced, the classes in turn (sample i has class i mod K), as iMF's official sampler takes them;
-    MeanFlow's official evaluation draws them at random; iMF samples at args.sample_guidance[steps] (omega, interval)."""
+    MeanFlow's official evaluation draws them at random; iMF samples at args.sample_guidance[steps] (omega,
+    interval)."""
     (C, H, _), K = IMAGE_DATA.get(args.data, (2, None, 0)), net.num_classes
     if not len(numbers):  # this process has no share of a --sample smaller than the number of processes
         return np.zeros((0,)), np.zeros((0,), np.int64) if K else None

@@ -51,7 +51,8 @@ BOARD_SCALE = math.sqrt(3) / 2  # board units -> standardised data coordinates
 
 def checkerboard_squares():
     """The 8 squares of the checkerboard in data coordinates: (x0, y0, side) of each, lower-left corner first."""
-    return [(i * BOARD_SCALE, j * BOARD_SCALE, BOARD_SCALE) for i in range(-2, 2) for j in range(-2, 2) if (i + j) % 2 == 0]
+    return [(i * BOARD_SCALE, j * BOARD_SCALE, BOARD_SCALE)
+            for i in range(-2, 2) for j in range(-2, 2) if (i + j) % 2 == 0]
 
 
 def on_squares(points):
