@@ -4124,6 +4124,27 @@ def test_to_uint8_clamps_instead_of_wrapping_around():  # H3: 1.5 became 63, -1.
     assert train.to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 0, 128, 255, 255, 255]
 
 
+def test_frechet_distance_retries_a_singular_product_with_an_offset(monkeypatch):
+    """Where sqrtm of a numerically singular S1 S2 comes back non-finite (as it does for a matrix without a square
+    root, e.g. [[0, 1], [0, 0]]), the ADM evaluator and pytorch-fid retry with 1e-6 added to both diagonals; so do
+    we, instead of returning NaN. The failure is forced here: well-conditioned inputs never take this path."""
+    import scipy.linalg
+
+    sqrtm, calls = scipy.linalg.sqrtm, []
+
+    def singular_once(a, *args, **kwargs):
+        calls.append(a.copy())
+        return np.full_like(a, np.nan) if len(calls) == 1 else sqrtm(a, *args, **kwargs)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", singular_once)
+    S1, S2 = np.diag([1.0, 4.0]), np.diag([9.0, 1.0])
+    got = train.frechet_distance((np.zeros(2), S1), (np.ones(2), S2))
+    e = 1e-6
+    exact = 2 + 1 + 9 - 2 * np.sqrt((1 + e) * (9 + e)) + 4 + 1 - 2 * np.sqrt((4 + e) * (1 + e))
+    assert len(calls) == 2 and np.allclose(calls[1], (S1 + e * np.eye(2)) @ (S2 + e * np.eye(2)), rtol=0, atol=1e-15)
+    assert got == pytest.approx(exact, abs=1e-9)
+
+
 def test_frechet_distance_with_correlated_features():  # H13: sqrtm(s1 * s2) equals sqrtm(s1 @ s2) for diagonals only
     S = np.array([[2.0, 1.2], [1.2, 1.5]])
     assert train.frechet_distance((np.zeros(2), S), (np.ones(2), S)) == pytest.approx(2.0, abs=1e-9)

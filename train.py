@@ -1415,7 +1415,11 @@ def frechet_distance(f1, f2):
     if any(not isinstance(f, tuple) and len(f) < 2 for f in (f1, f2)):  # one row: a NaN covariance, on which
         raise ValueError("a Frechet distance needs at least 2 rows of features on each side")  # sqrtm never returns
     (mu1, s1), (mu2, s2) = (f if isinstance(f, tuple) else (f.mean(0), np.cov(f, rowvar=False)) for f in (f1, f2))
-    covmean = scipy.linalg.sqrtm(s1 @ s2).real  # the imaginary part is numerical noise
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():  # sqrtm can fail on a numerically singular product (fewer images than
+        eps = 1e-6 * np.eye(len(s1))  # features): as the ADM evaluator, retry with 1e-6 added to both diagonals
+        covmean = scipy.linalg.sqrtm((s1 + eps) @ (s2 + eps))
+    covmean = covmean.real  # the imaginary part is numerical noise
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
