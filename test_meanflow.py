@@ -1290,7 +1290,7 @@ def gloo(rank, world, port):
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        train.leave_process_group()
 
 
 def free_port():
@@ -2304,6 +2304,17 @@ def worker_pids(parent):
     return sorted(pids)
 
 
+def test_leaving_the_process_group_first_gives_up_the_gil(monkeypatch):
+    """On torch 2.4 and 2.6 about 1 two-process run in 8 hung at exit: the process group's destructor joins gloo's
+    worker threads holding the GIL while one of them needs it to free a finished collective's tensors. A sleep
+    before destroy_process_group lets them finish (0 of 40 runs hung); this keeps the order."""
+    calls = []
+    monkeypatch.setattr(train.time, "sleep", lambda s: calls.append(("sleep", s)))
+    monkeypatch.setattr(train.dist, "destroy_process_group", lambda: calls.append(("destroy",)))
+    train.leave_process_group()
+    assert [c[0] for c in calls] == ["sleep", "destroy"] and calls[0][1] > 0
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers in /proc (Linux)")
 def test_sigterm_to_one_torchrun_process_stops_all_after_the_same_step(tmp_path):
     out = str(tmp_path / "run")
@@ -2321,11 +2332,12 @@ def test_sigterm_to_one_torchrun_process_stops_all_after_the_same_step(tmp_path)
     ckpt = torch.load(f"{out}/ckpt.pt", weights_only=True)
     assert ckpt["step"] == step == strict_json(open(f"{out}/log.jsonl").readlines()[-1])["step"]
     assert len(ckpt["rng"]) == 2 and leftovers(out) == []
-    # Both processes stop as SIGTERM asks, exit code 128 + 15 (torchrun's summary lists each rank); once one has
-    # exited, torchrun may end the other with its own SIGTERM (-15: under torchrun train.py keeps the default action
-    # outside the training loop), but never with 0 for both.
+    # Both processes stop as SIGTERM asks, exit code 128 + 15; once one has exited, torchrun may end the other with its
+    # own SIGTERM (-15: under torchrun train.py keeps the default action outside the training loop), but never with 0
+    # for both. torchrun's summary lists each rank that failed (recent torch: both; torch 2.4: the first one only).
     codes = dict(re.findall(r"rank\s*: (\d) \(local_rank: \d\)\s+exitcode\s*: (-?\d+)", err))
-    assert proc.returncode != 0 and set(codes) == {"0", "1"} and set(codes.values()) <= {"143", "-15"}, err[-3000:]
+    assert proc.returncode != 0 and codes and set(codes) <= {"0", "1"}, err[-3000:]
+    assert set(codes.values()) <= {"143", "-15"}, err[-3000:]
     assert "143" in codes.values(), err[-3000:]
 
 
