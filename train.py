@@ -1285,7 +1285,8 @@ class StopSignals:
 def leave_process_group():
     """destroy_process_group, after a moment without the GIL: gloo's worker threads free each finished collective's
     tensors, which needs the GIL, and torch before ProcessGroup.shutdown joins them in the destructor while holding
-    it (torch 2.4 and 2.6: about 1 two-process run in 8 hung at exit)."""
+    it (torch 2.4 and 2.6: 3 of 24 two-process runs hung at exit, 7 of 16 with the CPUs busy; with the sleep, 0 of
+    56)."""
     time.sleep(0.1)
     dist.destroy_process_group()
 
