@@ -1214,7 +1214,7 @@ def test_imagenet_latents_prepare_load_train_sample(tmp_path, capsys):
     assert np.load(out / "labels-00000-of-00002.npy").tolist() == [0, 0, 1]
     with Image.open(tmp_path / "train" / "n00" / "img4.JPEG") as img:
         crop = train.center_crop(img)
-    x = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 127.5 - 1
+    x = torch.tensor(crop).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         for flip, xi in enumerate((x, x.flip(3))):  # cached posterior of the image and of its mirror image
             post = vae.encode(xi).latent_dist
@@ -1307,7 +1307,7 @@ def _ddp_worker(rank, world, port, out):
 
 def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     single = _train_tiny(0, 1, sync=False)
     assert torch.equal(ranks[0]["synced"], ranks[1]["synced"])  # replicas stay bitwise identical
     diff = (ranks[0]["synced"] - single).abs().max().item()
@@ -2285,7 +2285,7 @@ def test_sigint_and_sigterm_checkpoint_and_resume_continues_bitwise(tmp_path, ca
     assert run_main(command[2:] + ["--stop-at", end], capsys)[0] == 0
     code, _, err = run_main(["--steps", 100_000, *TOY_RUN, "--stop-at", end, "--out", tmp_path / "whole"], capsys)
     assert code == 0, err
-    a, b = flat_state(torch.load(tmp_path / "whole" / "ckpt.pt")), flat_state(torch.load(f"{out}/ckpt.pt"))
+    a, b = (flat_state(torch.load(f, weights_only=True)) for f in (tmp_path / "whole" / "ckpt.pt", f"{out}/ckpt.pt"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = [strict_json(s) for s in open(f"{out}/log.jsonl")]
     assert [h["step"] for h in log] == list(range(1, end + 1))
@@ -2773,7 +2773,7 @@ def _dtd_worker(rank, world, port, out):
 
 def test_dtd_two_processes_agree_on_the_stage(tmp_path):
     mp.spawn(_dtd_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"dtd{r}.pt") for r in range(2))
+    r0, r1 = (torch.load(tmp_path / f"dtd{r}.pt", weights_only=True) for r in range(2))
     alone = [_dtd_stages(mf.MeanFlow("improved-dtd", **DTD_BY_CONVERGENCE), r["local"]) for r in (r0, r1)]
     assert alone[0] != alone[1]  # on its own loss, each process would be at another stage
     assert r0["synthetic"] == r1["synthetic"] and r0["synthetic"] not in alone
@@ -3186,7 +3186,7 @@ def test_ddp_hooks_fire_through_plain_forward_jvp_and_guidance_forward(tmp_path)
     DistributedDataParallel wrapper and one backward: DDP's all-reduce hook fires and the gradients equal one
     process's on the global batch."""
     mp.spawn(_ddp_loss_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for recipe in ("meanflow", "imf"):
         r0, r1 = ranks[0][recipe], ranks[1][recipe]
         assert r0["fired"] >= 1 and r1["fired"] == r0["fired"]
@@ -4419,7 +4419,7 @@ def test_an_ignored_stop_signal_stays_ignored(tmp_path, capsys, monkeypatch):
 
 def test_signals_of_several_processes_agree_on_one_signal(tmp_path):  # Q1: a sum made SIGINT + SIGINT SIGILL
     mp.spawn(_agree_worker, args=(3, free_port(), str(tmp_path)), nprocs=3)
-    assert [torch.load(tmp_path / f"{r}.pt") for r in range(3)] == [signal.SIGINT] * 3
+    assert [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(3)] == [signal.SIGINT] * 3
 
 
 def test_shard_must_be_below_the_number_of_shards():  # A5: --shard 2 --num-shards 2 wrote a third shard
@@ -4460,7 +4460,7 @@ def test_train_step_agrees_on_a_stop_in_its_one_all_reduce(tmp_path):
     the logged numbers are still the mean."""
     mp.spawn(_step_stop_worker, args=(3, free_port(), str(tmp_path)), nprocs=3)
     for r in range(3):
-        seen, reduced = torch.load(tmp_path / f"{r}.pt")
+        seen, reduced = torch.load(tmp_path / f"{r}.pt", weights_only=True)
         assert [stop for _, stop in seen] == [signal.SIGINT, 0, signal.SIGTERM] and reduced == [9, 9, 9]
         assert all(stats[0] == 1.0 for stats, _ in seen)
 
