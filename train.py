@@ -1284,9 +1284,9 @@ class StopSignals:
 
 def leave_process_group():
     """destroy_process_group, after a moment without the GIL: gloo's worker threads free each finished collective's
-    tensors, which needs the GIL, and torch before ProcessGroup.shutdown joins them in the destructor while holding
-    it (torch 2.4 and 2.6: 3 of 24 two-process runs hung at exit, 7 of 16 with the CPUs busy; with the sleep, 0 of
-    56)."""
+    tensors, which needs the GIL, and torch 2.4, 2.6 and 2.7 join them holding it. Two-process runs that hung at exit
+    without the sleep: 3 of 24 (torch 2.4, 2.6), 15 of 48 with the CPUs busy (2.4: 7 of 16; 2.7.0: 8 of 32); with
+    it, 0 of 72. torch 2.13 and 2.14.1 without it: 0 of 32 with the CPUs busy."""
     time.sleep(0.1)
     dist.destroy_process_group()
 
