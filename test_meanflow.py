@@ -2305,10 +2305,8 @@ def worker_pids(parent):
 
 
 def test_leaving_the_process_group_first_gives_up_the_gil(monkeypatch):
-    """On torch 2.4, 2.6, 2.7 two-process runs hung at exit (3 of 24; 15 of 48 with the CPUs busy): destroying the
-    process group joins gloo's worker threads holding the GIL while one of them needs it to free a finished
-    collective's tensors. A sleep before destroy_process_group lets them finish (0 of 72 runs hung); this keeps the
-    order."""
+    """On torch 2.4-2.7 two-process runs hung at exit (train.leave_process_group's docstring has the cause and the
+    counts): the sleep comes first, then destroy_process_group; this keeps the order."""
     calls = []
     monkeypatch.setattr(train.time, "sleep", lambda s: calls.append(("sleep", s)))
     monkeypatch.setattr(train.dist, "destroy_process_group", lambda: calls.append(("destroy",)))
