@@ -2944,6 +2944,57 @@ def test_study_runner_images(tmp_path, monkeypatch):
         study.main(argv[:-1] + [folder, "--seeds", "1"])
 
 
+def test_study_keeps_its_scoring_classifier_and_refuses_runs_scored_by_another(tmp_path, monkeypatch, capsys):
+    """The image study trains its classifier once and keeps it beside the results: a resume scores with that one even
+    where training would give other weights (another machine's kernels: stood in for by another initialisation);
+    without it, runs scored by another classifier are refused (one line, nothing written), and the same classifier
+    trained again (the same machine) is accepted and kept. Kills: retraining on resume; no check of the runs."""
+    study = load_study()
+    folder = str(tmp_path / "fm")
+    make_fashion(folder)
+    rng = np.random.default_rng(1)
+    write_idx(os.path.join(folder, "t10k-images-idx3-ubyte.gz"), rng.integers(0, 256, (60, 28, 28)))
+    write_idx(os.path.join(folder, "t10k-labels-idx1-ubyte.gz"), np.arange(60) % 10)
+    monkeypatch.setattr(study, "N_PER_CLASS", 2)
+    monkeypatch.setattr(study, "NET", dict(patch_size=8, depth=1, hidden_size=32, num_heads=2))
+    out, kept = tmp_path / "study.jsonl", tmp_path / "study.jsonl.classifier.pt"
+    argv = ["--part", "images", "--out", str(out), "--steps", "1", "--eval-every", "1", "--classifier-steps", "2",
+            "--recipes", "meanflow", "--data-path", folder, "--seeds", "0"]
+    assert study.main(argv) == 0 and kept.exists()
+    first = json.loads(out.read_text())
+    trained = study.classifier
+
+    def elsewhere(data, steps):  # what another machine's kernels would train: other weights
+        torch.manual_seed(1)
+        return study.cnn().eval().requires_grad_(False)
+    monkeypatch.setattr(study, "classifier", elsewhere)
+    assert study.main(argv + ["1"]) == 0  # resumed with the kept classifier: the same floor
+    runs = [json.loads(s) for s in open(out)]
+    assert [d["seed"] for d in runs] == [0, 1]
+    scorer = lambda d: (d["floor"], d["classifier_test_accuracy"])
+    assert scorer(runs[1]) == scorer(first)
+
+    os.remove(kept)
+    before = out.read_text()
+    with pytest.raises(SystemExit) as exit_:
+        study.main(argv + ["1", "2"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert exit_.value.code == 2 and len(errors) == 1 and "scored by another classifier" in errors[0]
+    assert out.read_text() == before and not kept.exists()
+    monkeypatch.setattr(study, "classifier", trained)  # this machine again: the same weights, accepted and kept
+    assert study.main(argv + ["1", "2"]) == 0 and kept.exists() and len(out.read_text().splitlines()) == 3
+
+    # a study killed before its first run kept only its classifier: resumed at other steps, or the file damaged
+    other = tmp_path / "other.jsonl"
+    for content, named in [(kept.read_bytes(), "trained for 2 steps, not --classifier-steps 3"),
+                           (b"not a checkpoint", "is not this study's scoring classifier")]:
+        (tmp_path / "other.jsonl.classifier.pt").write_bytes(content)
+        with pytest.raises(SystemExit) as exit_:
+            study.main(argv[:2] + ["--out", str(other), "--classifier-steps", "3"] + argv[4:8] + argv[10:])
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert exit_.value.code == 2 and len(errors) == 1 and named in errors[0] and not other.exists()
+
+
 @torch.no_grad()
 def test_study_image_scores_are_the_classifiers_accuracy_and_frechet_distance(monkeypatch):
     """The image study's scores, recomputed directly with a stand-in classifier: the accuracy of the samples' class

@@ -12,7 +12,8 @@ images: each run trains a small class-conditional DiT (patch 8, depth 4, hidden 
 Fashion-MNIST's training split (60,000 images padded to 32 x 32), batch 64, and scores 1-NFE and 2-NFE samples of the
 EMA weights (100 per class, one fixed set of noises) with a small CNN classifier trained once on the same training
 split: class accuracy and Frechet distance on its 64-d features to the test split; 1000 real test images scored the
-same way are the floor. The test split (t10k-*) comes from Debian's copy or data/fashion-mnist, downloaded there
+same way are the floor. The classifier is kept beside the results (<out>.classifier.pt): a resumed study scores with
+the same one on any machine. The test split (t10k-*) comes from Debian's copy or data/fashion-mnist, downloaded there
 (md5-checked) when neither holds it; with --data-path, that folder must hold all four official files.
 One line of JSON per finished run is appended to --out; runs already there are skipped, so a killed study resumes.
 Every process uses one thread (small nets: threads cost more than they give).
@@ -20,6 +21,7 @@ Every process uses one thread (small nets: threads cost more than they give).
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -149,19 +151,28 @@ def fashion_mnist(path=None):
                      f"{path}: apt-get install dataset-fashion-mnist, or put the official files there")
 
 
-def classifier(data, steps=1500):
-    """A small CNN trained once (seed 0) on the training split; its penultimate 64-d layer are the features."""
-    torch.manual_seed(0)
-    clf = torch.nn.Sequential(
+def cnn():  # the scoring classifier's layers; its penultimate 64-d layer are the features
+    return torch.nn.Sequential(
         torch.nn.Conv2d(1, 32, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3, 2, 1), torch.nn.ReLU(),
         torch.nn.Flatten(), torch.nn.Linear(64 * 8 * 8, 64), torch.nn.ReLU(), torch.nn.Linear(64, K))
-    opt, g = torch.optim.Adam(clf.parameters(), lr=2e-3), torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        x, y = data.get(torch.randint(len(data), (128,), generator=g), g)
-        loss = torch.nn.functional.cross_entropy(clf(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+
+
+def classifier(data, steps=1500):
+    """A small CNN trained once (seed 0, one thread) on the training split."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        clf = cnn()
+        opt, g = torch.optim.Adam(clf.parameters(), lr=2e-3), torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            x, y = data.get(torch.randint(len(data), (128,), generator=g), g)
+            loss = torch.nn.functional.cross_entropy(clf(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return clf.eval().requires_grad_(False)
 
 
@@ -189,12 +200,56 @@ class ImageScores:
                     fd=train.frechet_distance(f.double().numpy(), self.ref))
 
 
-def image_eval_set(clf_steps, path=None):
+def image_eval_set(clf_state, path=None):
     (x, y), (tx, ty) = fashion_mnist(path)
     data, test = train.Pixels(x, y, flip=False), train.Pixels(tx, ty, flip=False)
     g = torch.Generator().manual_seed(123)
     noise = torch.randn(K * N_PER_CLASS, 1, 32, 32, generator=g), torch.arange(K).repeat_interleave(N_PER_CLASS)
-    return data, ImageScores(classifier(data, clf_steps), test), noise
+    clf = cnn()
+    clf.load_state_dict(clf_state)
+    return data, ImageScores(clf.eval().requires_grad_(False), test), noise
+
+
+def scoring_classifier(p, args, runs):
+    """The image study's scorer, trained once per study and kept beside its results (<out>.classifier.pt): a resumed
+    study scores with the same classifier on any machine. The same code trains other weights on a machine whose
+    floating-point kernels differ (README, "Rerunning the study on another machine": final FDs 5-8% apart), and
+    scores from two classifiers do not compare: runs already in --out must have been scored by this one (their floor
+    and test accuracy, to rounding), else one line and nothing written."""
+    path = args.out + ".classifier.pt"
+    (x, y), (tx, ty) = fashion_mnist(args.data_path)
+    if os.path.exists(path):
+        try:
+            saved = torch.load(path, weights_only=True)
+            clf = cnn()
+            clf.load_state_dict(saved["state"])
+            steps = saved["classifier_steps"]
+        except Exception as err:  # any unreadable or foreign file: the same one line
+            p.error(f"{path} is not this study's scoring classifier ({type(err).__name__}); pass another --out")
+        if steps != args.classifier_steps:
+            p.error(f"{path} was trained for {steps} steps, not --classifier-steps {args.classifier_steps}; "
+                    f"pass --classifier-steps {steps} to resume that study, or another --out")
+        clf.eval().requires_grad_(False)
+    else:
+        clf = classifier(train.Pixels(x, y, flip=False), args.classifier_steps)
+    scores = ImageScores(clf, train.Pixels(tx, ty, flip=False))
+    for d in runs:
+        theirs = (d.get("classifier_test_accuracy"), (d.get("floor") or {}).get("fd"))
+        same = all(isinstance(a, float) and math.isclose(a, b, rel_tol=1e-6)
+                   for a, b in zip(theirs, (scores.test_accuracy, scores.floor["fd"])))
+        if not same:
+            show = lambda a, f: ", ".join(f"{v:.4f}" if isinstance(v, float) else "none" for v in (a, f))
+            p.error(f"--out {args.out}: its runs were scored by another classifier (test accuracy, floor FD: "
+                    f"{show(*theirs)}; here {show(scores.test_accuracy, scores.floor['fd'])}: the same code trains "
+                    f"other weights where the floating-point kernels differ); resume where the study began, with its "
+                    f"{os.path.basename(path)}, or pass another --out")
+    if not os.path.exists(path):
+        try:
+            train.save_atomic(path, lambda f: torch.save(dict(state=clf.state_dict(),
+                                                              classifier_steps=args.classifier_steps), f), new=True)
+        except (train.Fail, FileExistsError) as err:
+            p.error(f"{path}: {err}")
+    return clf.state_dict()
 
 
 @torch.no_grad()
@@ -222,7 +277,7 @@ def worker(rank, args, jobs):
         sets, data = eval_set()
         run_one = lambda name, seed: run(name, seed, args, sets, data)
     else:
-        data, scores, noise = image_eval_set(args.classifier_steps, args.data_path)
+        data, scores, noise = image_eval_set(args.scorer, args.data_path)
         run_one = lambda name, seed: run_images(name, seed, args, data, scores, noise)
     for name, seed in jobs[rank :: args.workers]:
         result = run_one(name, seed)
@@ -249,10 +304,10 @@ def check_numbers(p, args):  # argparse's usage and one error line (exit 2) for 
 
 
 def finished_runs(p, args):
-    """The (recipe, seed) runs already in args.out, which must all be this study's at these settings: a run made at
+    """The runs already in args.out by (recipe, seed), which must all be this study's at these settings: a run made at
     another lr, length, evaluation grid or scoring classifier would otherwise count as done, and the notebooks would
     mix them. A last line without its newline is a run killed while it was written: dropped here (it runs again)."""
-    done = set()
+    done = {}  # (recipe, seed) -> the run
     if os.path.isdir(args.out):
         p.error(f"--out {args.out} is a folder; pass a file (e.g. {os.path.join(args.out, 'study.jsonl')})")
     parent = os.path.dirname(args.out)
@@ -277,7 +332,7 @@ def finished_runs(p, args):
         if theirs != settings:
             p.error(f"--out {args.out} holds runs with other settings ({theirs}, here {settings}); "
                     "pass another --out, or the settings it was made with to resume it")
-        done.add(run)
+        done[run] = d
     if whole < len(raw):  # every whole line is this study's: the cut-off one goes
         print(f"{args.out}: dropping its cut-off last line (a run stopped while writing it; it runs again)", flush=True)
         with open(args.out, "r+b") as f:
@@ -319,8 +374,8 @@ def main(argv=None):
     if not jobs:
         return 0
     args.workers = max(1, min(args.workers, len(jobs)))
-    if not toy and args.workers > 1:
-        fashion_mnist(args.data_path)  # missing or bad data: one line here, not once per worker and a traceback
+    if not toy:  # the scorer, once (missing or bad data: one line here, not a traceback per worker)
+        args.scorer = scoring_classifier(p, args, list(done.values()))
     if args.workers == 1:
         worker(0, args, jobs)
     else:
