@@ -2914,18 +2914,24 @@ def test_study_runner_checks_the_scoring_classifier_and_drops_a_cut_off_last_lin
     assert exit_.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
 
 
-def test_study_runner_images(tmp_path, monkeypatch):
-    """The image half: Fashion-MNIST files (training and test split) in the official format, a DiT per run, 1- and
-    2-NFE samples scored by the classifier against the test split, with the real-data floor."""
+def tiny_image_study(tmp_path, monkeypatch):
+    """The study module with a tiny DiT and Fashion-MNIST files of both splits in tmp_path/fm: 2 real test images per
+    class for the floor, the other 4 the reference."""
     study = load_study()
     folder = str(tmp_path / "fm")
     make_fashion(folder)
     rng = np.random.default_rng(1)
     write_idx(os.path.join(folder, "t10k-images-idx3-ubyte.gz"), rng.integers(0, 256, (60, 28, 28)))
     write_idx(os.path.join(folder, "t10k-labels-idx1-ubyte.gz"), np.arange(60) % 10)
-    # 2 real test images per class for the floor, the other 4 the reference
     monkeypatch.setattr(study, "N_PER_CLASS", 2)
     monkeypatch.setattr(study, "NET", dict(patch_size=8, depth=1, hidden_size=32, num_heads=2))
+    return study, folder
+
+
+def test_study_runner_images(tmp_path, monkeypatch):
+    """The image half: Fashion-MNIST files (training and test split) in the official format, a DiT per run, 1- and
+    2-NFE samples scored by the classifier against the test split, with the real-data floor."""
+    study, folder = tiny_image_study(tmp_path, monkeypatch)
     out = tmp_path / "study.jsonl"
     argv = ["--part", "images", "--out", str(out), "--steps", "2", "--eval-every", "1", "--classifier-steps", "2",
             "--recipes", "meanflow", "improved-dtd", "--seeds", "0", "--data-path", folder]
@@ -2949,14 +2955,7 @@ def test_study_keeps_its_scoring_classifier_and_refuses_runs_scored_by_another(t
     where training would give other weights (another machine's kernels: stood in for by another initialisation);
     without it, runs scored by another classifier are refused (one line, nothing written), and the same classifier
     trained again (the same machine) is accepted and kept. Kills: retraining on resume; no check of the runs."""
-    study = load_study()
-    folder = str(tmp_path / "fm")
-    make_fashion(folder)
-    rng = np.random.default_rng(1)
-    write_idx(os.path.join(folder, "t10k-images-idx3-ubyte.gz"), rng.integers(0, 256, (60, 28, 28)))
-    write_idx(os.path.join(folder, "t10k-labels-idx1-ubyte.gz"), np.arange(60) % 10)
-    monkeypatch.setattr(study, "N_PER_CLASS", 2)
-    monkeypatch.setattr(study, "NET", dict(patch_size=8, depth=1, hidden_size=32, num_heads=2))
+    study, folder = tiny_image_study(tmp_path, monkeypatch)
     out, kept = tmp_path / "study.jsonl", tmp_path / "study.jsonl.classifier.pt"
     argv = ["--part", "images", "--out", str(out), "--steps", "1", "--eval-every", "1", "--classifier-steps", "2",
             "--recipes", "meanflow", "--data-path", folder, "--seeds", "0"]
