@@ -2928,6 +2928,7 @@ def tiny_image_study(tmp_path, monkeypatch):
     return study, folder
 
 
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # a few images: 64-d covariances are singular
 def test_study_runner_images(tmp_path, monkeypatch):
     """The image half: Fashion-MNIST files (training and test split) in the official format, a DiT per run, 1- and
     2-NFE samples scored by the classifier against the test split, with the real-data floor."""
@@ -2950,6 +2951,7 @@ def test_study_runner_images(tmp_path, monkeypatch):
         study.main(argv[:-1] + [folder, "--seeds", "1"])
 
 
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # a few images: 64-d covariances are singular
 def test_study_keeps_its_scoring_classifier_and_refuses_runs_scored_by_another(tmp_path, monkeypatch, capsys):
     """The image study trains its classifier once and keeps it beside the results: a resume scores with that one even
     where training would give other weights (another machine's kernels: stood in for by another initialisation);
@@ -3935,6 +3937,7 @@ def test_study_resume_skips_only_runs_of_the_same_length(tmp_path, monkeypatch):
     assert jobs == [[("meanflow", 1)]]
 
 
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # a few images: 64-d covariances are singular
 def test_study_toy_has_no_lr_warm_up_images_have_50_steps(tmp_path, monkeypatch):
     # Kills: the two warm-up defaults swapped.
     study = load_study()
