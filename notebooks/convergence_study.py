@@ -200,14 +200,12 @@ class ImageScores:
                     fd=train.frechet_distance(f.double().numpy(), self.ref))
 
 
-def image_eval_set(clf_state, path=None):
-    (x, y), (tx, ty) = fashion_mnist(path)
-    data, test = train.Pixels(x, y, flip=False), train.Pixels(tx, ty, flip=False)
+def image_eval_set(path=None):
+    """The training split and the fixed noises (with their class labels) every run samples from."""
+    (x, y), _ = fashion_mnist(path)
     g = torch.Generator().manual_seed(123)
     noise = torch.randn(K * N_PER_CLASS, 1, 32, 32, generator=g), torch.arange(K).repeat_interleave(N_PER_CLASS)
-    clf = cnn()
-    clf.load_state_dict(clf_state)
-    return data, ImageScores(clf.eval().requires_grad_(False), test), noise
+    return train.Pixels(x, y, flip=False), noise
 
 
 def scoring_classifier(p, args, runs):
@@ -215,7 +213,8 @@ def scoring_classifier(p, args, runs):
     study scores with the same classifier on any machine. The same code trains other weights on a machine whose
     floating-point kernels differ (README, "Rerunning the study on another machine": final FDs 5-8% apart), and
     scores from two classifiers do not compare: runs already in --out must have been scored by this one (their floor
-    and test accuracy, to rounding), else one line and nothing written."""
+    and test accuracy, to rounding), else one line and nothing written. Returns its ImageScores, which the workers
+    share."""
     path = args.out + ".classifier.pt"
     (x, y), (tx, ty) = fashion_mnist(args.data_path)
     if os.path.exists(path):
@@ -249,7 +248,7 @@ def scoring_classifier(p, args, runs):
                                                               classifier_steps=args.classifier_steps), f), new=True)
         except (train.Fail, FileExistsError) as err:
             p.error(f"{path}: {err}")
-    return clf.state_dict()
+    return scores
 
 
 @torch.no_grad()
@@ -277,8 +276,8 @@ def worker(rank, args, jobs):
         sets, data = eval_set()
         run_one = lambda name, seed: run(name, seed, args, sets, data)
     else:
-        data, scores, noise = image_eval_set(args.scorer, args.data_path)
-        run_one = lambda name, seed: run_images(name, seed, args, data, scores, noise)
+        data, noise = image_eval_set(args.data_path)
+        run_one = lambda name, seed: run_images(name, seed, args, data, args.scores, noise)
     for name, seed in jobs[rank :: args.workers]:
         result = run_one(name, seed)
         # One line per run (~12 KB toy, ~5 KB images) in one unbuffered write to a file opened for appending
@@ -375,7 +374,7 @@ def main(argv=None):
         return 0
     args.workers = max(1, min(args.workers, len(jobs)))
     if not toy:  # the scorer, once (missing or bad data: one line here, not a traceback per worker)
-        args.scorer = scoring_classifier(p, args, list(done.values()))
+        args.scores = scoring_classifier(p, args, list(done.values()))
     if args.workers == 1:
         worker(0, args, jobs)
     else:
