@@ -262,7 +262,10 @@ def test_compiled_loss_matches_eager():
     g_eager = torch.autograd.grad(eager, list(net.parameters()))
     g_compiled = torch.autograd.grad(compiled, list(net.parameters()))
     assert torch.allclose(eager, compiled, rtol=1e-5)
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g_eager, g_compiled))
+    # Each gradient to 1e-5 of its own largest entry: the loss (~1e3) sums large terms that cancel, and the fp32
+    # rounding of inductor's kernels differs by CPU (on one AMD EPYC, AVX2: one entry 0.036341 vs 0.036346, 1.3e-7
+    # of its tensor's largest, failed an elementwise rtol 1e-4, atol 1e-6).
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max())) for a, b in zip(g_eager, g_compiled))
 
 
 # ---------------------------------------------------------------------------------------------
