@@ -3946,6 +3946,7 @@ def test_study_toy_has_no_lr_warm_up_images_have_50_steps(tmp_path, monkeypatch)
     study = load_study()
     seen = []
     monkeypatch.setattr(study, "worker", lambda rank, args, j: seen.append(args.warmup))
+    monkeypatch.setattr(study, "scoring_classifier", lambda p, args, runs: None)  # not the scorer's 1500 steps here
     study.main(["--out", str(tmp_path / "a.jsonl"), "--recipes", "meanflow", "--seeds", "0"])
     study.main(["--part", "images", "--out", str(tmp_path / "b.jsonl"), "--recipes", "meanflow", "--seeds", "0"])
     assert seen == [0, 50]
