@@ -1053,8 +1053,8 @@ imf_guidance_2nfe = {"XL/2": dict(omega=4.0, t_min=0.36, t_max=0.64)}  # 2-NFE F
 
 
 # ==== APPENDIX: speed only ======================================================================================
-# Everything from this banner to the end makes jvp() cheaper and changes no result (tested: a copy of this file
-# cut at the banner gives the same losses and gradients, in fp64, to 1e-8).
+# Everything from this banner to the end makes jvp() cheaper (and, last, quieter) and changes no result (tested: a
+# copy of this file cut at the banner gives the same losses and gradients, in fp64, to 1e-8).
 # Forward-mode AD differentiates any PyTorch code, but (1) every tangent op that multiplies by a
 # parameter-dependent value is recorded for backward and keeps its inputs alive, although the tangent is
 # stop-gradiented and backward never visits it, (2) the built-in rule of a linear layer also multiplies by
@@ -1201,3 +1201,12 @@ class TangentRules(StockRules):
 
 
 JVP_RULES = TangentRules  # replaces the StockRules set above
+
+# The first dual tensor of a process loads torch's own JVP decompositions, which call torch.jit.script, and torch
+# 2.15 warns about that (a FutureWarning; 2.13's DeprecationWarning is hidden) at the first step of `python train.py`:
+# torch's notice to itself. Loaded here, once (0.3 s), without it; the filters are restored, other warnings show.
+import warnings  # noqa: E402  (here: only this block uses it, and the file cut at the banner does not)
+
+with warnings.catch_warnings(), fwAD.dual_level():
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script")
+    fwAD.make_dual(torch.zeros(()), torch.zeros(()))

@@ -3272,6 +3272,24 @@ def _loss_and_grads(module, make_net, state, recipe, overrides, x, y):
     return loss.detach(), [p.grad for p in net.parameters()]
 
 
+def test_the_first_jvp_passes_on_no_notice_from_torch_to_itself():
+    """The first dual tensor of a process loads torch's JVP decompositions, which call torch.jit.script: torch 2.15
+    warns about that (FutureWarning; 2.13: DeprecationWarning), at the first step of `python train.py`. meanflow
+    loads them at import without it, and leaves the warning filters as they were. Warnings as errors, fresh process."""
+    code = f"""if True:
+        import sys, warnings
+        sys.path.insert(0, {HERE!r})
+        import torch, torch._dynamo  # torch._dynamo (which @torch.compiler.disable imports) adds sympy's own filter
+        before = list(warnings.filters)
+        import meanflow as mf
+        assert warnings.filters == before
+        loss, _ = mf.MeanFlow("meanflow").loss(mf.MLP(dim=2, hidden=8), torch.randn(8, 2))
+        loss.backward()"""
+    p = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-W", "error::FutureWarning", "-c", code],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
 def test_meanflow_without_appendix_computes_the_same(tmp_path):
     cut_mf, cut = _meanflow_without_appendix(tmp_path)
     assert not hasattr(cut_mf, "TangentRules") and cut_mf.JVP_RULES is cut_mf.StockRules

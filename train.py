@@ -1286,8 +1286,8 @@ def leave_process_group():
     """destroy_process_group, after a moment without the GIL: gloo's worker threads free each finished collective's
     tensors, which needs the GIL, and torch 2.4 to 2.7 join them holding it. Two-process runs that hung at exit
     without the sleep: 3 of 24 (torch 2.4, 2.6), 20 of 64 with the CPUs busy (2.4: 7 of 16; 2.5.1: 5 of 16; 2.7.0:
-    8 of 32); with it, 0 of 88. Every later torch we ran (2.8.0, 2.9.1, 2.10.0, 2.11.0, 2.12.1, 2.13, 2.14.1) without
-    it: 0 of 112 with the CPUs busy (kept: 0.1 s a run)."""
+    8 of 32); with it, 0 of 88. Every later torch we ran (2.8.0, 2.9.1, 2.10.0, 2.11.0, 2.12.1, 2.13, 2.14.1, 2.15.0)
+    without it: 0 of 128 with the CPUs busy (kept: 0.1 s a run)."""
     time.sleep(0.1)
     dist.destroy_process_group()
 
