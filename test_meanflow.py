@@ -244,6 +244,7 @@ def test_saved_values_carry_no_tangent():
     assert len(saved) > 50 and all(saved), (len(saved), saved.count(False))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # from torch.utils.mkldnn (inductor)
 def test_compiled_loss_matches_eager():
     """torch.compile of the loss (train.py --compile): jvp() runs eagerly inside it (Dynamo does not trace dual
     tensors under a TorchFunctionMode), the guidance forward and the rest compile: graphs are counted, so a loss
