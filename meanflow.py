@@ -25,8 +25,8 @@ Conventions (fixed once; every function below uses them)
 
 Map: helpers and jvp() -> recipes -> MeanFlow: (t, r) sampling -> the loss (JVP target, adaptive weight) ->
 guidance in the target -> improved training (beta, MinSNR, DTD) -> iMF -> samplers -> networks: DiT (+ in-context
-variant), the iMF network, the toy MLP, size and guidance tables -> APPENDIX (speed only: tangent rules for jvp();
-delete it and everything computes the same, slower).
+variant), the iMF network, the toy MLP, size and guidance tables -> APPENDIX (speed: tangent rules for jvp(); last,
+torch's own rules loaded quietly. Delete it and everything computes the same, slower).
 
 Run: python train.py (2-D toy, CPU, about a minute) · jupyter notebook notebooks/01_mean_velocity.ipynb ·
      torchrun --nproc_per_node=8 train.py --data imagenet-latents --model XL/2 --recipe improved-dtd
@@ -290,7 +290,7 @@ class MeanFlow:
         if n > 0:
             # The r != t rows: one forward-mode pass gives u and du/dt = v_g . d_z u + d_t u, tangent (v_g, 1, 0)
             # in (z, t, r) order (dz/dt = v_g, dt/dt = 1, dr/dt = 0); wrong tangents cost 2-5x in FID (Table 1b).
-            # Under bf16 autocast it runs in bf16: du/dt's error stays below u's own (README, Notes on the JVP).
+            # Under bf16 autocast it runs in bf16: du/dt has about u's error, u_tgt far less (README, Notes on the JVP).
             u, dudt = jvp(lambda z, t, r: net(z, t, r, _rows(y_in, 0, n)), (z_t[:n], t[:n], r[:n]),
                           (v_g[:n], torch.ones_like(t[:n]), torch.zeros_like(r[:n])))
             # Stop-gradient on the target: it depends on the network itself; differentiating through it

@@ -1,6 +1,6 @@
 """Train a MeanFlow one-step generator: one script from a 2-D toy on a laptop to ImageNet latents on many GPUs.
 
-  python train.py                                                # 2-D checkerboard, MLP, CPU, 20-40 s
+  python train.py                                                # 2-D checkerboard, MLP, CPU, about a minute
   python train.py --data moons --recipe improved-minsnr          # any toy_data set, any recipe
   python train.py --data fashion-mnist --model Ti/4 --recipe improved-minsnr --batch-size 32 --lr 1e-3 \\
       --ema 0.99 --steps 600 --eval-every 200                    # 2 CPU cores: about 4 min, garments recognisable
