@@ -1256,6 +1256,13 @@ def test_imagenet_latents_prepare_load_train_sample(tmp_path, capsys):
     assert code == 0, err
     assert np.array_equal(np.load(run / "samples-3-nfe1.npz")["arr_0"], npz["arr_0"])
     assert "FID skipped" in out_text + err
+    # a VAE of other latents decoded them into wrong images (8 channels: a traceback; 1/4 of the side: 128 x 128)
+    tiny_vae(str(tmp_path / "vae3"), levels=3)
+    os.remove(run / "samples-3-nfe1.npz")
+    code, _, err = run_main(common + ["--sample", 3, "--vae", tmp_path / "vae3"], capsys)
+    assert_one_line_error(code, err, "vae3 makes 4-channel latents at 1/4 of the image side, not the SD-VAE's 4 at 1/8",
+                          "stabilityai/sd-vae-ft-mse")
+    assert not [f for f in os.listdir(run) if f.startswith("samples-")]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2206,6 +2213,15 @@ def test_bad_environment_and_empty_out(tmp_path, capsys, monkeypatch):
         with pytest.raises(SystemExit) as help:
             train.main(["--help"])
         assert help.value.code == 0 and "--data" in capsys.readouterr().out
+    # RANK without torchrun's rendezvous: init_process_group raised a ValueError traceback
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert_one_line_error(*run_main(["--out", tmp_path / "run"], capsys)[::2], "RANK is set", "MASTER_ADDR not",
+                          "torchrun, or unset RANK")
+    assert os.listdir(tmp_path) == []
 
 
 def test_stop_at_beyond_the_default_epochs_of_an_image_run(tmp_path, capsys):
@@ -4810,11 +4826,12 @@ def test_prepare_imagenet_never_mixes_two_image_trees(tmp_path, capsys):
     make_image_tree(tmp_path / "C", [0] * 1001)
     code, _, err = run_main(["--prepare-imagenet", tmp_path / "C"] + no_vae, capsys)
     assert_one_line_error(code, err, "holds 1001 class folders, not ImageNet's 1000 or fewer")
-    # a VAE of other latents (3 levels: 64 x 64) is named while encoding, not found by the training run
+    # a VAE of other latents (3 levels: 64 x 64) is named as it loads, not found by the training run
     tiny_vae(str(tmp_path / "vae3"), levels=3)
     code, _, err = run_main(["--prepare-imagenet", tmp_path / "B", "--vae", tmp_path / "vae3", "--workers", 0,
                              "--data-path", tmp_path / "lat3"], capsys)
-    assert_one_line_error(code, err, "(4, 64, 64) latents, not the SD-VAE's (4, 32, 32)", "--vae")
+    assert_one_line_error(code, err, "makes 4-channel latents at 1/4 of the image side, not the SD-VAE's 4 at 1/8",
+                          "pass that VAE")
     assert not os.path.exists(tmp_path / "lat3")
 
 
@@ -4881,6 +4898,18 @@ def test_imagenet_latents_are_checked_shard_by_shard(tmp_path, capsys):
         code, _, err = run_main(run + ["--data-path", tmp_path / dtype.__name__, "--out", tmp_path / dtype.__name__ /
                                        "run"], capsys)
         assert code == 0, err
+    # an empty shard (EOFError) and an .npz archive under the .npy name (no .shape) raised tracebacks
+    for name, bad in (("empty", "shard"), ("npz", "labels")):
+        os.makedirs(tmp_path / name)
+        for kind, a in (("shard", lat), ("labels", np.array([0, 1, 2]))):
+            path = tmp_path / name / f"{kind}-00000-of-00001.npy"
+            np.save(path, a)
+            if kind == bad:
+                with open(path, "wb") as f:
+                    np.savez(f, a) if name == "npz" else None
+        code, _, err = run_main(run + ["--data-path", tmp_path / name, "--out", tmp_path / "run"], capsys)
+        assert_one_line_error(code, err, f"latents in {tmp_path / name} are", "re-run --prepare-imagenet")
+        assert not os.path.exists(tmp_path / "run")
 
 
 def test_cifar10_pixels_of_another_layout_and_foreign_pickles_are_refused(tmp_path, capsys):

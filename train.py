@@ -584,8 +584,10 @@ class ImageNetLatents:
         try:
             self.lat = [np.load(f, mmap_mode="r") for f in files]
             labels = [np.load(labels_path(f)) for f in files]
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, EOFError) as err:  # EOFError: an empty file
             raise Fail(f"latents in {path} are unreadable ({type(err).__name__}); re-run --prepare-imagenet")
+        if not all(isinstance(a, np.ndarray) for a in self.lat + labels):  # an .npz archive under an .npy name
+            raise Fail(f"latents in {path} are not .npy arrays; delete them and re-run --prepare-imagenet")
         C, H, _ = IMAGE_DATA["imagenet-latents"]  # each row: 2 flips x (mean, std) x (C, H, H)
         if any(a.shape[1:] != (2, 2, C, H, H) or a.dtype not in (np.float16, np.float32) or l.shape != a.shape[:1]
                or not np.issubdtype(l.dtype, np.integer) for a, l in zip(self.lat, labels)):  # shard by shard
@@ -713,6 +715,10 @@ def set_up(args):
         # 30 minutes for a collective (nccl's default is 10): the others wait in a barrier while process 0 writes a
         # checkpoint (XL/2's weights, EMA and AdamW: ~11 GB) or fetches the VAE; torchrun still ends them at once
         # when a process dies.
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]  # where the processes meet
+        if missing:
+            raise Fail(f"RANK is set in the environment but {' and '.join(missing)} not; start the processes with "
+                       "torchrun, or unset RANK")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
     bf16 = (args.precision or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
     autocast = torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext()
@@ -1320,10 +1326,16 @@ def load_vae(args, device):
         raise Fail("the SD-VAE needs diffusers (an optional dependency): pip install diffusers")
     logging.set_verbosity_error()  # its warnings (a missing accelerate, the hub's retries) would bury the one line
     try:
-        return AutoencoderKL.from_pretrained(args.vae).to(device).eval()
+        vae = AutoencoderKL.from_pretrained(args.vae)
     except Exception as err:
         raise Fail(f"could not load the VAE {args.vae!r} ({type(err).__name__}); pass --vae with a local copy "
                    "(offline, HF_HUB_OFFLINE=1 reads the Hugging Face cache without the hub's retries)")
+    C, H, _ = IMAGE_DATA["imagenet-latents"]  # of 256 x 256 images: C channels, 1/8 of the side
+    channels, factor = vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)  # (diffusers' rule)
+    if (channels, factor) != (C, 256 // H):  # another VAE would decode these latents into wrong or wrong-sized images
+        raise Fail(f"--vae {args.vae} makes {channels}-channel latents at 1/{factor} of the image side, not the "
+                   f"SD-VAE's {C} at 1/{256 // H}; pass that VAE (stabilityai/sd-vae-ft-mse or a local copy)")
+    return vae.to(device).eval()
 
 
 @torch.no_grad()
@@ -1647,7 +1659,7 @@ def prepare_imagenet(args):
         loader = torch.utils.data.DataLoader([os.path.join(root, f) for f, _ in files], batch_size=32,
                                              num_workers=args.workers, collate_fn=load_images)
         try:
-            encode_shard(vae, loader, name + ".tmp", len(files), device, f"shard {s} of {n}", args.vae)
+            encode_shard(vae, loader, name + ".tmp", len(files), device, f"shard {s} of {n}")
             same_tree(args.data_path, n, tree, write=True)  # recorded by the first finished shard
         except BaseException as err:  # a bad image, a full disk, Ctrl-C: no partial shard stays behind
             if os.path.exists(name + ".tmp"):
@@ -1705,7 +1717,7 @@ def shard_done(name, labels):
     return True
 
 
-def encode_shard(vae, loader, path, n, device, desc, args_vae=None):
+def encode_shard(vae, loader, path, n, device, desc):
     """The posterior (mean, std) of every image and its mirror image, into a float16 .npy at path."""
     lat, i = None, 0
     with torch.no_grad():
@@ -1716,10 +1728,6 @@ def encode_shard(vae, loader, path, n, device, desc, args_vae=None):
                            "labels-* and tree-* too)")
             post = vae.encode(torch.cat([x, x.flip(3)]).to(device)).latent_dist  # image and mirror in one pass
             both = torch.stack([post.mean, post.std], 1).unflatten(0, (2, len(x))).transpose(0, 1)  # (B, 2, 2, C, h, w)
-            C, H, _ = IMAGE_DATA["imagenet-latents"]
-            if both.shape[1:] != (2, 2, C, H, H):  # a VAE of other latents: training would refuse the shards
-                raise Fail(f"--vae {args_vae} encodes 256 x 256 images to {tuple(both.shape[3:])} latents, not the "
-                           f"SD-VAE's ({C}, {H}, {H}); pass that VAE (stabilityai/sd-vae-ft-mse or a local copy)")
             if lat is None:  # float16: half the disk (42 GB for ImageNet), rounding 5e-4 relative
                 lat = np.lib.format.open_memmap(path, "w+", np.float16, (n, *both.shape[1:]))
                 if hasattr(os, "posix_fallocate"):  # the file is sparse: a write into it on a full disk would end
