@@ -2891,7 +2891,10 @@ def test_study_runner_appends_and_resumes(tmp_path, capsys):
     (["--steps", "0"], "--steps 0: must be at least 1"), (["--eval-every", "0"], "--eval-every 0: must be at least 1"),
     (["--ema", "1"], "--ema 1.0: must be in [0, 1)"), (["--lr", "nan"], "--lr nan: must be a positive number"),
     (["--lr", "inf"], "--lr inf: must be a positive number"), (["--ema", "0.9"], "holds runs with other settings"),
-    (["--image-run"], "holds runs with other settings"), (["--eval-every", "3"], "holds runs with other settings")])
+    (["--image-run"], "holds runs with other settings"), (["--eval-every", "3"], "holds runs with other settings"),
+    (["--seeds", "-1"], "--seeds -1: each must be in [0, 2**32)"), (["--seeds", "0", str(2**64)], "each must be in"),
+    (["--out", ""], "--out is empty"), (["--data-path", "x"], "--data-path is read by --part images only"),
+    (["--workers", "0"], "--workers 0: must be at least 1"), (["--recipes", "nope"], "invalid choice: 'nope'")])
 def test_study_runner_refuses_bad_numbers_and_another_studys_file(tmp_path, capsys, flags, named):
     """A study file resumes only at the settings it was made with (a run there at another lr, length or part would
     count as done, and the notebooks would mix them); bad numbers and a file that is not a study's: one line, exit 2,
@@ -2907,7 +2910,7 @@ def test_study_runner_refuses_bad_numbers_and_another_studys_file(tmp_path, caps
     argv += [] if "--eval-every" in flags else ["--eval-every", "2"]
     with pytest.raises(SystemExit) as exit_:
         study.main(argv + ([] if flags in (["--garbage"], ["--image-run"]) else flags))
-    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    errors = capsys.readouterr().err.splitlines()  # one line: argparse printed its usage block before its errors
     assert exit_.value.code == 2 and len(errors) == 1 and named in errors[0] and out.read_text() == before
 
 
@@ -5248,6 +5251,42 @@ def test_study_runner_refuses_an_out_folder_and_runs_each_job_once(tmp_path, cap
     argv = ["--out", out, "--steps", "2", "--eval-every", "2", "--seeds", "0", "0", "--recipes", "meanflow", "meanflow"]
     assert study.main(argv) == 0
     assert "1 runs to do" in capsys.readouterr().out and len(open(out).readlines()) == 1
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exc:  # a file two levels up: NotADirectoryError's traceback
+        study.main(["--out", str(tmp_path / "afile" / "sub" / "s.jsonl")])
+    assert exc.value.code == 2 and "cannot make its folder (Not a directory)" in capsys.readouterr().err
+
+
+def test_study_out_of_memory_and_ctrl_c_end_in_one_line(tmp_path, monkeypatch, capsys):
+    study = load_study()
+    argv = ["--out", str(tmp_path / "s.jsonl"), "--steps", "2", "--eval-every", "2", "--recipes", "meanflow"]
+    monkeypatch.setattr(study, "eval_set", lambda: (None, None))
+    for raised, code, words in ((RuntimeError("[enforce fail at alloc_cpu.cpp:117] can't allocate memory"), 2,
+                                 "out of memory (RuntimeError); pass a smaller --batch-size"),
+                                (KeyboardInterrupt(), 130, "stopped; the finished runs are in")):
+        def run(*a):
+            raise raised
+        monkeypatch.setattr(study, "run", run)
+        try:
+            assert study.main(argv) == code
+        except SystemExit as exit_:
+            assert exit_.code == code
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and words in err and not os.path.exists(tmp_path / "s.jsonl")
+
+
+def test_study_ctrl_c_ends_every_worker_in_one_line(tmp_path):
+    """A terminal's Ctrl-C reaches every process: the spawned workers printed a KeyboardInterrupt traceback each."""
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "notebooks", "convergence_study.py"), "--out",
+                          str(tmp_path / "s.jsonl"), "--steps", "100000", "--recipes", "meanflow", "--seeds", "0", "1",
+                          "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert "2 runs to do" in p.stdout.readline()
+    time.sleep(2)  # the workers are starting (importing torch) or training
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.splitlines() == [
+        f"convergence_study.py: stopped; the finished runs are in {tmp_path / 's.jsonl'}; the same command runs the rest"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1746,6 +1746,11 @@ def unwind_on_stop_signals():  # the stop signals other than Ctrl-C raise as Ctr
     return {s: signal.signal(s, interrupt) for s in heeded(STOP_SIGNALS) if s != signal.SIGINT}
 
 
+def out_of_memory(err):  # torch.OutOfMemoryError is a RuntimeError; a failed CPU allocation a RuntimeError ("can't
+    #                        allocate memory") or a MemoryError
+    return isinstance(err, MemoryError) or re.search(r"out of memory|can't allocate memory", str(err)) is not None
+
+
 def main(argv=None):
     release, rank, world = None, 0, 1
     # The other stop signals outside the training loop unwind as Ctrl-C does (lock, temporaries removed). Not under
@@ -1769,9 +1774,8 @@ def main(argv=None):
         who = f"process {rank} of {world}: " if world > 1 else ""
         print(f"train.py: error: {who}" + " ".join(str(err).split()), file=sys.stderr)
         return 2
-    except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError; a failed CPU allocation
-        #                                         a RuntimeError ("can't allocate memory") or a MemoryError
-        if not isinstance(err, MemoryError) and not re.search(r"out of memory|can't allocate memory", str(err)):
+    except (RuntimeError, MemoryError) as err:
+        if not out_of_memory(err):
             raise
         print(f"train.py: error: out of memory ({type(err).__name__}); pass a smaller --batch-size (it is split over "
               "the processes) or a smaller --model", file=sys.stderr)

@@ -21,8 +21,10 @@ Every process uses one thread (small nets: threads cost more than they give).
 import argparse
 import copy
 import json
+import logging
 import math
 import os
+import signal
 import sys
 import time
 
@@ -271,6 +273,18 @@ def run_images(name, seed, args, data, scores, noise):
 
 
 def worker(rank, args, jobs):
+    """Runs jobs rank, rank + workers, ...; out of memory ends it in one line."""
+    try:
+        do_jobs(rank, args, jobs)
+    except (RuntimeError, MemoryError) as err:
+        if not train.out_of_memory(err):
+            raise
+        print(f"convergence_study.py: error: out of memory ({type(err).__name__}); pass a smaller --batch-size or "
+              "fewer --workers", file=sys.stderr)
+        sys.exit(2)
+
+
+def do_jobs(rank, args, jobs):
     torch.set_num_threads(1)
     if args.part == "toy":
         sets, data = eval_set()
@@ -293,7 +307,14 @@ def worker(rank, args, jobs):
         print(f"{name} seed {seed}: {result['seconds']:.0f} s, final 1-NFE score {score:.4f}", flush=True)
 
 
-def check_numbers(p, args):  # argparse's usage and one error line (exit 2) for a number no run can use
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, as train.py (argparse prints its whole usage first)
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
+def check_numbers(p, args):  # one error line (exit 2) for a number no run can use
+    if not all(0 <= s < 2**32 for s in args.seeds):  # train.py's range too: numpy takes seeds below 2**32
+        p.error(f"--seeds {' '.join(map(str, args.seeds))}: each must be in [0, 2**32)")
     for flag, ok in [("steps", args.steps >= 1), ("eval_every", args.eval_every >= 1), ("workers", args.workers >= 1),
                      ("batch_size", args.batch_size >= 1), ("classifier_steps", args.classifier_steps >= 1),
                      ("lr", 0 < args.lr < float("inf")), ("ema", 0 <= args.ema < 1)]:
@@ -340,7 +361,7 @@ def finished_runs(p, args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("--part", choices=["toy", "images"], default="toy")
     p.add_argument("--out", help="default runs/study-<part>.jsonl")
     p.add_argument("--recipes", nargs="+", choices=list(RECIPES),
@@ -357,6 +378,10 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=1, help="processes, one thread each")
     args = p.parse_args(argv)
     toy = args.part == "toy"
+    if args.out == "":
+        p.error("--out is empty; pass a file, or leave --out out for runs/study-<part>.jsonl")
+    if toy and args.data_path is not None:
+        p.error("--data-path is read by --part images only (the toy draws its data); leave it out")
     args.out = args.out or f"runs/study-{args.part}.jsonl"
     args.recipes = list(dict.fromkeys(args.recipes or (TOY_RECIPES if toy else IMAGE_RECIPES)))  # each once
     args.seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else [0, 1, 2, 3, 4] if toy else [0, 1, 2]))
@@ -366,19 +391,44 @@ def main(argv=None):
     args.warmup = 0 if toy else 50  # lr warm-up steps (train.get_lr): the toy as train.py's, none
     check_numbers(p, args)
     done = finished_runs(p, args)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    except OSError as err:  # e.g. a file on the way to it
+        p.error(f"--out {args.out}: cannot make its folder ({err.strerror}); pass another --out")
     jobs = [(r, s) for s in args.seeds for r in args.recipes if (r, s) not in done]
     jobs.sort(key=lambda j: (args.recipes.index(j[0]) >= 3, j[1]))  # the first three recipes' seeds first
     print(f"{len(jobs)} runs to do, {len(done)} already in {args.out}", flush=True)
     if not jobs:
         return 0
     args.workers = max(1, min(args.workers, len(jobs)))
-    if not toy:  # the scorer, once (missing or bad data: one line here, not a traceback per worker)
-        args.scores = scoring_classifier(p, args, list(done.values()))
-    if args.workers == 1:
-        worker(0, args, jobs)
-    else:
-        mp.spawn(worker, args=(args, jobs), nprocs=args.workers, join=True)
+    workers = None
+    try:
+        if not toy:  # the scorer, once (missing or bad data: one line here, not a traceback per worker)
+            args.scores = scoring_classifier(p, args, list(done.values()))
+        if args.workers == 1:
+            worker(0, args, jobs)
+        else:
+            # A terminal's Ctrl-C reaches every process: the workers start with SIGINT ignored (inherited from here,
+            # and kept by Python), and this process ends them.
+            logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+            handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                workers = mp.spawn(worker, args=(args, jobs), nprocs=args.workers, join=False)
+            finally:
+                signal.signal(signal.SIGINT, handler)
+            while not workers.join():
+                pass
+    except KeyboardInterrupt:
+        for proc in workers.processes if workers else []:
+            proc.terminate()  # a run cut off while writing its line: the next start drops the line and runs it again
+        print(f"convergence_study.py: stopped; the finished runs are in {args.out}; the same command runs the rest",
+              file=sys.stderr)
+        return 130
+    except mp.ProcessExitedException as err:  # a worker said why (out of memory) and exited, or was killed; join()
+        #                                         has ended the others (its notice of that is muted above)
+        if err.exit_code is None or err.exit_code <= 0:  # a signal: its name
+            print(f"convergence_study.py: error: {err}; the finished runs are in {args.out}", file=sys.stderr)
+        return err.exit_code if err.exit_code and err.exit_code > 0 else 1
     return 0
 
 
