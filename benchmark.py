@@ -24,6 +24,7 @@ process (on a shared CPU the steadier measure), each with its ratio to flow matc
 file carry the run's start time (`run`), which tells the runs in one file apart.
 """
 import argparse
+import ast
 import contextlib
 import json
 import os
@@ -195,8 +196,13 @@ def child(args, *cmd):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, as train.py (argparse prints its whole usage first)
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
 def check_args(ap, args):
-    """Bad flags stop here with one line (argparse's usage and error, exit 2), before any process starts."""
+    """Bad flags stop here with one line (exit 2), before any process starts."""
     import meanflow as mf
 
     models, kinds = args.models.split(","), args.recipes.split(",")
@@ -219,9 +225,16 @@ def check_args(ap, args):
     if args.baseline:
         try:
             with open(args.baseline) as f:
-                compile(f.read(), args.baseline, "exec")
+                tree = ast.parse(f.read(), args.baseline)
         except (SyntaxError, ValueError, UnicodeDecodeError) as err:
             ap.error(f"--baseline {args.baseline} is not Python ({type(err).__name__}); pass a meanflow.py")
+        defined = {node.name for node in tree.body if isinstance(node, (ast.ClassDef, ast.FunctionDef))}
+        defined |= {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+                    if isinstance(t, ast.Name)}
+        needed = {"MeanFlow"} | {"MLP" if m == "mlp" else "DiT_models" for m in models}  # what build() takes from it
+        if needed - defined:
+            ap.error(f"--baseline {args.baseline} defines no {' or '.join(sorted(needed - defined))}: not a "
+                     "meanflow.py; pass one (e.g. from git show COMMIT:meanflow.py)")
     if args.batch < 1 or args.steps < 1:
         ap.error(f"--batch and --steps must be at least 1 (got {args.batch}, {args.steps})")
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
@@ -240,7 +253,7 @@ def check_args(ap, args):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mlp,S/2,B/4", help="comma-separated: mlp and/or keys of DiT_models")
     ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated, from: " + ", ".join(RECIPES)
                     + "; the parts of a step: " + ", ".join(PARTS)
@@ -275,6 +288,23 @@ def main():
         return
 
     check_args(ap, args)
+    try:
+        rows = measure_all(args)
+    except KeyboardInterrupt:  # Ctrl-C reaches the measuring process too; its traceback stays in its captured stderr
+        print("benchmark.py: stopped" + (f"; the rows measured so far are in {args.out}" if args.out else ""),
+              file=sys.stderr)
+        sys.exit(130)
+    print(f"\n{'model':6} {'step':18} {'wall (s)':>9} {'x FM':>6} {'CPU (s)':>9} {'x FM':>6} {'peak MB':>9} {'x FM':>6}"
+          f" {'step MB':>9} {'x FM':>6}")
+    for r in rows:
+        print(f"{r['model']:6} {r['kind']:18} {r['step_s']:9.3f} {r['time_ratio']:6.2f} {r['cpu_s']:9.3f} "
+              f"{r['cpu_ratio']:6.2f} {r['peak_mb']:9.0f} {r['mem_ratio']:6.2f} {r['step_mb']:9.0f} "
+              f"{r['step_mem_ratio']:6.2f}")
+
+
+def measure_all(args):
+    """Every row: for each model, the times of its kinds (one process, or one per pair) and each kind's memory (one
+    process each); printed and appended to --out as they come."""
     rows, base, started = [], {}, time.strftime("%Y-%m-%dT%H:%M:%S")  # `run` tells the runs in one --out apart
     for model in args.models.split(","):
         recipes = args.recipes.split(",")
@@ -308,13 +338,8 @@ def main():
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
             rows.append(row)
+    return rows
 
-    print(f"\n{'model':6} {'step':18} {'wall (s)':>9} {'x FM':>6} {'CPU (s)':>9} {'x FM':>6} {'peak MB':>9} {'x FM':>6}"
-          f" {'step MB':>9} {'x FM':>6}")
-    for r in rows:
-        print(f"{r['model']:6} {r['kind']:18} {r['step_s']:9.3f} {r['time_ratio']:6.2f} {r['cpu_s']:9.3f} "
-              f"{r['cpu_ratio']:6.2f} {r['peak_mb']:9.0f} {r['mem_ratio']:6.2f} {r['step_mb']:9.0f} "
-              f"{r['step_mem_ratio']:6.2f}")
 
 if __name__ == "__main__":
     main()

@@ -3671,7 +3671,9 @@ def test_benchmark_runs_and_reports_ratios_to_flow_matching(tmp_path):
     (["--recipes", "meanflow@bar"], "unknown kind 'meanflow@bar'"), (["--steps", "0"], "--steps must be at least 1"),
     (["--recipes", "meanflow@base"], "needs --baseline"), (["--baseline", "nope/meanflow.py"], "no such file"),
     (["--out", "nope/bench.jsonl"], "its folder does not exist"),
-    (["--recipes", "fm-split@base", "--baseline", os.path.join(HERE, "meanflow.py")], "leave out @base")])
+    (["--recipes", "fm-split@base", "--baseline", os.path.join(HERE, "meanflow.py")], "leave out @base"),
+    (["--recipes", "meanflow@base", "--baseline", os.path.join(HERE, "toy_data", "__init__.py")],
+     "defines no MLP or MeanFlow: not a meanflow.py"), (["--batch", "x"], "invalid int value: 'x'")])
 def test_benchmark_refuses_bad_flags_in_one_line(tmp_path, flags, named, capsys, monkeypatch):
     """Bad flags: one error line naming the flag, exit 2, before any timing process starts (no output file).
     In this process (the command line itself: the next test)."""
@@ -3682,9 +3684,23 @@ def test_benchmark_refuses_bad_flags_in_one_line(tmp_path, flags, named, capsys,
     with pytest.raises(SystemExit) as exc:
         bench.main()
     out, err = capsys.readouterr()
-    errors = [line for line in err.splitlines() if "error" in line]
+    errors = err.splitlines()  # one line: argparse printed its usage block before its errors
     assert exc.value.code == 2 and len(errors) == 1 and named in errors[0], err[-2000:]
     assert not out and os.listdir(tmp_path) == []
+
+
+def test_benchmark_ctrl_c_ends_in_one_line(tmp_path, capsys, monkeypatch):
+    bench = load_benchmark()
+    (tmp_path / "b.jsonl").write_text("")
+
+    def interrupted(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "child", interrupted)
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--models", "mlp", "--out", str(tmp_path / "b.jsonl")])
+    with pytest.raises(SystemExit) as exc:
+        bench.main()
+    assert exc.value.code == 130 and capsys.readouterr().err.splitlines() == [
+        f"benchmark.py: stopped; the rows measured so far are in {tmp_path / 'b.jsonl'}"]
 
 
 def test_a_process_that_does_not_download_says_the_tarball_is_missing(tmp_path):
