@@ -1828,8 +1828,8 @@ def test_cifar10_gets_its_own_recipe_and_never_imagenet_guidance():
     assert (m.omega, m.kappa, m.t_hi) == (0.2, 0.92, 0.8)
     # --set comes last: over the dataset's knobs and the guidance table
     m = train.make_method(train.get_args(["--data", "cifar10", "--set", "P_mean=-1.5", "--set", "beta_k=none",
-                                          "--set", "dtd_stages=4", "--set", "time_sampler=uniform"]))
-    assert (m.P_mean, m.P_std, m.beta_k, m.dtd_stages, m.time_sampler) == (-1.5, 2.0, None, 4, "uniform")
+                                          "--set", "dtd_stages=4", "--set", "p=0.5"]))
+    assert (m.P_mean, m.P_std, m.beta_k, m.dtd_stages, m.p) == (-1.5, 2.0, None, 4, 0.5)
     m = train.make_method(train.get_args(["--data", "imagenet-latents", "--model", "XL/2", "--set", "kappa=0.5"]))
     assert (m.omega, m.kappa) == (0.2, 0.5)
 
@@ -1919,9 +1919,10 @@ def test_fid_uses_the_reference_mu_sigma_when_the_file_has_them(tmp_path, monkey
     np.save(tmp_path / "array.npy", b)
     os.rename(tmp_path / "array.npy", tmp_path / "array.npz")  # an .npy under an .npz name
     before = sorted(os.listdir(tmp_path / "run"))
-    for bad in ("garbage.npz", "cut.npz", "array.npz", "dims.npz"):  # refused before any sample is drawn
+    for bad in ("garbage.npz", "cut.npz", "array.npz", "dims.npz", "none.npz"):  # refused before any sample is drawn
         code, _, err = run_main(common + ["--sample", 20, "--fid-ref", tmp_path / bad], capsys)
-        assert_one_line_error(code, err, f"--fid-ref {tmp_path / bad}")
+        assert_one_line_error(code, err, f"--fid-ref {tmp_path / bad}",
+                              *(["does not exist", "pass a reference .npz"] if bad == "none.npz" else []))
     assert sorted(os.listdir(tmp_path / "run")) == before
     np.savez(tmp_path / "ref32.npz", arr_0=np.zeros((2, 32, 32, 3), np.uint8), mu=fb.mean(0),
              sigma=np.cov(fb, rowvar=False))
@@ -2519,10 +2520,11 @@ def test_checkpoint_contents_are_checked_before_use(tmp_path, capsys):
     assert (out / "ckpt.pt").read_bytes() == saved
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     # wrong kinds
-    for key, value in (("ema", torch.zeros(3)), ("step", -1), ("time", "noon"), ("rng", 5), ("dtd_acc", {})):
+    for key, value in (("ema", torch.zeros(3)), ("step", -1), ("time", "noon"), ("rng", 5), ("dtd_acc", {}),
+                       ("step", True), ("time", math.nan), ("rng", []), ("args", {})):  # (these last four resumed)
         torch.save({**ckpt, key: value}, out / "ckpt.pt")
         for mode in (["--resume", "--steps", 8], ["--sample", 5]):
-            assert_one_line_error(*run_main(common + mode, capsys)[::2], "not a train.py checkpoint")
+            assert_one_line_error(*run_main(common + mode, capsys)[::2], "not a train.py checkpoint", f"a wrong {key}")
     bad = copy.deepcopy(ckpt)
     bad["opt"]["state"][0]["exp_avg"] = torch.zeros(7)  # moments of another shape: load_state_dict takes them
     torch.save(bad, out / "ckpt.pt")
@@ -2569,7 +2571,13 @@ def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
     monkeypatch.setattr(mf.MeanFlow, "loss", oom)
     assert_one_line_error(*run_main(["--steps", 2, *TOY_RUN, "--out", tmp_path / "run"], capsys)[::2],
-                          "out of memory", "--batch-size")
+                          "out of memory", "--batch-size", "smaller --model")
+    monkeypatch.undo()  # --sample holds all its samples: a smaller --batch-size alone did not help
+    assert run_main(["--steps", 2, *TOY_RUN, "--out", tmp_path / "run"], capsys)[0] == 0
+    monkeypatch.setattr(mf.MeanFlow, "sample", oom)
+    assert_one_line_error(*run_main(["--out", tmp_path / "run", "--sample", 10], capsys)[::2],
+                          "out of memory", "pass a smaller --sample")
+    assert not [f for f in os.listdir(tmp_path / "run") if f.startswith("samples-")]
 
 
 def test_output_folder_that_is_a_file_or_under_one(tmp_path, capsys):
@@ -4721,6 +4729,8 @@ def test_resume_of_a_finished_run_draws_its_last_pictures(tmp_path, capsys):
     (["--set", "dtd_stages=99999999999999999999999"], ["dtd_stages", "below 2^31"]),
     (["--set", "omega_max=5"], ["['omega_max'] are not options of recipe 'meanflow'", "iMF's"]),
     (["--set", "dtd_patience=5"], ["--set dtd_patience does nothing", "dtd_stages is 0"]),
+    (["--set", "time_sampler=uniform", "--set", "P_mean=0"], ["--set P_mean does nothing", "time_sampler is uniform"]),
+    (["--set", "class_dropout=1"], ["--set class_dropout does nothing", "this run is unconditional"]),  # the toy
     (["--prepare-imagenet", "imgs", "--steps", 3], ["--steps goes with training (and --sample"]),
     (["--prepare-imagenet", "imgs", "--batch-size", 64], ["--batch-size goes with training"]),  # encodes 32 at once
     (["--prepare-imagenet", "imgs", "--compile"], ["--compile goes with training"]),
@@ -4739,6 +4749,8 @@ def test_knobs_a_recipe_reads_are_accepted():
     assert train.make_method(args).dtd_window == 5  # DTD switched on by --set: its knobs count
     args = train.get_args(["--recipe", "imf", "--set", "omega_max=5"])
     assert train.make_method(args).omega_max == 5.0
+    args = train.get_args(["--data", "fashion-mnist", "--set", "class_dropout=0.2", "--set", "P_std=1.5"])
+    assert (train.make_method(args).class_dropout, train.make_method(args).P_std) == (0.2, 1.5)
 
 
 def test_world_size_without_rank_is_one_process(tmp_path, capsys, monkeypatch):
@@ -5301,8 +5313,8 @@ def test_study_ctrl_c_ends_every_worker_in_one_line(tmp_path):
     time.sleep(2)  # the workers are starting (importing torch) or training
     os.killpg(p.pid, signal.SIGINT)
     _, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and err.splitlines() == [
-        f"convergence_study.py: stopped; the finished runs are in {tmp_path / 's.jsonl'}; the same command runs the rest"]
+    assert p.returncode == 130 and err.splitlines() == [f"convergence_study.py: stopped; the finished runs are in "
+                                                        f"{tmp_path / 's.jsonl'}; the same command runs the rest"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -687,10 +687,13 @@ def make_method(args):
                                                     **args.set_knobs})
     except ValueError as err:
         raise Fail(f"{err} (from --recipe {args.recipe} and --set)")
-    inert = () if method.dtd_stages else ("dtd_patience", "dtd_share", "dtd_window")  # (MeanFlow() refuses the
-    if k := min(args.set_knobs.keys() & set(inert), default=None):  # guidance knobs with iMF, omega_max/beta without)
-        raise Fail(f"--set {k} does nothing with --recipe {args.recipe} and these knobs (DTD only, and dtd_stages is "
-                   "0); leave it out")
+    inert = {k: "DTD only, and dtd_stages is 0" for k in ("dtd_patience", "dtd_share", "dtd_window")
+             if not method.dtd_stages}  # (MeanFlow() refuses the guidance knobs with iMF, omega_max/beta without)
+    inert.update({k: "the logit-normal sampler's, and time_sampler is uniform" for k in ("P_mean", "P_std")
+                  if method.time_sampler == "uniform"})
+    inert.update({"class_dropout": "labels only, and this run is unconditional"} if not args.class_cond else {})
+    if k := min(args.set_knobs.keys() & inert.keys(), default=None):
+        raise Fail(f"--set {k} does nothing with --recipe {args.recipe} and these knobs ({inert[k]}); leave it out")
     return method
 
 
@@ -1082,9 +1085,13 @@ def load_checkpoint(path, args, method):
     need = ("args", "ema") if args.sample is not None else ("args", "model", "ema", "opt", "method", "step", "rng")
     missing = [k for k in need if k not in ckpt] if isinstance(ckpt, dict) else need
     wrong = [] if missing else [k for k, kind in CKPT_KINDS.items() if k in ckpt and not isinstance(ckpt[k], kind)]
-    if missing or wrong or ckpt.get("step", 0) < 0:
+    if not missing and not wrong:  # the right kinds, values no run writes (a bool is an int; a run has a process)
+        wrong = [k for k, bad in (("step", isinstance(ckpt.get("step"), bool) or ckpt.get("step", 0) < 0),
+                                  ("time", not math.isfinite(ckpt.get("time", 0))), ("rng", ckpt.get("rng") == []),
+                                  ("args", not {"data", "model", "recipe"} <= ckpt["args"].keys())) if bad]
+    if missing or wrong:
         what = (f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else f"no {', '.join(missing)}" if missing
-                else f"a wrong {', '.join(wrong) or 'step'}")
+                else f"a wrong {', '.join(wrong)}")
         raise Fail(f"{path} is not a train.py checkpoint ({what}); pass the --out of a train.py run")
     for k in ("data", "model", "recipe"):
         if ckpt["args"].get(k) != getattr(args, k):
@@ -1489,7 +1496,9 @@ def fid_reference(path):
                 return (mu, sigma), f"the mu/sigma stored in {path}"
             ref = f["arr_0"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        raise Fail(f"--fid-ref {path} is not a reference .npz with mu/sigma or arr_0 images ({type(err).__name__})")
+        what = "does not exist" if isinstance(err, FileNotFoundError) else "is not a reference .npz"
+        raise Fail(f"--fid-ref {path} {what} ({type(err).__name__}); pass a reference .npz with mu/sigma (e.g. ADM's "
+                   "VIRTUAL_imagenet256_labeled.npz) or uint8 images arr_0")
     if ref.dtype != np.uint8 or ref.ndim != 4 or ref.shape[3] != 3 or len(ref) < 2:  # 2: a covariance
         raise Fail(f"--fid-ref {path}: arr_0 is {ref.dtype} {ref.shape}, not uint8 N x H x W x 3 images, N >= 2")
     return ref, f"the {len(ref)} images arr_0 of {path}"
@@ -1752,7 +1761,7 @@ def out_of_memory(err):  # torch.OutOfMemoryError is a RuntimeError; a failed CP
 
 
 def main(argv=None):
-    release, rank, world = None, 0, 1
+    release, rank, world, args = None, 0, 1, None
     # The other stop signals outside the training loop unwind as Ctrl-C does (lock, temporaries removed). Not under
     # torchrun: a Python handler cannot run while a process waits in a collective for a failed peer, and torchrun's
     # SIGTERM must end such a process at once, as the default action does. --prepare-imagenet has no collectives:
@@ -1777,8 +1786,10 @@ def main(argv=None):
     except (RuntimeError, MemoryError) as err:
         if not out_of_memory(err):
             raise
-        print(f"train.py: error: out of memory ({type(err).__name__}); pass a smaller --batch-size (it is split over "
-              "the processes) or a smaller --model", file=sys.stderr)
+        sampling = args is not None and args.sample is not None  # the .npz's N samples are held in memory
+        fix = ("a smaller --sample (its samples are held in memory) or --batch-size (those drawn at once)" if sampling
+               else "a smaller --batch-size (it is split over the processes) or a smaller --model")
+        print(f"train.py: error: out of memory ({type(err).__name__}); pass {fix}", file=sys.stderr)
         return 2
     except Stopped as stop:  # a STOP_SIGNALS signal while training: checkpoint written
         if rank == 0:
