@@ -1161,6 +1161,27 @@ def tiny_vae(folder, levels=4):
 
 
 @pytest.mark.skipif(not HAVE_DIFFUSERS, reason="diffusers is optional (pip install diffusers); ImageNet latents use it")
+def test_a_vae_that_cannot_be_fetched_is_one_line():
+    """Offline, the default --vae printed the hub's 6 retry notices and a deprecation warning before its line."""
+    code = f"""if 1:
+        import logging, sys, warnings
+        sys.path.insert(0, {HERE!r})
+        import train
+        from diffusers.models import AutoencoderKL
+        def offline(name):  # what huggingface_hub does without a network
+            logging.getLogger("huggingface_hub.utils._http").warning("'Name or service not known' thrown; retrying")
+            warnings.warn("`local_dir_use_symlinks` is deprecated", UserWarning)
+            raise OSError("We couldn't connect to 'https://huggingface.co'")
+        AutoencoderKL.from_pretrained = offline
+        try:
+            train.load_vae(type("Args", (), dict(vae="stabilityai/sd-vae-ft-mse")), "cpu")
+        except train.Fail as err:
+            print(err, file=sys.stderr)"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and len(p.stderr.splitlines()) == 1 and "could not load the VAE" in p.stderr, p.stderr
+
+
+@pytest.mark.skipif(not HAVE_DIFFUSERS, reason="diffusers is optional (pip install diffusers); ImageNet latents use it")
 def test_imagenet_latents_prepare_load_train_sample(tmp_path, capsys):
     from PIL import Image
 
@@ -5583,8 +5604,8 @@ def test_kappa_forward_covers_only_the_r_neq_t_rows():
 
 
 def test_each_machine_downloads_with_its_local_process_0(tmp_path, capsys, monkeypatch):
-    for k, v in dict(RANK="3", WORLD_SIZE="4", LOCAL_RANK="1").items():
-        monkeypatch.setenv(k, v)
+    for k, v in dict(RANK="3", WORLD_SIZE="4", LOCAL_RANK="1", MASTER_ADDR="localhost", MASTER_PORT="29500").items():
+        monkeypatch.setenv(k, v)  # as torchrun sets them
     assert train.processes() == (3, 4, 1)
     monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: None)
     seen = []

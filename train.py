@@ -47,6 +47,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from contextlib import nullcontext, suppress
@@ -1329,11 +1330,15 @@ def load_vae(args, device):
     try:
         from diffusers.models import AutoencoderKL
         from diffusers.utils import logging
+        from huggingface_hub.utils import logging as hub_logging  # (diffusers' own dependency)
     except ImportError:
         raise Fail("the SD-VAE needs diffusers (an optional dependency): pip install diffusers")
-    logging.set_verbosity_error()  # its warnings (a missing accelerate, the hub's retries) would bury the one line
+    for library in (logging, hub_logging):  # their notices (a missing accelerate; offline, the hub's 5 retries and
+        library.set_verbosity_error()  #      deprecations of their own arguments) would bury the one line
     try:
-        vae = AutoencoderKL.from_pretrained(args.vae)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            vae = AutoencoderKL.from_pretrained(args.vae)
     except Exception as err:
         raise Fail(f"could not load the VAE {args.vae!r} ({type(err).__name__}); pass --vae with a local copy "
                    "(offline, HF_HUB_OFFLINE=1 reads the Hugging Face cache without the hub's retries)")

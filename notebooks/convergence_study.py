@@ -15,7 +15,8 @@ split: class accuracy and Frechet distance on its 64-d features to the test spli
 same way are the floor. The classifier is kept beside the results (<out>.classifier.pt): a resumed study scores with
 the same one on any machine. The test split (t10k-*) comes from Debian's copy or data/fashion-mnist, downloaded there
 (md5-checked) when neither holds it; with --data-path, that folder must hold all four official files.
-One line of JSON per finished run is appended to --out; runs already there are skipped, so a killed study resumes.
+One line of JSON per finished run is appended to --out; runs already there are skipped, so a killed study resumes
+(the same command). Ctrl-C ends every worker, with one line.
 Every process uses one thread (small nets: threads cost more than they give).
 """
 import argparse
