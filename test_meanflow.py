@@ -5330,10 +5330,14 @@ def test_study_ctrl_c_ends_every_worker_in_one_line(tmp_path):
                           str(tmp_path / "s.jsonl"), "--steps", "100000", "--recipes", "meanflow", "--seeds", "0", "1",
                           "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert "2 runs to do" in p.stdout.readline()
-    time.sleep(2)  # the workers are starting (importing torch) or training
-    os.killpg(p.pid, signal.SIGINT)
-    _, err = p.communicate(timeout=60)
+    try:
+        assert "2 runs to do" in p.stdout.readline()
+        time.sleep(2)  # the workers are starting (importing torch) or training
+        os.killpg(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:  # a failure leaves no training processes behind
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 130 and err.splitlines() == [f"convergence_study.py: stopped; the finished runs are in "
                                                         f"{tmp_path / 's.jsonl'}; the same command runs the rest"]
 
