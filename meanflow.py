@@ -175,8 +175,9 @@ def _checked_options(recipe, overrides):
                              .rstrip())
     if o["t_lo"] > o["t_hi"]:
         raise ValueError(f"the guidance interval [t_lo, t_hi] = [{o['t_lo']}, {o['t_hi']}] needs t_lo <= t_hi")
-    if o["time_sampler"] not in ("logit_normal", "uniform"):
-        raise ValueError(f"time_sampler={o['time_sampler']!r}: pass 'logit_normal' or 'uniform'")
+    if o["time_sampler"] not in ("logit_normal", "uniform") or not isinstance(o["imf"], bool):
+        raise ValueError(f"time_sampler={o['time_sampler']!r}, imf={o['imf']!r}: pass 'logit_normal' or 'uniform', and "
+                         "True or False")
     if o["imf"] and (o["beta_k"] or o["minsnr_gamma"] or o["dtd_stages"]):
         raise ValueError("iMF has its own loss; beta, MinSNR and DTD weight the MeanFlow loss only")
     if o["dtd_stages"] and o["minsnr_gamma"]:  # alpha's mean-1 normalisation assumes every t of the r = t rows
@@ -523,9 +524,11 @@ class MeanFlow:
             raise ValueError("recipe 'imf' needs a network with guidance conditions and a v-head: one of iMF_models, "
                              "or a DiT or MLP built with **MeanFlow('imf').net_kwargs")
         K = getattr(m, "num_classes", 0)  # labels need it: num_classes is also the null label
-        if y is not None and (K == 0 or y.shape != (B,)):
-            raise ValueError(f"labels y of shape {tuple(y.shape)} for x of {tuple(x.shape)}: one per row, and a "
-                             f"network with classes" + (" (this one has num_classes=0 or none)" if K == 0 else ""))
+        if y is not None and (K == 0 or y.shape != (B,) or y.dtype not in (torch.int64, torch.int32)):
+            raise ValueError(f"labels y {tuple(y.shape)} of {y.dtype} for x {tuple(x.shape)}: integers, one per row, "
+                             "and a network with classes" + " (this one: num_classes=0 or none)" * (K == 0))
+        if not x.is_floating_point():
+            raise ValueError(f"x (or e) of {x.dtype}: pass floating-point data (e.g. x.float())")
         if not 0 <= progress <= 1:
             raise ValueError(f"progress={progress}: pass step / total_steps, in [0, 1]")
         if (t is None) != (r is None) or (e is not None and e.shape != x.shape):
@@ -618,10 +621,11 @@ def timestep_embedding(t, dim=256, max_period=10000.0):
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def _check_sizes(input_size, patch_size, hidden_size, num_heads, width_multiple):
+def _check_sizes(input_size, patch_size, hidden_size, num_heads, width_multiple, attention):
     if input_size % patch_size or hidden_size % num_heads or hidden_size % width_multiple:
         raise ValueError(f"input_size {input_size} must be a multiple of patch_size {patch_size}, and hidden_size "
                          f"{hidden_size} of num_heads {num_heads} and of {width_multiple}")
+    set_attention(nn.Module(), attention)  # an unknown backend: refused here, not at the first forward
 
 
 class TimestepEmbedder(nn.Module):
@@ -706,7 +710,7 @@ class DiT(nn.Module):
                  mlp_ratio=4.0, num_classes=1000, in_context=False, guidance_cond=False, v_head=False,
                  attention="sdpa", cond_tokens=4, dropout=0.0):
         super().__init__()
-        _check_sizes(input_size, patch_size, hidden_size, num_heads, 4)  # sin-cos positions: 4 parts of the width
+        _check_sizes(input_size, patch_size, hidden_size, num_heads, 4, attention)  # sin-cos positions: 4 parts of D
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
         self.input_size, self.in_context = input_size, in_context
         self.guidance_cond, self.v_head = guidance_cond, v_head
@@ -913,7 +917,7 @@ class iMFDiT(nn.Module):
         if not (0 < head_depth <= depth and in_context and guidance_cond and v_head):
             raise ValueError("the iMF network has its v-head inside (0 < head_depth <= depth) and always conditions in "
                              "context on guidance")
-        _check_sizes(input_size, patch_size, hidden_size, num_heads, 2 * num_heads)  # RoPE: channel pairs per head
+        _check_sizes(input_size, patch_size, hidden_size, num_heads, 2 * num_heads, attention)  # RoPE: pairs per head
         D, p = hidden_size, patch_size
         self.in_channels, self.patch_size, self.num_classes, self.input_size = in_channels, p, num_classes, input_size
         self.guidance_cond = self.v_head = True  # iMF's conditions and its v-head are part of this network
@@ -1004,6 +1008,9 @@ class MLP(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, z, t, r, y=None, omega=None, t_min=None, t_max=None, return_v=False):
+        if z.shape[1:] != (self.out.out_features,) or (return_v and self.v_out is None):
+            raise ValueError(f"z of shape {tuple(z.shape)}, return_v={return_v}: this network takes (B, "
+                             f"{self.out.out_features}), and return_v needs v_head=True")
         scalars = [t, t - r] + (guidance_scalars(t, omega, t_min, t_max) if self.guidance_cond else [])
         h = self.body[0](torch.cat([z, torch.stack(scalars, 1).to(z.dtype)], dim=1))  # (B, hidden)
         if self.y_embedder is not None:

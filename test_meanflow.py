@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import copy
 import errno
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -5165,11 +5166,14 @@ def test_loss_and_samplers_check_their_inputs():
            (dict(r=r), "t and r together"), (dict(t=t), "t and r together"),
            (dict(e=torch.randn(8, 2), t=t, r=r), "e of x"),
            (dict(t=t[:8], r=r[:8]), "(16,) each"), (dict(t=r, r=t), "0 <= r <= t <= 1"), (dict(t=t + 1, r=r), "<= 1"),
-           (dict(progress=1.5), "progress=1.5"), (dict(progress=math.nan), "progress=nan")]
+           (dict(progress=1.5), "progress=1.5"), (dict(progress=math.nan), "progress=nan"),
+           (dict(net=cnet, y=y.float()), "integers, one per row"),  # failed inside nn.Embedding
+           (dict(x=x.long()), "x (or e) of torch.int64: pass floating-point data"),  # failed in torch.randn_like
+           (dict(x=torch.randn(16, 3)), "3), return_v=False: this network takes (B, 2)")]  # failed in a matmul
     for kwargs, words in bad:
-        kwargs = {"net": net, **kwargs}
+        kwargs = {"net": net, "x": x, **kwargs}
         with pytest.raises(ValueError, match=re.escape(words)):
-            m.loss(kwargs.pop("net"), x, **kwargs)
+            m.loss(kwargs.pop("net"), kwargs.pop("x"), **kwargs)
     assert torch.isfinite(m.loss(cnet, x, y, t=t, r=r)[0])  # given t, r that are fine
     e = torch.randn(16, 2)
     for steps in (0, -1, 2.5):
@@ -5214,8 +5218,15 @@ def test_networks_check_their_sizes_and_inputs():
             n(torch.randn(2, 1, 4, 16), t, t)
     with pytest.raises(ValueError, match="v_head=True"):
         dit(torch.randn(2, 1, 8, 8), t, t, return_v=True)
+    with pytest.raises(ValueError, match="v_head=True"):  # the MLP called its missing v-head: a TypeError
+        mf.MLP()(torch.randn(2, 2), t, t, return_v=True)
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         mf.set_attention(dit, "flash")
+    for make in (mf.DiT, functools.partial(mf.iMFDiT, head_depth=1)):  # refused when built, not at the first forward
+        with pytest.raises(ValueError, match="unknown attention backend 'flash'"):  # (a KeyError)
+            make(input_size=8, patch_size=2, hidden_size=32, num_heads=2, depth=2, attention="flash")
+    with pytest.raises(ValueError, match="imf='no'.*True or False"):  # any truthy value switched iMF on
+        mf.MeanFlow("meanflow", imf="no")
 
 
 def test_on_squares_takes_n_by_2_points():
@@ -5266,7 +5277,7 @@ def test_labels_need_a_network_that_says_how_many_classes():
         def forward(self, z, t, r, y=None):
             return z
 
-    with pytest.raises(ValueError, match="num_classes=0 or none"):
+    with pytest.raises(ValueError, match="this one: num_classes=0 or none"):
         mf.MeanFlow("meanflow", omega=2.0).loss(Own(), torch.randn(4, 2), torch.zeros(4, dtype=torch.long))
 
 def test_benchmark_refuses_an_out_folder_and_a_broken_baseline_before_measuring(tmp_path):  # the command line
