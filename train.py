@@ -688,11 +688,12 @@ def make_method(args):
                                                     **args.set_knobs})
     except ValueError as err:
         raise Fail(f"{err} (from --recipe {args.recipe} and --set)")
-    inert = {k: "DTD only, and dtd_stages is 0" for k in ("dtd_patience", "dtd_share", "dtd_window")
-             if not method.dtd_stages}  # (MeanFlow() refuses the guidance knobs with iMF, omega_max/beta without)
-    inert.update({k: "the logit-normal sampler's, and time_sampler is uniform" for k in ("P_mean", "P_std")
-                  if method.time_sampler == "uniform"})
-    inert.update({"class_dropout": "labels only, and this run is unconditional"} if not args.class_cond else {})
+    # Knobs this run never reads -> why (MeanFlow() refuses the guidance knobs with iMF, omega_max/beta without)
+    inert = {k: why for keys, why, idle in (
+        (("dtd_patience", "dtd_share", "dtd_window"), "DTD only, and dtd_stages is 0", not method.dtd_stages),
+        (("P_mean", "P_std"), "the logit-normal sampler's, and time_sampler is uniform",
+         method.time_sampler == "uniform"),
+        (("class_dropout",), "labels only, and this run is unconditional", not args.class_cond)) if idle for k in keys}
     if k := min(args.set_knobs.keys() & inert.keys(), default=None):
         raise Fail(f"--set {k} does nothing with --recipe {args.recipe} and these knobs ({inert[k]}); leave it out")
     return method

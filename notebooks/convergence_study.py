@@ -427,9 +427,10 @@ def main(argv=None):
         return 130
     except mp.ProcessExitedException as err:  # a worker said why (out of memory) and exited, or was killed; join()
         #                                         has ended the others (its notice of that is muted above)
-        if err.exit_code is None or err.exit_code <= 0:  # a signal: its name
-            print(f"convergence_study.py: error: {err}; the finished runs are in {args.out}", file=sys.stderr)
-        return err.exit_code if err.exit_code and err.exit_code > 0 else 1
+        if err.exit_code and err.exit_code > 0:
+            return err.exit_code
+        print(f"convergence_study.py: error: {err}; the finished runs are in {args.out}", file=sys.stderr)  # a signal
+        return 1
     return 0
 
 
