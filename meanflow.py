@@ -271,6 +271,8 @@ class MeanFlow:
         training step: it advances DTD. du/dt enters only as (t - r) du/dt, so the forward-mode pass runs on the
         r != t rows [:n] only (the same loss and gradients as one pass over the batch, tested)."""
         B = x.shape[0]
+        if B == 0:  # (the samplers take an empty batch: a train.py process may have no samples to draw)
+            raise ValueError("x has no rows: the loss is a mean over a batch of 1 or more")
         self._check_inputs(net, x, y, progress, t, r, e)
         if t is None:
             t, r = self.sample_t_r(B, x.device)

@@ -5169,7 +5169,8 @@ def test_loss_and_samplers_check_their_inputs():
            (dict(progress=1.5), "progress=1.5"), (dict(progress=math.nan), "progress=nan"),
            (dict(net=cnet, y=y.float()), "integers, one per row"),  # failed inside nn.Embedding
            (dict(x=x.long()), "x (or e) of torch.int64: pass floating-point data"),  # failed in torch.randn_like
-           (dict(x=torch.randn(16, 3)), "3), return_v=False: this network takes (B, 2)")]  # failed in a matmul
+           (dict(x=torch.randn(16, 3)), "3), return_v=False: this network takes (B, 2)"),  # failed in a matmul
+           (dict(x=x[:0]), "x has no rows"), (dict(x=x[:0], t=t[:0], r=r[:0]), "x has no rows")]  # in torch.cat
     for kwargs, words in bad:
         kwargs = {"net": net, "x": x, **kwargs}
         with pytest.raises(ValueError, match=re.escape(words)):
