@@ -5271,6 +5271,9 @@ def test_toy_samples_and_distances_check_their_arguments():
     with pytest.raises(ValueError, match="n_proj=2.5"):
         td.sliced_wasserstein(a, a, n_proj=2.5)  # was torch's TypeError
     assert td.sample("moons", np.int64(3)).shape == (3, 2)  # a numpy integer is a number of points
+    for draw in (*td.DATASETS.values(), td.GaussianMixture.default().sample, td.Checkerboard().sample):
+        with pytest.raises(ValueError, match=r"n=10000.0: pass a number of points"):
+            draw(1e4)  # called directly: torch's TypeError before (rand() "invalid combination of arguments")
 
 
 def test_labels_need_a_network_that_says_how_many_classes():

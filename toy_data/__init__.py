@@ -30,6 +30,16 @@ import torch
 # Every point picks its component at random, so any slice of a sample is itself a fair sample.
 
 
+def _is_count(n):  # a whole number (a Python or numpy integer, not a bool), 1 or more
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
+
+
+def _count(n):  # every sampler checks its n: toy_data.checkerboard(1e4) is one clear line, not torch's TypeError
+    if not _is_count(n):
+        raise ValueError(f"n={n!r}: pass a number of points, 1 or more")
+    return int(n)
+
+
 def _rand(n, generator, *shape):
     return torch.rand(n, *shape, generator=generator, dtype=torch.float64)
 
@@ -41,6 +51,7 @@ def _randn(n, generator, *shape):
 def checkerboard(n, generator=None):
     # 4 x 4 board on [-2, 2]^2, points uniform on the 8 "black" squares. Each coordinate is marginally
     # uniform on [-2, 2] (variance 4/3), so multiplying by sqrt(3)/2 gives unit variance.
+    n = _count(n)
     x1 = 4 * _rand(n, generator) - 2
     x2 = _rand(n, generator) - 2 * (_rand(n, generator) < 0.5) + torch.floor(x1) % 2
     return (torch.stack([x1, x2], 1) * BOARD_SCALE).float()
@@ -68,6 +79,7 @@ def on_squares(points):
 
 def moons(n, generator=None, noise=0.05):
     # Two interleaving half circles (as sklearn.datasets.make_moons), theta ~ U[0, pi].
+    n = _count(n)
     theta = math.pi * _rand(n, generator)
     upper = torch.stack([torch.cos(theta), torch.sin(theta)], 1)
     lower = torch.stack([1 - torch.cos(theta), 0.5 - torch.sin(theta)], 1)
@@ -83,6 +95,7 @@ def spirals(n, generator=None, noise=0.08):
     # a = sqrt(U) * 3 pi the points are nearly uniform along the arc (exactly so only far from the centre);
     # E|p|^2 = E[a^2] = (3 pi)^2 / 2, so the two coordinates' variances average to (3 pi / 2)^2 (1.03 / 0.97 of
     # it; the arms are point-symmetric, mean 0).
+    n = _count(n)
     a = torch.sqrt(_rand(n, generator)) * 3 * math.pi
     p = torch.stack([-a * torch.cos(a), a * torch.sin(a)], 1) / (3 * math.pi / 2)
     p = torch.where(_rand(n, generator, 1) < 0.5, p, -p) + noise * _randn(n, generator, 2)
@@ -92,6 +105,7 @@ def spirals(n, generator=None, noise=0.08):
 def rings(n, generator=None, noise=0.2):
     # 4 concentric circles of radius 1, 2, 3, 4, each picked with probability proportional to its
     # length (uniform density along the circles). Per-coordinate variance E[R^2]/2 + noise^2 = 5 + noise^2.
+    n = _count(n)
     R = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
     R = R[torch.multinomial(R / R.sum(), n, replacement=True, generator=generator)]
     angle = 2 * math.pi * _rand(n, generator)
@@ -118,16 +132,10 @@ DATASETS = {
 }
 
 
-def _is_count(n):  # a whole number (a Python or numpy integer, not a bool), 1 or more
-    return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
-
-
 def sample(name, n, generator=None):
     if name not in DATASETS:
         raise ValueError(f"unknown toy dataset {name!r}; choose one of: {', '.join(DATASETS)}")
-    if not _is_count(n):
-        raise ValueError(f"n={n!r}: pass a number of points, 1 or more")
-    return DATASETS[name](int(n), generator)
+    return DATASETS[name](n, generator)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -215,6 +223,7 @@ class GaussianMixture(ExactFlow):
         return cls.ring(weights=[0.15, 0.10] * 4, stds=[0.1, 0.2] * 4)
 
     def sample(self, n, generator=None):
+        n = _count(n)
         k = torch.multinomial(self.pi, n, replacement=True, generator=generator)
         x = self.mu[k] + self.sigma[k, None] * _randn(n, generator, self.mu.shape[1])
         return x.float()  # (n, D)
