@@ -5274,6 +5274,10 @@ def test_toy_samples_and_distances_check_their_arguments():
     for draw in (*td.DATASETS.values(), td.GaussianMixture.default().sample, td.Checkerboard().sample):
         with pytest.raises(ValueError, match=r"n=10000.0: pass a number of points"):
             draw(1e4)  # called directly: torch's TypeError before (rand() "invalid combination of arguments")
+        with pytest.raises(TypeError, match=r"generator=Generator: pass a torch.Generator"):
+            draw(3, np.random.default_rng(0))  # numpy's generator: torch's multi-line rand() TypeError before
+    with pytest.raises(TypeError, match=r"generator=Generator: pass a torch.Generator"):
+        td.sliced_wasserstein(a, a, generator=np.random.default_rng(0))
 
 
 def test_labels_need_a_network_that_says_how_many_classes():

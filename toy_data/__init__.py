@@ -34,10 +34,17 @@ def _is_count(n):  # a whole number (a Python or numpy integer, not a bool), 1 o
     return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
 
 
-def _count(n):  # every sampler checks its n: toy_data.checkerboard(1e4) is one clear line, not torch's TypeError
+def _count(n, generator):  # every sampler checks its arguments: one clear line each, not torch's TypeError
     if not _is_count(n):
         raise ValueError(f"n={n!r}: pass a number of points, 1 or more")
+    _check_generator(generator)
     return int(n)
+
+
+def _check_generator(generator):  # e.g. numpy's default_rng(): torch draws only from its own generators
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator={type(generator).__name__}: pass a torch.Generator "
+                        "(torch.Generator().manual_seed(0)) or None")
 
 
 def _rand(n, generator, *shape):
@@ -51,7 +58,7 @@ def _randn(n, generator, *shape):
 def checkerboard(n, generator=None):
     # 4 x 4 board on [-2, 2]^2, points uniform on the 8 "black" squares. Each coordinate is marginally
     # uniform on [-2, 2] (variance 4/3), so multiplying by sqrt(3)/2 gives unit variance.
-    n = _count(n)
+    n = _count(n, generator)
     x1 = 4 * _rand(n, generator) - 2
     x2 = _rand(n, generator) - 2 * (_rand(n, generator) < 0.5) + torch.floor(x1) % 2
     return (torch.stack([x1, x2], 1) * BOARD_SCALE).float()
@@ -79,7 +86,7 @@ def on_squares(points):
 
 def moons(n, generator=None, noise=0.05):
     # Two interleaving half circles (as sklearn.datasets.make_moons), theta ~ U[0, pi].
-    n = _count(n)
+    n = _count(n, generator)
     theta = math.pi * _rand(n, generator)
     upper = torch.stack([torch.cos(theta), torch.sin(theta)], 1)
     lower = torch.stack([1 - torch.cos(theta), 0.5 - torch.sin(theta)], 1)
@@ -95,7 +102,7 @@ def spirals(n, generator=None, noise=0.08):
     # a = sqrt(U) * 3 pi the points are nearly uniform along the arc (exactly so only far from the centre);
     # E|p|^2 = E[a^2] = (3 pi)^2 / 2, so the two coordinates' variances average to (3 pi / 2)^2 (1.03 / 0.97 of
     # it; the arms are point-symmetric, mean 0).
-    n = _count(n)
+    n = _count(n, generator)
     a = torch.sqrt(_rand(n, generator)) * 3 * math.pi
     p = torch.stack([-a * torch.cos(a), a * torch.sin(a)], 1) / (3 * math.pi / 2)
     p = torch.where(_rand(n, generator, 1) < 0.5, p, -p) + noise * _randn(n, generator, 2)
@@ -105,7 +112,7 @@ def spirals(n, generator=None, noise=0.08):
 def rings(n, generator=None, noise=0.2):
     # 4 concentric circles of radius 1, 2, 3, 4, each picked with probability proportional to its
     # length (uniform density along the circles). Per-coordinate variance E[R^2]/2 + noise^2 = 5 + noise^2.
-    n = _count(n)
+    n = _count(n, generator)
     R = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
     R = R[torch.multinomial(R / R.sum(), n, replacement=True, generator=generator)]
     angle = 2 * math.pi * _rand(n, generator)
@@ -223,7 +230,7 @@ class GaussianMixture(ExactFlow):
         return cls.ring(weights=[0.15, 0.10] * 4, stds=[0.1, 0.2] * 4)
 
     def sample(self, n, generator=None):
-        n = _count(n)
+        n = _count(n, generator)
         k = torch.multinomial(self.pi, n, replacement=True, generator=generator)
         x = self.mu[k] + self.sigma[k, None] * _randn(n, generator, self.mu.shape[1])
         return x.float()  # (n, D)
@@ -423,6 +430,7 @@ def sliced_wasserstein(a, b, n_proj=256, generator=None):
     a, b = _two_sets(a, b)
     if not _is_count(n_proj):
         raise ValueError(f"n_proj={n_proj!r}: pass a whole number of directions, 1 or more")
+    _check_generator(generator)
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     w = torch.randn(n_proj, a.shape[1], generator=g, dtype=torch.float64)
     w = (w / w.norm(dim=1, keepdim=True)).to(a.device)  # (P, D) unit directions
